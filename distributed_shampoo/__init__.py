@@ -1,0 +1,2 @@
+# pyre-strict
+"""Distributed Shampoo: the optimizer's utilities and a world-size independent checkpoint layer."""

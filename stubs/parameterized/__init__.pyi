@@ -1,0 +1,8 @@
+# Minimal type stub: `parameterized` ships no type information.
+from typing import Any, Callable, Iterable
+
+class parameterized:
+    @staticmethod
+    def expand(
+        input: Iterable[Any], name_func: Callable[..., str] | None = ..., skip_on_empty: bool = ...
+    ) -> Callable[[Callable[..., None]], Callable[..., None]]: ...

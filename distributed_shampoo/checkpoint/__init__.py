@@ -1,0 +1,51 @@
+# pyre-strict
+"""World-size independent checkpoints: per-rank safetensors files and a HF sharded index.
+
+See ``docs/checkpoint.md`` for the guide and ``docs/checkpoint-format.md`` for the format.
+"""
+
+from distributed_shampoo.checkpoint.api import (
+    load_checkpoint,
+    read_checkpoint_index,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from distributed_shampoo.checkpoint.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    DistributedSaveError,
+    IncompatibleFormatError,
+    InconsistentStateError,
+    IndexMismatchError,
+    MissingKeyError,
+    MissingShardFileError,
+    TemplateMismatchError,
+    UnsupportedValueError,
+)
+from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, TensorLayout
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointIndex",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "ChunkLayout",
+    "CorruptCheckpointError",
+    "DistributedSaveError",
+    "IncompatibleFormatError",
+    "InconsistentStateError",
+    "IndexMismatchError",
+    "load_checkpoint",
+    "MissingKeyError",
+    "MissingShardFileError",
+    "read_checkpoint_index",
+    "save_checkpoint",
+    "TemplateMismatchError",
+    "TensorLayout",
+    "UnsupportedValueError",
+    "verify_checkpoint",
+]

@@ -1,0 +1,350 @@
+# pyre-strict
+"""The public entry points: save, load, read the index, verify."""
+
+import json
+import os
+import shutil
+import xxhash
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distributed_shampoo.checkpoint.collectives import Group
+from distributed_shampoo.checkpoint.commit import new_token, publish, staging_dir
+from distributed_shampoo.checkpoint.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    ChecksumMismatchError,
+    DistributedSaveError,
+    IndexMismatchError,
+    UnsupportedValueError,
+)
+from distributed_shampoo.checkpoint.format import (
+    CheckpointIndex,
+    DEFAULT_PREFIX,
+    DTYPE_TO_NAME,
+    FORMAT_VERSION,
+    index_file_name,
+    index_to_json,
+    read_index,
+    shard_file_name,
+)
+from distributed_shampoo.checkpoint.load import (
+    fill_template,
+    KeySelection,
+    read_header_or_missing,
+    template_from_index,
+)
+from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local
+from distributed_shampoo.checkpoint.reader import open_shard
+from distributed_shampoo.checkpoint.writer import write_json, write_safetensors
+from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
+
+# ``verify_checkpoint`` hashes files in reads of this size.
+_VERIFY_READ_BYTES: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a rank reports after planning: its plan, or why it cannot save."""
+
+    plan: LocalPlan | None
+    error: CheckpointError | None
+    token: str | None  # rank 0: the staging directory's token
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What a rank reports after writing its file: checksums, or why it failed."""
+
+    checksums: dict[str, str] | None
+    error: str | None
+
+
+def save_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    state_dict: Mapping[Key, object],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    metadata: Mapping[str, object] | None = None,
+    prefix: str = DEFAULT_PREFIX,
+    overwrite: bool = False,
+) -> Path:
+    """Saves a (possibly distributed) state dict as per-rank safetensors files plus an index.
+
+    Collective when ``torch.distributed`` is initialised: every rank of ``process_group`` (default:
+    the world) calls it with its own state dict. Rank ``r`` writes
+    ``<prefix>-<r+1:05d>-of-<world:05d>.safetensors``; rank 0 writes
+    ``<prefix>.safetensors.index.json`` and publishes the directory atomically, so a crash at any
+    moment leaves either the previous checkpoint or the new one, never a half one.
+
+    Args:
+        checkpoint_dir: The checkpoint's directory (created; its parent must be shared by all
+            ranks).
+        state_dict: Nested dicts (str/int keys), lists and tuples of tensors, DTensors and
+            ``int``/``float``/``bool``/``str``/``None``. A plain tensor under the same key on
+            several ranks is replicated state and written once (by the lowest rank).
+        process_group: The ranks saving together.
+        metadata: JSON-serialisable values stored in the index under ``metadata.user``.
+        prefix: The file name prefix.
+        overwrite: Replace an existing checkpoint at ``checkpoint_dir``; it stays intact until the
+            new one is complete.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        UnsupportedValueError: A leaf or key cannot be saved without pickling (names the key).
+        CheckpointExistsError: ``checkpoint_dir`` exists and ``overwrite`` is false.
+        InconsistentStateError: Ranks disagree on a key (names it and the ranks).
+        DistributedSaveError: Another rank failed; this rank raises the same outcome.
+        OSError: Writing failed on this rank (others raise ``DistributedSaveError``).
+    """
+    group = Group.resolve(process_group)
+    target = Path(checkpoint_dir).absolute()
+    prepared = _prepare(group, target, state_dict, metadata, overwrite)
+    everyone = group.all_gather(prepared[0])
+    local_plan_data = prepared[1]
+    failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
+    token = everyone[0].token
+    staging = staging_dir(target, token) if token is not None else None
+    try:
+        if failure is not None:
+            rank, error = failure
+            raise error if rank == group.rank or isinstance(error, CheckpointError) else error
+        global_plan = plan_global([p.plan for p in everyone if p.plan is not None])
+    except BaseException:
+        if group.rank == 0 and staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    assert staging is not None
+    own_error: BaseException | None = None
+    try:
+        checksums = write_safetensors(
+            staging / shard_file_name(prefix, group.rank, group.world_size),
+            [(name, local_plan_data[name]) for name in global_plan.writes[group.rank]],
+            {"format": "pt", "distributed_shampoo.format_version": str(FORMAT_VERSION),
+             "rank": str(group.rank), "world_size": str(group.world_size)},
+        )
+        written = _Written(checksums, None)
+    except Exception as error:  # reported to every rank so that none waits forever
+        own_error = error
+        written = _Written(None, f"rank {group.rank}: {type(error).__name__}: {error}")
+    results = group.all_gather(written)
+    commit_error: str | None = next((r.error for r in results if r.error is not None), None)
+    if group.rank == 0:
+        if commit_error is None:
+            try:
+                _commit(staging, target, prefix, group.world_size, global_plan, results, metadata, overwrite)
+            except Exception as error:
+                own_error = own_error or error
+                commit_error = f"rank 0: committing failed: {type(error).__name__}: {error}"
+        if commit_error is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    commit_error = group.broadcast_from_first(commit_error)
+    if own_error is not None:
+        raise own_error
+    if commit_error is not None:
+        raise DistributedSaveError(f"saving {target} failed, nothing was published: {commit_error}")
+    return target
+
+
+def _prepare(
+    group: Group,
+    target: Path,
+    state_dict: Mapping[Key, object],
+    metadata: Mapping[str, object] | None,
+    overwrite: bool,
+) -> tuple[_Prepared, dict[str, torch.Tensor]]:
+    """Plans this rank's part; rank 0 also checks the target and creates the staging directory."""
+    try:
+        _check_metadata(metadata)
+        plan, data = plan_local(state_dict)
+        token = None
+        if group.rank == 0:
+            if target.exists() and not overwrite:
+                raise CheckpointExistsError(
+                    f"{target} already exists; pass overwrite=True to replace it (it stays intact "
+                    "until the new checkpoint is complete)"
+                )
+            token = new_token()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging_dir(target, token).mkdir()
+        return _Prepared(plan, None, token), data
+    except CheckpointError as error:
+        return _Prepared(None, error, None), {}
+
+
+def _check_metadata(metadata: Mapping[str, object] | None) -> None:
+    try:
+        json.dumps(dict(metadata or {}), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise UnsupportedValueError(f"metadata must be JSON-serialisable without NaN/inf: {error}") from None
+
+
+def _commit(
+    staging: Path,
+    target: Path,
+    prefix: str,
+    world_size: int,
+    plan: GlobalPlan,
+    results: list[_Written],
+    metadata: Mapping[str, object] | None,
+    overwrite: bool,
+) -> None:
+    weight_map: dict[str, str] = {}
+    checksums: dict[str, str] = {}
+    for rank, result in enumerate(results):
+        assert result.checksums is not None
+        for name, digest in result.checksums.items():
+            weight_map[name] = shard_file_name(prefix, rank, world_size)
+            checksums[name] = digest
+    index = CheckpointIndex(
+        directory=target,
+        prefix=prefix,
+        world_size=world_size,
+        total_size=sum(plan.nbytes.values()),
+        weight_map=weight_map,
+        tensors=plan.tensors,
+        checksums=checksums,
+        objects=plan.objects,
+        containers=plan.containers,
+        user_metadata=dict(metadata or {}),
+    )
+    write_json(staging / index_file_name(prefix), index_to_json(index))
+    if target.exists() and not overwrite:
+        raise CheckpointExistsError(f"{target} appeared while saving; the new checkpoint was discarded")
+    publish(staging, target)
+
+
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    state_dict: dict[Key, object] | None = None,
+    *,
+    keys: KeySelection | None = None,
+    strict: bool = True,
+    verify: bool = True,
+) -> dict[Key, object]:
+    """Loads a checkpoint saved at any world size. Needs no collective.
+
+    With a template ``state_dict`` (e.g. the optimizer's ``distributed_state_dict()`` at the new
+    world size) every tensor is filled **in place** with the region it holds (a plain tensor: the
+    whole logical tensor; a ``Shard`` DTensor: its local shard, assembled from the saved pieces),
+    reading only those bytes; non-tensor leaves are replaced by the saved values converted to the
+    template's Python type; tuples are rebuilt (they are immutable), dicts and lists are updated in
+    place. Keys only in the checkpoint are not read.
+
+    Without a template, returns the whole checkpoint (or the ``keys`` selected) as CPU tensors
+    and plain values, nested as saved.
+
+    Args:
+        checkpoint_dir: The checkpoint directory.
+        state_dict: The template to fill, or ``None``.
+        keys: Restricts loading to these top-level keys or key paths (prefixes of leaf paths).
+        strict: Raise for template keys the checkpoint does not hold; when false they keep their
+            values.
+        verify: Check every stored tensor read whole against its checksum (partial reads of a
+            resharded piece cannot be; ``verify_checkpoint`` checks everything).
+
+    Returns:
+        The filled template, or the loaded state.
+
+    Raises:
+        CheckpointNotFoundError, IncompatibleFormatError, CorruptCheckpointError,
+        ChecksumMismatchError, IndexMismatchError, MissingShardFileError: the checkpoint is
+            missing or damaged.
+        MissingKeyError: ``strict`` and the template asks for keys the checkpoint lacks.
+        TemplateMismatchError: A template leaf has another shape, dtype or kind of value.
+    """
+    index = read_index(checkpoint_dir)
+    template = template_from_index(index, keys) if state_dict is None else state_dict
+    return fill_template(index, template, keys, strict, verify)
+
+
+def read_checkpoint_index(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex:
+    """Reads and validates the index of a complete checkpoint (no tensor data is read).
+
+    Raises:
+        CheckpointNotFoundError, IncompatibleFormatError, CorruptCheckpointError.
+    """
+    return read_index(checkpoint_dir)
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex:
+    """Checks a whole checkpoint: every shard file exists and is well formed, agrees with the index
+    (names, shapes, dtypes, total size), and every stored tensor matches its checksum.
+
+    Returns:
+        The index, when everything checks out.
+
+    Raises:
+        CheckpointNotFoundError, IncompatibleFormatError, CorruptCheckpointError,
+        MissingShardFileError, IndexMismatchError, ChecksumMismatchError: the first problem found.
+    """
+    index = read_index(checkpoint_dir)
+    pieces = {piece.name: (layout.dtype, piece.shape) for name, layout in index.tensors.items()
+              for piece in layout.stored_pieces(name)}
+    stored_bytes = 0
+    for file_name in index.shard_files():
+        path = index.directory / file_name
+        header = read_header_or_missing(path)
+        expected = {name for name, file in index.weight_map.items() if file == file_name}
+        if set(header) != expected:
+            raise IndexMismatchError(
+                f"{path}: holds {len(header)} tensors, the index maps {len(expected)} to it; "
+                f"only in the file: {sorted(set(header) - expected)[:3]}, "
+                f"only in the index: {sorted(expected - set(header))[:3]}"
+            )
+        for name, entry in header.items():
+            if (entry.dtype, entry.shape) != pieces[name]:
+                dtype, shape = pieces[name]
+                raise IndexMismatchError(
+                    f"{path}: {name} is {DTYPE_TO_NAME[entry.dtype]} {list(entry.shape)} in the file, "
+                    f"{DTYPE_TO_NAME[dtype]} {list(shape)} in the index"
+                )
+            stored_bytes += entry.end - entry.begin
+        _verify_file_checksums(path, header, index.checksums)
+    if stored_bytes != index.total_size:
+        raise IndexMismatchError(
+            f"{index.directory}: files hold {stored_bytes} bytes of tensor data, the index's total_size "
+            f"says {index.total_size}"
+        )
+    return index
+
+
+def _verify_file_checksums(path: Path, header: Mapping[str, "object"], checksums: Mapping[str, str]) -> None:
+    """Hashes every tensor of one file in large sequential reads."""
+    entries = sorted(((e.begin, e.end, name) for name, e in header.items()), key=lambda item: item[0])  # pyre-ignore[16]
+    if not entries:
+        return
+    fd = open_shard(path)
+    try:
+        position = entries[0][0]
+        current = 0
+        hasher = xxhash.xxh3_64()
+        while current < len(entries):
+            chunk = os.pread(fd, _VERIFY_READ_BYTES, position)
+            if not chunk and position < entries[-1][1]:
+                raise ChecksumMismatchError(f"{path}: truncated at byte {position}")
+            view = memoryview(chunk)
+            while current < len(entries):
+                begin, end, name = entries[current]
+                take = min(end, position + len(view)) - max(begin, position)
+                if take > 0:
+                    start = max(begin, position) - position
+                    hasher.update(view[start : start + take])
+                if end > position + len(view):
+                    break
+                if hasher.hexdigest() != checksums[name]:
+                    raise ChecksumMismatchError(
+                        f"{path}: {name} has checksum {hasher.hexdigest()}, the index records "
+                        f"{checksums[name]} (corrupted data)"
+                    )
+                hasher = xxhash.xxh3_64()
+                current += 1
+            position += len(view)
+    finally:
+        os.close(fd)

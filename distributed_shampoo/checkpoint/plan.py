@@ -1,0 +1,263 @@
+# pyre-strict
+"""Pure planning: which leaves a state dict holds, and which rank writes which tensor.
+
+A state dict is any nesting of dicts (str or int keys), lists and tuples whose leaves are tensors,
+DTensors, or ``int``/``float``/``bool``/``str``/``None``. Leaves are named by the utils'
+``encode_key`` of their key path, e.g. ``["state", "fc.weight", "block_0", "momentum"]``.
+"""
+
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from distributed_shampoo.checkpoint.errors import InconsistentStateError, UnsupportedValueError
+from distributed_shampoo.checkpoint.format import (
+    chunk_name,
+    ChunkLayout,
+    DTYPE_TO_NAME,
+    encode_object,
+    NAME_TO_DTYPE,
+    TensorLayout,
+)
+from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, Key
+
+SCALAR_TYPES: tuple[type[object], ...] = (bool, int, float, str, type(None))
+
+Path = tuple[Key, ...]
+
+
+def iter_leaves(state: Mapping[Key, object], containers: dict[str, str] | None = None) -> Iterator[tuple[Path, object]]:
+    """Yields ``(key path, leaf)`` for every tensor and scalar in ``state``, depth first.
+
+    Args:
+        state: The nested state.
+        containers: If given, receives ``encode_key(path) -> "list" | "tuple" | "dict"`` for every
+            list, tuple and empty dict, which is what rebuilding the nesting needs.
+
+    Raises:
+        UnsupportedValueError: For any other value or a key that is not str/int; names the key.
+    """
+
+    def visit(node: object, path: Path) -> Iterator[tuple[Path, object]]:
+        if isinstance(node, torch.Tensor) or isinstance(node, SCALAR_TYPES):
+            yield path, node
+        elif isinstance(node, Mapping):
+            if not node and containers is not None and path:
+                containers[encode_key(path)] = "dict"
+            for key, value in node.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise UnsupportedValueError(
+                        f"{encode_key(path)}: key {key!r} is a {type(key).__name__}; keys must be str or int"
+                    )
+                yield from visit(value, path + (key,))
+        elif isinstance(node, (list, tuple)):
+            if containers is not None:
+                containers[encode_key(path)] = "tuple" if isinstance(node, tuple) else "list"
+            for position, value in enumerate(node):
+                yield from visit(value, path + (position,))
+        else:
+            raise UnsupportedValueError(
+                f"{encode_key(path)}: cannot save a {type(node).__module__}.{type(node).__qualname__} "
+                "without pickling; leaves must be tensors, DTensors, int, float, bool, str or None"
+            )
+
+    if not isinstance(state, Mapping):
+        raise UnsupportedValueError(f"a state dict must be a mapping, got {type(state).__name__}")
+    yield from visit(state, ())
+
+
+def dtype_name(name: str, dtype: torch.dtype) -> str:
+    """The safetensors name of ``dtype``.
+
+    Raises:
+        UnsupportedValueError: If safetensors cannot store it; names the leaf.
+    """
+    if dtype not in DTYPE_TO_NAME:
+        raise UnsupportedValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+    return DTYPE_TO_NAME[dtype]
+
+
+def local_region(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(global offsets, local shape)`` of the part of ``tensor`` this rank holds.
+
+    A plain tensor (or a replicated DTensor) holds the whole tensor at offset zero.
+    """
+    if isinstance(tensor, DTensor):
+        shape, offsets = compute_local_shape_and_global_offset(
+            tensor.shape, tensor.device_mesh, tensor.placements
+        )
+        return tuple(offsets), tuple(shape)
+    return (0,) * tensor.dim(), tuple(tensor.shape)
+
+
+def local_data(tensor: torch.Tensor) -> torch.Tensor:
+    """The local tensor that holds this rank's region (the DTensor's local shard)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _is_writer(name: str, tensor: DTensor) -> bool:
+    """Whether this rank writes its local part: it must be the first replica on every
+    replicated mesh dimension (so each chunk is written exactly once)."""
+    coordinate = tensor.device_mesh.get_coordinate()
+    if coordinate is None:
+        return False
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Partial):
+            raise UnsupportedValueError(
+                f"{name}: a DTensor with a Partial placement holds unreduced values; reduce it "
+                "(e.g. .redistribute(placements=[Replicate()])) before saving"
+            )
+        if isinstance(placement, Replicate) and coordinate[mesh_dim] != 0:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """What one rank offers to write for one logical tensor (metadata only, picklable)."""
+
+    name: str
+    dtype: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    local_shape: tuple[int, ...]
+    chunked: bool  # a Shard DTensor's chunk, rather than a whole tensor
+
+    @property
+    def stored_name(self) -> str:
+        return chunk_name(self.name, self.offsets) if self.chunked else self.name
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """One rank's description of its state dict, exchanged with ``all_gather``."""
+
+    tensors: tuple[PlannedTensor, ...]
+    objects: dict[str, object]
+    containers: dict[str, str]
+
+
+def plan_local(state_dict: Mapping[Key, object]) -> tuple[LocalPlan, dict[str, torch.Tensor]]:
+    """Describes this rank's state dict.
+
+    Returns:
+        The picklable plan, and stored name -> the local tensor to write if chosen.
+
+    Raises:
+        UnsupportedValueError: For a value that cannot be saved; names its key.
+    """
+    containers: dict[str, str] = {}
+    planned: list[PlannedTensor] = []
+    data: dict[str, torch.Tensor] = {}
+    objects: dict[str, object] = {}
+    for path, leaf in iter_leaves(state_dict, containers):
+        name = encode_key(path)
+        if not isinstance(leaf, torch.Tensor):
+            objects[name] = encode_object(leaf)
+            continue
+        if leaf.is_sparse or leaf.layout != torch.strided:
+            raise UnsupportedValueError(f"{name}: only strided (dense) tensors can be saved, got {leaf.layout}")
+        dtype = dtype_name(name, leaf.dtype)
+        if isinstance(leaf, DTensor) and not _is_writer(name, leaf):
+            continue
+        offsets, local_shape = local_region(leaf)
+        chunked = tuple(local_shape) != tuple(leaf.shape)
+        if chunked and math.prod(local_shape) == 0 and math.prod(leaf.shape) != 0:
+            continue  # an empty shard of an uneven split holds nothing to write
+        entry = PlannedTensor(name, dtype, tuple(leaf.shape), offsets, local_shape, chunked)
+        planned.append(entry)
+        data[entry.stored_name] = local_data(leaf)
+    return LocalPlan(tuple(planned), objects, containers), data
+
+
+@dataclass(frozen=True)
+class GlobalPlan:
+    """The decisions every rank derives identically from all ranks' ``LocalPlan``s."""
+
+    writes: tuple[tuple[str, ...], ...]  # per rank: stored names it writes
+    tensors: dict[str, TensorLayout]
+    objects: dict[str, object]
+    containers: dict[str, str]
+    nbytes: dict[str, int] = field(default_factory=dict)  # stored name -> bytes
+
+
+def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
+    """Decides who writes what and checks that the ranks agree.
+
+    A whole tensor offered by several ranks is replicated state, written by the lowest of them.
+    Chunks of a sharded tensor are written by the rank that holds them and must tile the global
+    tensor exactly.
+
+    Raises:
+        InconsistentStateError: Ranks disagree on a key's shape, dtype, kind or value, or the
+            chunks of a sharded tensor do not cover it exactly; names the key and the ranks.
+    """
+    first_offer: dict[str, tuple[int, PlannedTensor]] = {}
+    chunks: dict[str, dict[tuple[int, ...], tuple[int, PlannedTensor]]] = {}
+    for rank, plan in enumerate(local_plans):
+        for offer in plan.tensors:
+            if offer.name in first_offer:
+                other_rank, other = first_offer[offer.name]
+                if (other.dtype, other.global_shape, other.chunked) != (offer.dtype, offer.global_shape, offer.chunked):
+                    raise InconsistentStateError(
+                        f"{offer.name}: rank {other_rank} has {_describe(other)} but rank {rank} has "
+                        f"{_describe(offer)}"
+                    )
+            else:
+                first_offer[offer.name] = (rank, offer)
+            if offer.chunked:
+                chunks.setdefault(offer.name, {}).setdefault(offer.offsets, (rank, offer))
+    writes: list[list[str]] = [[] for _ in local_plans]
+    tensors: dict[str, TensorLayout] = {}
+    nbytes: dict[str, int] = {}
+    for name, (rank, offer) in first_offer.items():
+        dtype = NAME_TO_DTYPE[offer.dtype]
+        if not offer.chunked:
+            writes[rank].append(name)
+            tensors[name] = TensorLayout(offer.global_shape, dtype)
+            nbytes[name] = math.prod(offer.global_shape) * dtype.itemsize
+            continue
+        pieces = sorted(chunks[name].values(), key=lambda item: item[1].offsets)
+        covered = sum(math.prod(piece.local_shape) for _, piece in pieces)
+        if covered != math.prod(offer.global_shape):
+            raise InconsistentStateError(
+                f"{name}: the saved chunks cover {covered} of {math.prod(offer.global_shape)} elements "
+                f"of a {list(offer.global_shape)} tensor; shards must tile it exactly"
+            )
+        layout_chunks = []
+        for chunk_rank, piece in pieces:
+            writes[chunk_rank].append(piece.stored_name)
+            nbytes[piece.stored_name] = math.prod(piece.local_shape) * dtype.itemsize
+            layout_chunks.append(ChunkLayout(piece.stored_name, piece.offsets, piece.local_shape))
+        tensors[name] = TensorLayout(offer.global_shape, dtype, tuple(layout_chunks))
+    return GlobalPlan(
+        writes=tuple(tuple(w) for w in writes),
+        tensors=tensors,
+        objects=_merge("value", [plan.objects for plan in local_plans]),
+        containers={k: str(v) for k, v in _merge("container", [plan.containers for plan in local_plans]).items()},
+        nbytes=nbytes,
+    )
+
+
+def _describe(offer: PlannedTensor) -> str:
+    kind = "a chunk of a sharded" if offer.chunked else "a whole"
+    return f"{kind} {offer.dtype} tensor of shape {list(offer.global_shape)}"
+
+
+def _merge(what: str, per_rank: Sequence[dict[str, object]] | Sequence[dict[str, str]]) -> dict[str, object]:
+    merged: dict[str, object] = {}
+    owner: dict[str, int] = {}
+    for rank, values in enumerate(per_rank):
+        for name, value in values.items():
+            if name not in merged:
+                merged[name], owner[name] = value, rank
+            elif json.dumps(merged[name]) != json.dumps(value):
+                raise InconsistentStateError(
+                    f"{name}: rank {owner[name]} has {what} {merged[name]!r} but rank {rank} has {value!r}"
+                )
+    return merged

@@ -1,0 +1,121 @@
+# pyre-strict
+"""Streams tensors into a safetensors file in a few large sequential writes, hashing as it goes.
+
+The safetensors library's ``save_file`` costs ~20 us per tensor and builds the whole file in
+memory; Shampoo state has thousands of small blocks, so we lay the file out ourselves (the format
+is an 8-byte header length, a JSON header, then the raw bytes) and hand the kernel up to 1024
+buffers per ``writev``.
+"""
+
+from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import xxhash
+
+from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME
+
+# Flush the pending buffers once they hold this many bytes (bounds the extra memory of staging
+# CUDA or non-contiguous tensors), or once there are as many as one writev takes.
+_FLUSH_BYTES: int = 8 << 20
+_IOV_MAX: int = 1024
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview[int]:
+    """The tensor's data as row-major little-endian bytes, without a copy for contiguous CPU tensors."""
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def checksum(data: memoryview[int] | bytes | bytearray) -> str:
+    """The index's checksum of a stored tensor: xxh3_64 of its bytes, 16 hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def write_safetensors(
+    path: Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]
+) -> dict[str, str]:
+    """Writes ``tensors`` to a new safetensors file at ``path`` and fsyncs it.
+
+    Tensors are laid out by element size, largest first, then in the given order, so every tensor
+    starts aligned to its element size; the header is padded with spaces to a multiple of 8. The
+    result is byte-for-byte valid for the safetensors library's reader.
+
+    Args:
+        path: A file that must not exist yet; created with mode 0666 minus the umask.
+        tensors: ``(stored name, tensor)``; CPU or CUDA, any strides.
+        metadata: The header's ``__metadata__`` (string to string).
+
+    Returns:
+        Stored name -> checksum of its bytes.
+
+    Raises:
+        OSError: If the file exists or writing fails (the partial file is removed).
+    """
+    if sys.byteorder != "little":
+        raise OSError("safetensors stores little-endian data; big-endian hosts are not supported")
+    ordered = sorted(tensors, key=lambda item: -item[1].element_size())
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    position = 0
+    for name, tensor in ordered:
+        size = math.prod(tensor.shape) * tensor.element_size()
+        header[name] = {
+            "dtype": DTYPE_TO_NAME[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [position, position + size],
+        }
+        position += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    checksums: dict[str, str] = {}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        pending: list[memoryview[int] | bytes] = [len(encoded).to_bytes(8, "little"), encoded]
+        pending_bytes = 8 + len(encoded)
+        for name, tensor in ordered:
+            data = tensor_bytes(tensor)
+            checksums[name] = checksum(data)
+            pending.append(data)
+            pending_bytes += data.nbytes
+            if pending_bytes >= _FLUSH_BYTES or len(pending) >= _IOV_MAX:
+                _writev_all(fd, pending)
+                pending, pending_bytes = [], 0
+        _writev_all(fd, pending)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return checksums
+
+
+def _writev_all(fd: int, buffers: list[memoryview[int] | bytes]) -> None:
+    """``writev`` until every byte is written (the kernel may write less than asked)."""
+    views = [memoryview(b) for b in buffers if len(b)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def write_json(path: Path, text: str) -> None:
+    """Writes a new text file and fsyncs it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        _writev_all(fd, [text.encode()])
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -7,6 +7,7 @@ import shutil
 import xxhash
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import overload, TypeVar
 from pathlib import Path
 
 import torch
@@ -23,9 +24,9 @@ from distributed_shampoo.checkpoint.errors import (
     UnsupportedValueError,
 )
 from distributed_shampoo.checkpoint.format import (
+    check_header_entry,
     CheckpointIndex,
     DEFAULT_PREFIX,
-    DTYPE_TO_NAME,
     FORMAT_VERSION,
     index_file_name,
     index_to_json,
@@ -38,7 +39,7 @@ from distributed_shampoo.checkpoint.load import (
     read_header_or_missing,
     template_from_index,
 )
-from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local
+from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
 from distributed_shampoo.checkpoint.reader import open_shard
 from distributed_shampoo.checkpoint.writer import write_json, write_safetensors
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
@@ -66,7 +67,7 @@ class _Written:
 
 def save_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
-    state_dict: Mapping[Key, object],
+    state_dict: StateDict,
     *,
     process_group: dist.ProcessGroup | None = None,
     metadata: Mapping[str, object] | None = None,
@@ -155,7 +156,7 @@ def save_checkpoint(
 def _prepare(
     group: Group,
     target: Path,
-    state_dict: Mapping[Key, object],
+    state_dict: StateDict,
     metadata: Mapping[str, object] | None,
     overwrite: bool,
 ) -> tuple[_Prepared, dict[str, torch.Tensor]]:
@@ -220,14 +221,39 @@ def _commit(
     publish(staging, target)
 
 
+_Template = TypeVar("_Template", bound=StateDict)
+
+
+@overload
 def load_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
-    state_dict: dict[Key, object] | None = None,
+    state_dict: None = None,
     *,
     keys: KeySelection | None = None,
     strict: bool = True,
     verify: bool = True,
-) -> dict[Key, object]:
+) -> dict[Key, object]: ...
+
+
+@overload
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    state_dict: _Template,
+    *,
+    keys: KeySelection | None = None,
+    strict: bool = True,
+    verify: bool = True,
+) -> _Template: ...
+
+
+def load_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    state_dict: StateDict | None = None,
+    *,
+    keys: KeySelection | None = None,
+    strict: bool = True,
+    verify: bool = True,
+) -> StateDict:
     """Loads a checkpoint saved at any world size. Needs no collective.
 
     With a template ``state_dict`` (e.g. the optimizer's ``distributed_state_dict()`` at the new
@@ -261,7 +287,8 @@ def load_checkpoint(
     """
     index = read_index(checkpoint_dir)
     template = template_from_index(index, keys) if state_dict is None else state_dict
-    return fill_template(index, template, keys, strict, verify)
+    fill_template(index, template, keys, strict, verify)
+    return template
 
 
 def read_checkpoint_index(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex:
@@ -291,21 +318,13 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex
     for file_name in index.shard_files():
         path = index.directory / file_name
         header = read_header_or_missing(path)
-        expected = {name for name, file in index.weight_map.items() if file == file_name}
-        if set(header) != expected:
-            raise IndexMismatchError(
-                f"{path}: holds {len(header)} tensors, the index maps {len(expected)} to it; "
-                f"only in the file: {sorted(set(header) - expected)[:3]}, "
-                f"only in the index: {sorted(expected - set(header))[:3]}"
-            )
-        for name, entry in header.items():
-            if (entry.dtype, entry.shape) != pieces[name]:
-                dtype, shape = pieces[name]
-                raise IndexMismatchError(
-                    f"{path}: {name} is {DTYPE_TO_NAME[entry.dtype]} {list(entry.shape)} in the file, "
-                    f"{DTYPE_TO_NAME[dtype]} {list(shape)} in the index"
-                )
+        expected = [name for name, file in index.weight_map.items() if file == file_name]
+        for name in expected:
+            entry = check_header_entry(path, name, header.get(name), *pieces[name])
             stored_bytes += entry.end - entry.begin
+        if len(header) != len(expected):
+            extra = sorted(set(header) - set(expected))
+            raise IndexMismatchError(f"{path}: holds tensors the index does not map to it: {extra[:3]}")
         _verify_file_checksums(path, header, index.checksums)
     if stored_bytes != index.total_size:
         raise IndexMismatchError(

@@ -17,6 +17,7 @@ from distributed_shampoo.checkpoint.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompatibleFormatError,
+    IndexMismatchError,
 )
 
 FORMAT_NAME = "distributed_shampoo.checkpoint"
@@ -286,6 +287,22 @@ class HeaderEntry:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+def check_header_entry(
+    path: Path, name: str, entry: HeaderEntry | None, dtype: torch.dtype, shape: tuple[int, ...]
+) -> HeaderEntry:
+    """Returns ``entry`` if it is the tensor the index describes.
+
+    Raises:
+        IndexMismatchError: The file lacks the tensor or stores another dtype or shape.
+    """
+    if entry is None or entry.dtype != dtype or entry.shape != shape:
+        found = "absent" if entry is None else f"{DTYPE_TO_NAME[entry.dtype]} {list(entry.shape)}"
+        raise IndexMismatchError(
+            f"{path}: {name} is {found} in the file but the index says {DTYPE_TO_NAME[dtype]} {list(shape)}"
+        )
+    return entry
 
 
 def read_header(path: Path) -> dict[str, HeaderEntry]:

@@ -15,18 +15,18 @@ import torch
 
 from distributed_shampoo.checkpoint.errors import (
     ChecksumMismatchError,
-    IndexMismatchError,
     MissingKeyError,
     TemplateMismatchError,
 )
 from distributed_shampoo.checkpoint.format import (
     CheckpointIndex,
+    check_header_entry,
     ChunkLayout,
     DTYPE_TO_NAME,
     HeaderEntry,
     read_header,
 )
-from distributed_shampoo.checkpoint.plan import local_data, local_region, SCALAR_TYPES
+from distributed_shampoo.checkpoint.plan import local_data, local_region, SCALAR_TYPES, StateDict
 from distributed_shampoo.checkpoint.reader import open_shard, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import checksum, tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
@@ -48,11 +48,11 @@ class _PieceRead:
 
 def fill_template(
     index: CheckpointIndex,
-    template: dict[Key, object],
+    template: StateDict,
     keys: KeySelection | None,
     strict: bool,
     verify: bool,
-) -> dict[Key, object]:
+) -> None:
     """Fills ``template`` from the checkpoint; see ``load_checkpoint`` for the contract."""
     selection: list[tuple[Key, ...]] | None = _normalise_keys(keys)
     reads: list[_PieceRead] = []
@@ -100,7 +100,6 @@ def fill_template(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise MissingKeyError(f"{index.directory} holds no value for {len(missing)} template keys: {shown}")
     _execute(index, reads, verify)
-    return template
 
 
 def template_from_index(index: CheckpointIndex, keys: KeySelection | None) -> dict[Key, object]:
@@ -198,13 +197,9 @@ def _execute(index: CheckpointIndex, reads: list[_PieceRead], verify: bool) -> N
         header = read_header_or_missing(path)
         requests: list[ReadRequest] = []
         for read in file_reads:
-            entry = header.get(read.piece.name)
-            if entry is None or entry.shape != read.piece.shape or entry.dtype != read.buffer.dtype:
-                found = "absent" if entry is None else f"{DTYPE_TO_NAME[entry.dtype]} {list(entry.shape)}"
-                raise IndexMismatchError(
-                    f"{path}: {read.piece.name} is {found} in the file but the index says "
-                    f"{DTYPE_TO_NAME[read.buffer.dtype]} {list(read.piece.shape)}"
-                )
+            entry = check_header_entry(
+                path, read.piece.name, header.get(read.piece.name), read.buffer.dtype, read.piece.shape
+            )
             requests.extend(_box_requests(entry.begin, read))
         fd = open_shard(path)
         try:

@@ -30,8 +30,11 @@ SCALAR_TYPES: tuple[type[object], ...] = (bool, int, float, str, type(None))
 
 Path = tuple[Key, ...]
 
+# What save and load accept: any mapping keyed by str or int (a user's ``dict[str, Tensor]`` too).
+StateDict = Mapping[str, object] | Mapping[int, object] | Mapping[Key, object]
 
-def iter_leaves(state: Mapping[Key, object], containers: dict[str, str] | None = None) -> Iterator[tuple[Path, object]]:
+
+def iter_leaves(state: StateDict, containers: dict[str, str] | None = None) -> Iterator[tuple[Path, object]]:
     """Yields ``(key path, leaf)`` for every tensor and scalar in ``state``, depth first.
 
     Args:
@@ -142,7 +145,7 @@ class LocalPlan:
     containers: dict[str, str]
 
 
-def plan_local(state_dict: Mapping[Key, object]) -> tuple[LocalPlan, dict[str, torch.Tensor]]:
+def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor]]:
     """Describes this rank's state dict.
 
     Returns:

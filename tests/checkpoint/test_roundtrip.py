@@ -1,0 +1,228 @@
+# pyre-strict
+"""Single-process save/load: every dtype and leaf kind, templates, keys, format compatibility."""
+
+import json
+import math
+import os
+import stat
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+from parameterized import parameterized
+from safetensors import safe_open
+
+from distributed_shampoo.checkpoint import (
+    CheckpointExistsError,
+    load_checkpoint,
+    MissingKeyError,
+    read_checkpoint_index,
+    save_checkpoint,
+    TemplateMismatchError,
+    UnsupportedValueError,
+    verify_checkpoint,
+)
+from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME
+
+_DTYPES: list[tuple[str, torch.dtype]] = [(str(d).removeprefix("torch."), d) for d in DTYPE_TO_NAME]
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random bytes reinterpreted as ``dtype``: every bit pattern, NaNs included, must survive."""
+    generator = torch.Generator().manual_seed(seed)
+    count = math.prod(shape) * dtype.itemsize
+    raw = torch.randint(0, 256, (count,), dtype=torch.uint8, generator=generator)
+    if dtype == torch.bool:
+        return (raw % 2).to(torch.bool).reshape(shape)
+    return raw.view(dtype).reshape(shape)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    )
+
+
+class RoundTripTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.root = Path(self._tmp.name)
+
+    def tearDown(self) -> None:
+        self._tmp.cleanup()
+
+    @parameterized.expand(_DTYPES)
+    def test_every_dtype_and_shape_bit_exact(self, _name: str, dtype: torch.dtype) -> None:
+        base = _random((6, 10), dtype, seed=1)
+        state: dict[str | int, object] = {
+            "matrix": base,
+            "scalar": _random((), dtype, seed=2),
+            "empty": _random((0, 3), dtype),
+            "strided": base[::2, 1::3],  # non-contiguous view
+            "transposed": base.t(),
+        }
+        save_checkpoint(self.root / "ckpt", state)
+        loaded = load_checkpoint(self.root / "ckpt")
+        for key, expected in state.items():
+            actual = loaded[key]
+            assert isinstance(actual, torch.Tensor) and isinstance(expected, torch.Tensor)
+            self.assertTrue(_bits_equal(actual, expected), key)
+
+    def test_nested_containers_and_scalars(self) -> None:
+        state: dict[str | int, object] = {
+            "state": {"w": {"block_0": {"factors": {0: torch.ones(2), 1: torch.zeros(3)}}, "step": 7}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 1.0), "params": ["w", "b"], "eps": float("-inf")}],
+            "values": {"inf": math.inf, "nan": math.nan, "yes": True, "none": None, "text": "é\n", "big": 2**62},
+            "empty_dict": {},
+            "empty_list": [],
+            "empty_tuple": (),
+            "nested_tuple": ((1, 2), [3.5]),
+            5: "int key",
+        }
+        save_checkpoint(self.root / "ckpt", state)
+        loaded = load_checkpoint(self.root / "ckpt")
+        values = loaded["values"]
+        assert isinstance(values, dict)
+        self.assertTrue(math.isnan(values.pop("nan")))
+        expected = dict(state)
+        expected["values"] = {k: v for k, v in state["values"].items() if k != "nan"}  # pyre-ignore[16]
+        self.assertEqual(list(loaded["param_groups"][0]["betas"]), [0.9, 1.0])  # pyre-ignore[16]
+        self.assertEqual(_structure(loaded), _structure(expected))
+        self.assertIsInstance(loaded["param_groups"][0]["betas"], tuple)
+        self.assertIsInstance(loaded["param_groups"], list)
+        self.assertEqual(loaded[5], "int key")
+
+    def test_template_filled_in_place_with_template_types(self) -> None:
+        saved_weight = torch.randn(4, 3)
+        save_checkpoint(
+            self.root / "ckpt",
+            {"w": saved_weight, "cfg": {"lr": 1, "betas": [0.5, 0.25], "name": "x", "step": 4.0}},
+        )
+        weight = torch.zeros(4, 3)
+        template: dict[str | int, object] = {"w": weight, "cfg": {"lr": 0.0, "betas": (0.0, 0.0), "name": "", "step": 0}}
+        result = load_checkpoint(self.root / "ckpt", template)
+        self.assertIs(result, template)
+        self.assertIs(template["w"], weight)
+        self.assertTrue(torch.equal(weight, saved_weight))
+        cfg = template["cfg"]
+        assert isinstance(cfg, dict)
+        self.assertEqual(cfg, {"lr": 1.0, "betas": (0.5, 0.25), "name": "x", "step": 4})
+        self.assertIsInstance(cfg["lr"], float)
+        self.assertIsInstance(cfg["step"], int)
+        self.assertIsInstance(cfg["betas"], tuple)
+
+    def test_template_on_non_contiguous_and_other_layout(self) -> None:
+        saved = torch.randn(5, 4)
+        save_checkpoint(self.root / "ckpt", {"w": saved})
+        storage = torch.zeros(4, 5)
+        view = storage.t()  # a non-contiguous destination
+        load_checkpoint(self.root / "ckpt", {"w": view})
+        self.assertTrue(torch.equal(storage.t(), saved))
+
+    def test_keys_restrict_what_is_read(self) -> None:
+        save_checkpoint(self.root / "ckpt", {"model": {"w": torch.ones(2)}, "optim": {"m": torch.zeros(2), "lr": 0.1}})
+        self.assertEqual(list(load_checkpoint(self.root / "ckpt", keys=["model"])), ["model"])
+        only = load_checkpoint(self.root / "ckpt", keys=[("optim", "lr")])
+        self.assertEqual(only, {"optim": {"lr": 0.1}})
+        template: dict[str | int, object] = {"model": {"w": torch.zeros(2)}, "optim": {"m": torch.ones(2), "lr": 0.0}}
+        load_checkpoint(self.root / "ckpt", template, keys=["model"])
+        self.assertTrue(torch.equal(template["model"]["w"], torch.ones(2)))  # pyre-ignore[16]
+        self.assertTrue(torch.equal(template["optim"]["m"], torch.ones(2)))
+        self.assertEqual(template["optim"]["lr"], 0.0)
+
+    def test_strict_and_missing_keys(self) -> None:
+        save_checkpoint(self.root / "ckpt", {"a": torch.ones(1)})
+        template: dict[str | int, object] = {"a": torch.zeros(1), "b": torch.zeros(1), "c": 3}
+        with self.assertRaisesRegex(MissingKeyError, r'holds no value for 2 template keys: \["b"\], \["c"\]'):
+            load_checkpoint(self.root / "ckpt", template)
+        load_checkpoint(self.root / "ckpt", template, strict=False)
+        self.assertTrue(torch.equal(template["a"], torch.ones(1)))  # pyre-ignore[6]
+        self.assertEqual(template["c"], 3)
+
+    @parameterized.expand(
+        [
+            ("shape", torch.zeros(3, 2), r'\["w"\]: the template has a F32 tensor of shape \[3, 2\] but .* saved F32 \[2, 3\]'),
+            ("dtype", torch.zeros(2, 3, dtype=torch.float64), r'\["w"\]: the template has a F64 tensor .* saved F32 \[2, 3\]'),
+            ("kind", 1.0, r'\["w"\]: the template holds 1.0 but .* saved a tensor there'),
+        ]
+    )
+    def test_template_mismatch(self, _name: str, leaf: object, message: str) -> None:
+        save_checkpoint(self.root / "ckpt", {"w": torch.zeros(2, 3), "lr": "x"})
+        with self.assertRaisesRegex(TemplateMismatchError, message):
+            load_checkpoint(self.root / "ckpt", {"w": leaf})
+        with self.assertRaisesRegex(TemplateMismatchError, r'\["lr"\]: saved str \'x\' cannot become the template\'s float'):
+            load_checkpoint(self.root / "ckpt", {"lr": 0.5})
+
+    @parameterized.expand(
+        [
+            ("object", {"x": object()}, r'\["x"\]: cannot save a builtins.object without pickling'),
+            ("set", {"a": {"b": {1, 2}}}, r'\["a", "b"\]: cannot save a builtins.set'),
+            ("tuple_key", {"a": {(1, 2): 1}}, r'\["a"\]: key \(1, 2\) is a tuple; keys must be str or int'),
+            ("complex128", {"c": torch.zeros(2, dtype=torch.complex128)}, r'\["c"\]: dtype torch.complex128 cannot be stored'),
+            ("sparse", {"s": torch.eye(2).to_sparse()}, r'\["s"\]: only strided \(dense\) tensors'),
+        ]
+    )
+    def test_unsupported_values_name_their_key(self, _name: str, state: dict[str | int, object], message: str) -> None:
+        with self.assertRaisesRegex(UnsupportedValueError, message):
+            save_checkpoint(self.root / "ckpt", state)
+        self.assertEqual(os.listdir(self.root), [])  # nothing left behind
+
+    def test_metadata_must_be_json(self) -> None:
+        with self.assertRaisesRegex(UnsupportedValueError, "metadata must be JSON-serialisable"):
+            save_checkpoint(self.root / "ckpt", {}, metadata={"t": torch.zeros(1)})
+        save_checkpoint(self.root / "ckpt", {}, metadata={"step": 100, "tags": ["a"]})
+        self.assertEqual(read_checkpoint_index(self.root / "ckpt").user_metadata, {"step": 100, "tags": ["a"]})
+        self.assertEqual(load_checkpoint(self.root / "ckpt"), {})
+
+    def test_existing_checkpoint_refused_unless_overwrite(self) -> None:
+        save_checkpoint(self.root / "ckpt", {"v": torch.zeros(2)})
+        with self.assertRaisesRegex(CheckpointExistsError, "already exists; pass overwrite=True"):
+            save_checkpoint(self.root / "ckpt", {"v": torch.ones(2)})
+        self.assertTrue(torch.equal(load_checkpoint(self.root / "ckpt")["v"], torch.zeros(2)))  # pyre-ignore[6]
+        save_checkpoint(self.root / "ckpt", {"v": torch.ones(2), "w": torch.ones(1)}, overwrite=True)
+        self.assertTrue(torch.equal(load_checkpoint(self.root / "ckpt")["v"], torch.ones(2)))  # pyre-ignore[6]
+        self.assertEqual(sorted(os.listdir(self.root)), ["ckpt"])  # no staging or replaced leftovers
+
+
+class FormatTest(unittest.TestCase):
+    def test_hf_compatible_layout(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp) / "ckpt"
+            old_umask = os.umask(0o022)
+            try:
+                save_checkpoint(
+                    directory, {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16), "n": 1},
+                    prefix="model",
+                )
+            finally:
+                os.umask(old_umask)
+            self.assertEqual(
+                sorted(os.listdir(directory)), ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+            )
+            index = json.loads((directory / "model.safetensors.index.json").read_text())
+            self.assertEqual(
+                index["weight_map"],
+                {'["a"]': "model-00001-of-00001.safetensors", '["b"]': "model-00001-of-00001.safetensors"},
+            )
+            self.assertEqual(index["metadata"]["total_size"], 6 * 4 + 2 * 2)
+            self.assertEqual(index["metadata"]["format_version"], 1)
+            self.assertEqual(index["metadata"]["objects"], {'["n"]': 1})
+            shard = directory / "model-00001-of-00001.safetensors"
+            self.assertEqual(stat.S_IMODE(shard.stat().st_mode), 0o644)
+            with safe_open(str(shard), framework="pt") as reader:
+                self.assertEqual(reader.metadata()["format"], "pt")
+                self.assertTrue(torch.equal(reader.get_tensor('["a"]'), torch.arange(6.0).reshape(2, 3)))
+                self.assertTrue(torch.equal(reader.get_slice('["a"]')[1:], torch.tensor([[3.0, 4.0, 5.0]])))
+            verify_checkpoint(directory)
+
+
+def _structure(value: object) -> object:
+    """A comparable rendering: tensors by dtype, shape and bytes; containers by type."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), bytes(value.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    if isinstance(value, dict):
+        return {k: _structure(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_structure(v) for v in value])
+    return (type(value).__name__, value)

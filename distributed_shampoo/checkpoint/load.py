@@ -174,11 +174,13 @@ def _plan_tensor(index: CheckpointIndex, name: str, leaf: torch.Tensor) -> list[
     region_offsets, region_shape = local_region(leaf)
     destination = local_data(leaf)
     reads: list[_PieceRead] = []
+    if math.prod(region_shape) == 0:
+        return reads  # an empty shard (uneven split) or an empty tensor: nothing to fill
     for piece in layout.stored_pieces(name):
         low = [max(p, r) for p, r in zip(piece.offsets, region_offsets)]
         high = [min(p + ps, r + rs) for p, ps, r, rs in zip(piece.offsets, piece.shape, region_offsets, region_shape)]
         box_shape = tuple(h - lo for lo, h in zip(low, high))
-        if any(size <= 0 for size in box_shape) and math.prod(region_shape) != 0:
+        if any(size <= 0 for size in box_shape):
             continue
         box_start = tuple(lo - p for lo, p in zip(low, piece.offsets))
         target = destination[tuple(slice(lo - r, h - r) for lo, h, r in zip(low, high, region_offsets))]

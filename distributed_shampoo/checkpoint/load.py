@@ -183,10 +183,11 @@ def _plan_tensor(index: CheckpointIndex, name: str, leaf: torch.Tensor) -> list[
         if any(size <= 0 for size in box_shape):
             continue
         box_start = tuple(lo - p for lo, p in zip(low, piece.offsets))
+        if box_shape == tuple(destination.shape) and destination.device.type == "cpu" and destination.is_contiguous():
+            reads.append(_PieceRead(piece, box_start, box_shape, destination, None))  # read in place
+            continue
         target = destination[tuple(slice(lo - r, h - r) for lo, h, r in zip(low, high, region_offsets))]
-        direct = target.device.type == "cpu" and target.is_contiguous() and box_shape == tuple(destination.shape)
-        buffer = target if direct else torch.empty(box_shape, dtype=layout.dtype)
-        reads.append(_PieceRead(piece, box_start, box_shape, buffer, None if direct else target))
+        reads.append(_PieceRead(piece, box_start, box_shape, torch.empty(box_shape, dtype=layout.dtype), target))
     return reads
 
 

@@ -169,8 +169,8 @@ def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor
         if isinstance(leaf, DTensor) and not _is_writer(name, leaf):
             continue
         offsets, local_shape = local_region(leaf)
-        chunked = tuple(local_shape) != tuple(leaf.shape)
-        if chunked and math.prod(local_shape) == 0 and math.prod(leaf.shape) != 0:
+        chunked = local_shape != tuple(leaf.shape)
+        if chunked and math.prod(local_shape) == 0 and leaf.numel() != 0:
             continue  # an empty shard of an uneven split holds nothing to write
         entry = PlannedTensor(name, dtype, tuple(leaf.shape), offsets, local_shape, chunked)
         planned.append(entry)

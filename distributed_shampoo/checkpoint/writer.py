@@ -10,7 +10,6 @@ buffers per ``writev``.
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
 
 import json
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -67,7 +66,7 @@ def write_safetensors(
     header: dict[str, object] = {"__metadata__": dict(metadata)}
     position = 0
     for name, tensor in ordered:
-        size = math.prod(tensor.shape) * tensor.element_size()
+        size = tensor.numel() * tensor.element_size()  # math.prod of a torch.Size costs ~10 us
         header[name] = {
             "dtype": DTYPE_TO_NAME[tensor.dtype],
             "shape": list(tensor.shape),

@@ -24,7 +24,7 @@ from distributed_shampoo.checkpoint import (
 )
 from distributed_shampoo.checkpoint import api as checkpoint_api
 from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
-from tests.multiprocess import run_on_ranks
+from distributed_shampoo.launch import run_on_ranks
 
 # (name, global shape): uneven for 3 and 4 ranks along both dimensions.
 _SHARDED: list[tuple[str, tuple[int, ...]]] = [("a", (7, 5)), ("b", (10, 9)), ("c", (3, 11))]

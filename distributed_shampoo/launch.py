@@ -1,5 +1,8 @@
 # pyre-strict
-"""Runs a function on N real processes joined by a gloo process group, and never hangs.
+"""Runs a function on N local processes joined by a gloo process group, and never hangs.
+
+Used by the tests, the benchmarks and the examples to exercise real multi-rank behaviour on one
+machine.
 
 Each rank is a spawned process that rendezvouses through a ``file://`` store in a fresh temporary
 directory. Collectives time out after ``collective_timeout_s``; the parent kills ranks still alive

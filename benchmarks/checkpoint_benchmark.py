@@ -1,0 +1,239 @@
+# pyre-strict
+"""Checkpoint save and reshard-load against DCP, torch.save and the disk's limit, in one run.
+
+State: Shampoo-like, block-owned (each block on one rank, as ``distribute_buffer_sizes`` assigns
+it): per block of shape (w, w/2) two factor matrices, two inverse factors and three block-shaped
+tensors, float32. Saves run on ``--save-ranks`` gloo ranks, loads on ``--load-ranks`` (a
+different number: resharding) with a cold page cache (``posix_fadvise(DONTNEED)``). Every time is
+barrier to barrier, so the slowest rank counts; the median of ``--repeats`` is reported.
+
+    python benchmarks/checkpoint_benchmark.py --out docs/benchmark-results.json
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
+from distributed_shampoo.checkpoint.writer import tensor_bytes
+from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
+from distributed_shampoo.launch import run_on_ranks
+
+# (block width, number of blocks): ~460 MiB in 798 tensors, and ~230 MiB in 6,398 tensors.
+STATES: dict[int, int] = {512: 114, 128: 914}
+
+
+def block_tensors(width: int, block: int) -> dict[str, object]:
+    """The seven state tensors of one block, with values that depend on the block."""
+    torch.manual_seed(block)
+    rows, cols = width, width // 2
+    return {
+        "factor_matrices": {"0": torch.randn(rows, rows), "1": torch.randn(cols, cols)},
+        "inv_factor_matrices": {"0": torch.randn(rows, rows), "1": torch.randn(cols, cols)},
+        "filtered_grad": torch.randn(rows, cols),
+        "momentum": torch.randn(rows, cols),
+        "grafting_state": torch.randn(rows, cols),
+    }
+
+
+def owned_blocks(width: int, world_size: int, rank: int) -> list[int]:
+    block_bytes = 4 * (2 * width * width + 2 * (width // 2) ** 2 + 3 * width * (width // 2))
+    owners = distribute_buffer_sizes([block_bytes] * STATES[width], world_size)
+    return [block for block, (_, owner) in enumerate(owners) if owner == rank]
+
+
+def shampoo_state(width: int, world_size: int, rank: int, zeros: bool = False) -> dict[str, object]:
+    blocks = {}
+    for block in owned_blocks(width, world_size, rank):
+        tensors = block_tensors(width, block)
+        blocks[f"block_{block}"] = _map_tensors(tensors, torch.zeros_like) if zeros else tensors
+    return {"state": {"model.weight": blocks}}
+
+
+def _map_tensors(node: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    if isinstance(node, dict):
+        return {key: _map_tensors(value, fn) for key, value in node.items()}
+    assert isinstance(node, torch.Tensor)
+    return fn(node)
+
+
+def _leaves(node: object) -> list[torch.Tensor]:
+    if isinstance(node, dict):
+        return [leaf for value in node.values() for leaf in _leaves(value)]
+    assert isinstance(node, torch.Tensor)
+    return [node]
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def _raw_write(path: Path, state: dict[str, object]) -> None:
+    """The disk's limit: the same bytes in one writev stream, then fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        views = [tensor_bytes(t) for t in _leaves(state)]
+        for start in range(0, len(views), 1024):
+            os.writev(fd, views[start : start + 1024])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(path: Path, state: dict[str, object]) -> None:
+    torch.save(state, path)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def _save_methods(root: Path, rank: int, world_size: int) -> dict[str, Callable[[Path, dict[str, object]], None]]:
+    return {
+        "distributed_shampoo": lambda d, s: save_checkpoint(d, s) and None,
+        "raw write+fsync": lambda d, s: (d.mkdir(exist_ok=True), _raw_write(d / f"rank{rank}.bin", s)) and None,
+        "torch.save+fsync": lambda d, s: (d.mkdir(exist_ok=True), _torch_save(d / f"rank{rank}.pt", s)) and None,
+        "dcp.save": lambda d, s: dcp.save(s, checkpoint_id=str(d)) and None,
+        "dcp.save HF": lambda d, s: dcp.save(
+            s, storage_writer=dcp.HuggingFaceStorageWriter(str(d), save_distributed=True)
+        ) and None,
+    }
+
+
+def bench_save(rank: int, world_size: int, root: str, width: int, repeats: int, results: str) -> None:
+    state = shampoo_state(width, world_size, rank)
+    rss_before = _rss_bytes()
+    times: dict[str, list[float]] = {}
+    peak_extra = 0
+    # Methods take turns within each repeat, so drift of the disk's speed hits them alike.
+    for repeat in range(repeats):
+        for method, save in _save_methods(Path(root), rank, world_size).items():
+            directory = Path(root) / f"{method.replace(' ', '_')}-{repeat}"
+            os.sync()  # start every run with no dirty pages of the previous one
+            times.setdefault(method, []).append(_timed(lambda: save(directory, state)))
+            if method == "distributed_shampoo":
+                peak_extra = max(peak_extra, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before)
+            if repeat > 0 and rank == 0:  # keep the first copy: the load phase reads it
+                shutil.rmtree(directory)
+            dist.barrier()
+    peaks: list[int | None] = [None for _ in range(world_size)]
+    dist.all_gather_object(peaks, peak_extra)
+    if rank == 0:
+        nbytes = sum(t.nbytes for r in range(world_size) for t in _leaves(shampoo_state(width, world_size, r, zeros=True)))
+        tensors = sum(len(_leaves(shampoo_state(width, world_size, r, zeros=True))) for r in range(world_size))
+        Path(results).write_text(json.dumps({"times": times, "peak_extra_bytes": max(p or 0 for p in peaks), "bytes": nbytes, "tensors": tensors}))
+
+
+def _drop_cache(directory: Path) -> None:
+    os.sync()
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def _raw_read(files: list[Path], rank: int, world_size: int) -> None:
+    """The disk's limit: this rank's equal share of all the bytes, in 16 MiB sequential reads."""
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
+    begin, end = total * rank // world_size, total * (rank + 1) // world_size
+    position = 0
+    for path, size in zip(files, sizes):
+        low, high = max(begin, position), min(end, position + size)
+        if low < high:
+            with open(path, "rb", buffering=0) as file:
+                file.seek(low - position)
+                remaining = high - low
+                while remaining:
+                    remaining -= len(file.read(min(remaining, 16 << 20)))
+        position += size
+
+
+def bench_load(rank: int, world_size: int, root: str, width: int, repeats: int, results: str) -> None:
+    save_root = Path(root)
+    ours = save_root / "distributed_shampoo-0"
+    raw_files = sorted((ours).glob("*.safetensors"))
+    methods: dict[str, tuple[Path, Callable[[dict[str, object]], None]]] = {
+        "distributed_shampoo": (ours, lambda t: load_checkpoint(ours, t) and None),
+        "distributed_shampoo (no verify)": (ours, lambda t: load_checkpoint(ours, t, verify=False) and None),
+        "raw read": (ours, lambda t: _raw_read(raw_files, rank, world_size)),
+        "dcp.load": (save_root / "dcp.save-0", lambda t: dcp.load(t, checkpoint_id=str(save_root / "dcp.save-0"))),
+        "dcp.load HF": (
+            save_root / "dcp.save_HF-0",
+            lambda t: dcp.load(t, storage_reader=dcp.HuggingFaceStorageReader(str(save_root / "dcp.save_HF-0"))),
+        ),
+    }
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for method, (directory, load) in methods.items():
+            template = shampoo_state(width, world_size, rank, zeros=True)
+            if rank == 0:
+                _drop_cache(directory)
+            times.setdefault(method, []).append(_timed(lambda: load(template)))
+            if method != "raw read":
+                expected = shampoo_state(width, world_size, rank)
+                assert all(torch.equal(a, b) for a, b in zip(_leaves(template), _leaves(expected))), method
+    if rank == 0:
+        Path(results).write_text(json.dumps({"times": times}))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=list(STATES))
+    parser.add_argument("--save-ranks", type=int, default=2)
+    parser.add_argument("--load-ranks", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write checkpoints (default: the system temp dir)")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+    report: dict[str, object] = {"save_ranks": args.save_ranks, "load_ranks": args.load_ranks, "repeats": args.repeats}
+    for width in args.widths:
+        with tempfile.TemporaryDirectory(dir=args.dir) as root:
+            save_results, load_results = Path(root) / "save.json", Path(root) / "load.json"
+            run_on_ranks(args.save_ranks, bench_save, root, width, args.repeats, str(save_results), timeout_s=1800, collective_timeout_s=900)
+            run_on_ranks(args.load_ranks, bench_load, root, width, args.repeats, str(load_results), timeout_s=1800, collective_timeout_s=900)
+            saved, loaded = json.loads(save_results.read_text()), json.loads(load_results.read_text())
+        report[f"{width}-wide"] = {"save": saved, "load": loaded}
+        _print_table(width, args, saved, loaded)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _print_table(width: int, args: argparse.Namespace, saved: dict[str, object], loaded: dict[str, object]) -> None:
+    nbytes, peak = saved["bytes"], saved["peak_extra_bytes"]
+    assert isinstance(nbytes, int) and isinstance(peak, int)
+    mib = nbytes / 2**20
+    print(f"\n## {width}-wide blocks: {mib:.0f} MiB in {saved['tensors']} tensors")
+    print(f"peak extra memory during our save: {peak / 2**20:.1f} MiB (largest tensor {width * width * 4 / 2**20:.1f} MiB)")
+    for phase, results, baseline in (
+        (f"save on {args.save_ranks} ranks", saved, "raw write+fsync"),
+        (f"reshard-load on {args.load_ranks} ranks, cold cache", loaded, "raw read"),
+    ):
+        times = {m: statistics.median(ts) for m, ts in results["times"].items()}  # pyre-ignore[16]
+        print(f"\n| {phase} | median s | MiB/s | x {baseline} |\n|---|---|---|---|")
+        for method, seconds in times.items():
+            print(f"| {method} | {seconds:.3f} | {mib / seconds:.0f} | {seconds / times[baseline]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,12 +2,11 @@
 """Low-precision storage of optimizer state with a higher-precision computation dtype."""
 
 from collections.abc import Sequence
-from types import TracebackType
 
 import torch
 
 from distributed_shampoo.utils.shampoo_block_info import BlockInfo
-from distributed_shampoo.utils.shampoo_utils import compress_list
+from distributed_shampoo.utils.shampoo_utils import compress_list, ParameterizeEnterExitContext
 
 # The storage dtypes supported: plain casts, no scales or offsets.
 QUANTIZED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
@@ -184,20 +183,8 @@ def _as_tensor(entry: QuantizedData) -> torch.Tensor:
     return tensor
 
 
-class DequantizeQuantizedTensorListContext:
+class DequantizeQuantizedTensorListContext(ParameterizeEnterExitContext[QuantizedTensorList]):
     """Dequantizes a ``QuantizedTensorList`` on entry and quantizes it back on exit."""
 
     def __init__(self, quantized_tensor_list: QuantizedTensorList) -> None:
-        self._list = quantized_tensor_list
-
-    def __enter__(self) -> QuantizedTensorList:
-        self._list.dequantize_()
-        return self._list
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._list.quantize_()
+        super().__init__(quantized_tensor_list, QuantizedTensorList.dequantize_, QuantizedTensorList.quantize_)

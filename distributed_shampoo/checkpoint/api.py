@@ -106,16 +106,15 @@ def save_checkpoint(
     """
     group = Group.resolve(process_group)
     target = Path(checkpoint_dir).absolute()
-    prepared = _prepare(group, target, state_dict, metadata, overwrite)
-    everyone = group.all_gather(prepared[0])
-    local_plan_data = prepared[1]
+    prepared, local_plan_data, own_prepare_error = _prepare(group, target, state_dict, metadata, overwrite)
+    everyone = group.all_gather(prepared)
     failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
     token = everyone[0].token
     staging = staging_dir(target, token) if token is not None else None
     try:
         if failure is not None:
             rank, error = failure
-            raise error if rank == group.rank or isinstance(error, CheckpointError) else error
+            raise own_prepare_error if rank == group.rank and own_prepare_error is not None else error
         global_plan = plan_global([p.plan for p in everyone if p.plan is not None])
     except BaseException:
         if group.rank == 0 and staging is not None:
@@ -159,8 +158,12 @@ def _prepare(
     state_dict: StateDict,
     metadata: Mapping[str, object] | None,
     overwrite: bool,
-) -> tuple[_Prepared, dict[str, torch.Tensor]]:
-    """Plans this rank's part; rank 0 also checks the target and creates the staging directory."""
+) -> tuple[_Prepared, dict[str, torch.Tensor], Exception | None]:
+    """Plans this rank's part; rank 0 also checks the target and creates the staging directory.
+
+    Never raises: a failure is reported to every rank (so none waits in the collective) and
+    returned as the third element, to be raised on this rank.
+    """
     try:
         _check_metadata(metadata)
         plan, data = plan_local(state_dict)
@@ -174,9 +177,12 @@ def _prepare(
             token = new_token()
             target.parent.mkdir(parents=True, exist_ok=True)
             staging_dir(target, token).mkdir()
-        return _Prepared(plan, None, token), data
-    except CheckpointError as error:
-        return _Prepared(None, error, None), {}
+        return _Prepared(plan, None, token), data, None
+    except Exception as error:
+        shared = error if isinstance(error, CheckpointError) else DistributedSaveError(
+            f"saving {target} failed on rank {group.rank}: {type(error).__name__}: {error}"
+        )
+        return _Prepared(None, shared, None), {}, error
 
 
 def _check_metadata(metadata: Mapping[str, object] | None) -> None:

@@ -152,6 +152,17 @@ def _save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -
         raise AssertionError("the save did not fail")
 
 
+def _save_under_a_file(rank: int, world_size: int, directory: str) -> None:
+    try:
+        save_checkpoint(directory, {"x": torch.ones(1)})
+    except FileExistsError:  # mkdir of a path whose parent is a file
+        assert rank == 0
+    except DistributedSaveError as error:
+        assert rank == 1 and "failed on rank 0: FileExistsError" in str(error), error
+    else:
+        raise AssertionError("the save did not fail")
+
+
 class DistributedCheckpointTest(unittest.TestCase):
     def setUp(self) -> None:
         self._tmp = tempfile.TemporaryDirectory()
@@ -196,6 +207,11 @@ class DistributedCheckpointTest(unittest.TestCase):
     def test_ranks_disagreeing_on_a_key(self) -> None:
         run_on_ranks(2, _save_inconsistent, self.directory)
         self.assertEqual(os.listdir(self._tmp.name), [])
+
+    def test_rank_0_failing_to_create_the_directory_fails_every_rank_without_waiting(self) -> None:
+        blocker = Path(self._tmp.name) / "a_file"
+        blocker.write_text("")
+        run_on_ranks(2, _save_under_a_file, str(blocker / "ckpt"), collective_timeout_s=30)
 
     def test_failure_on_one_rank_fails_every_rank_and_keeps_the_old_checkpoint(self) -> None:
         save_checkpoint(self.directory, {"old": torch.arange(3)})

@@ -4,11 +4,10 @@
 import json
 import os
 import shutil
-import xxhash
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import overload, TypeVar
 from pathlib import Path
+from typing import overload, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,35 +17,27 @@ from distributed_shampoo.checkpoint.commit import new_token, publish, staging_di
 from distributed_shampoo.checkpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
-    ChecksumMismatchError,
     DistributedSaveError,
     IndexMismatchError,
     UnsupportedValueError,
 )
 from distributed_shampoo.checkpoint.format import (
+    check_checksum,
     check_header_entry,
     CheckpointIndex,
     DEFAULT_PREFIX,
     FORMAT_VERSION,
     index_file_name,
     index_to_json,
+    read_header,
     read_index,
     shard_file_name,
 )
-from distributed_shampoo.checkpoint.load import (
-    fill_template,
-    KeySelection,
-    read_header_or_missing,
-    template_from_index,
-)
+from distributed_shampoo.checkpoint.load import fill_template, KeySelection, template_from_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
-from distributed_shampoo.checkpoint.reader import open_shard
+from distributed_shampoo.checkpoint.reader import open_shard, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import write_json, write_safetensors
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
-
-# ``verify_checkpoint`` hashes files in reads of this size.
-_VERIFY_READ_BYTES: int = 16 << 20
-
 
 @dataclass(frozen=True)
 class _Prepared:
@@ -213,7 +204,7 @@ def _commit(
         directory=target,
         prefix=prefix,
         world_size=world_size,
-        total_size=sum(plan.nbytes.values()),
+        total_size=sum(layout.nbytes for layout in plan.tensors.values()),
         weight_map=weight_map,
         tensors=plan.tensors,
         checksums=checksums,
@@ -310,6 +301,8 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex
     """Checks a whole checkpoint: every shard file exists and is well formed, agrees with the index
     (names, shapes, dtypes, total size), and every stored tensor matches its checksum.
 
+    Reads every file once, each tensor into one scratch buffer the size of the largest tensor.
+
     Returns:
         The index, when everything checks out.
 
@@ -318,58 +311,33 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex
         MissingShardFileError, IndexMismatchError, ChecksumMismatchError: the first problem found.
     """
     index = read_index(checkpoint_dir)
-    pieces = {piece.name: (layout.dtype, piece.shape) for name, layout in index.tensors.items()
-              for piece in layout.stored_pieces(name)}
+    pieces = {
+        piece.name: (layout.dtype, piece.shape)
+        for name, layout in index.tensors.items()
+        for piece in layout.stored_pieces(name)
+    }
     stored_bytes = 0
     for file_name in index.shard_files():
         path = index.directory / file_name
-        header = read_header_or_missing(path)
-        expected = [name for name, file in index.weight_map.items() if file == file_name]
-        for name in expected:
-            entry = check_header_entry(path, name, header.get(name), *pieces[name])
-            stored_bytes += entry.end - entry.begin
-        if len(header) != len(expected):
-            extra = sorted(set(header) - set(expected))
-            raise IndexMismatchError(f"{path}: holds tensors the index does not map to it: {extra[:3]}")
-        _verify_file_checksums(path, header, index.checksums)
+        fd = open_shard(path)
+        try:
+            header = read_header(fd, path)
+            expected = [name for name, file in index.weight_map.items() if file == file_name]
+            entries = [check_header_entry(path, name, header.get(name), *pieces[name]) for name in expected]
+            if len(header) != len(expected):
+                extra = sorted(set(header) - set(expected))
+                raise IndexMismatchError(f"{path}: holds tensors the index does not map to it: {extra[:3]}")
+            scratch = memoryview(bytearray(max((e.end - e.begin for e in entries), default=0)))
+            for name, entry in zip(expected, entries):
+                data = scratch[: entry.end - entry.begin]
+                read_ranges(fd, path, [ReadRequest(entry.begin, data)])
+                check_checksum(path, name, data, index.checksums[name])
+                stored_bytes += data.nbytes
+        finally:
+            os.close(fd)
     if stored_bytes != index.total_size:
         raise IndexMismatchError(
             f"{index.directory}: files hold {stored_bytes} bytes of tensor data, the index's total_size "
             f"says {index.total_size}"
         )
     return index
-
-
-def _verify_file_checksums(path: Path, header: Mapping[str, "object"], checksums: Mapping[str, str]) -> None:
-    """Hashes every tensor of one file in large sequential reads."""
-    entries = sorted(((e.begin, e.end, name) for name, e in header.items()), key=lambda item: item[0])  # pyre-ignore[16]
-    if not entries:
-        return
-    fd = open_shard(path)
-    try:
-        position = entries[0][0]
-        current = 0
-        hasher = xxhash.xxh3_64()
-        while current < len(entries):
-            chunk = os.pread(fd, _VERIFY_READ_BYTES, position)
-            if not chunk and position < entries[-1][1]:
-                raise ChecksumMismatchError(f"{path}: truncated at byte {position}")
-            view = memoryview(chunk)
-            while current < len(entries):
-                begin, end, name = entries[current]
-                take = min(end, position + len(view)) - max(begin, position)
-                if take > 0:
-                    start = max(begin, position) - position
-                    hasher.update(view[start : start + take])
-                if end > position + len(view):
-                    break
-                if hasher.hexdigest() != checksums[name]:
-                    raise ChecksumMismatchError(
-                        f"{path}: {name} has checksum {hasher.hexdigest()}, the index records "
-                        f"{checksums[name]} (corrupted data)"
-                    )
-                hasher = xxhash.xxh3_64()
-                current += 1
-            position += len(view)
-    finally:
-        os.close(fd)

@@ -29,11 +29,6 @@ def staging_dir(target: Path, token: str) -> Path:
     return target.parent / f".{target.name}{_STAGING_MARK}{token}"
 
 
-def incomplete_saves(target: Path) -> list[Path]:
-    """Staging directories that saves to ``target`` left behind (crashed or still running)."""
-    return sorted(target.parent.glob(f".{target.name}{_STAGING_MARK}*"))
-
-
 def fsync_dir(path: Path) -> None:
     """Makes the directory's entries (created or renamed files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

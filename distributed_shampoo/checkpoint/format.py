@@ -4,6 +4,8 @@
 ``docs/checkpoint-format.md`` specifies the same thing for readers written without this code.
 """
 
+from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
+
 import json
 import math
 import os
@@ -12,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from distributed_shampoo.checkpoint.errors import (
     CheckpointNotFoundError,
+    ChecksumMismatchError,
     CorruptCheckpointError,
     IncompatibleFormatError,
     IndexMismatchError,
@@ -86,6 +90,11 @@ class TensorLayout:
     shape: tuple[int, ...]
     dtype: torch.dtype
     chunks: tuple[ChunkLayout, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's data (its chunks tile it, so also the bytes they store)."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def stored_pieces(self, logical_name: str) -> tuple[ChunkLayout, ...]:
         """The stored pieces, a whole tensor being one piece at offset zero."""
@@ -306,28 +315,42 @@ def check_header_entry(
     return entry
 
 
-def read_header(path: Path) -> dict[str, HeaderEntry]:
-    """Reads and validates a safetensors file's header, with the same rules as the library.
+def checksum(data: memoryview[int] | bytes) -> str:
+    """The index's checksum of a stored tensor: xxh3_64 of its bytes, 16 hex digits."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def check_checksum(path: Path, name: str, data: memoryview[int], expected: str) -> None:
+    """Raises ``ChecksumMismatchError`` unless ``data`` (the stored bytes of ``name``) hashes to
+    ``expected``."""
+    actual = checksum(data)
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"{path}: {name} has checksum {actual}, the index records {expected} (corrupted data)"
+        )
+
+
+def read_header(fd: int, path: Path) -> dict[str, HeaderEntry]:
+    """Reads and validates the header of the safetensors file open as ``fd`` (named ``path`` in
+    messages), with the same rules as the safetensors library.
 
     Returns:
         Stored name -> entry with absolute file offsets.
 
     Raises:
-        MissingShardFileError: (from the caller's open) is not raised here; see ``open_shard``.
         CorruptCheckpointError: Truncated file, bad JSON, unknown dtype, entries that do not tile
             the data section, or bytes past its end.
     """
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise CorruptCheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
-            raise CorruptCheckpointError(
-                f"{path}: header length {header_size} does not fit the file's {size} bytes (truncated?)"
-            )
-        raw = file.read(header_size)
+    size = os.fstat(fd).st_size
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+        raise CorruptCheckpointError(
+            f"{path}: header length {header_size} does not fit the file's {size} bytes (truncated?)"
+        )
+    raw = os.pread(fd, header_size, 8)
     try:
         header = json.loads(raw)
         if not isinstance(header, dict):

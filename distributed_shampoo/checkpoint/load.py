@@ -9,26 +9,22 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from itertools import product
 
 import torch
 
-from distributed_shampoo.checkpoint.errors import (
-    ChecksumMismatchError,
-    MissingKeyError,
-    TemplateMismatchError,
-)
+from distributed_shampoo.checkpoint.errors import MissingKeyError, TemplateMismatchError
 from distributed_shampoo.checkpoint.format import (
-    CheckpointIndex,
+    check_checksum,
     check_header_entry,
+    CheckpointIndex,
     ChunkLayout,
     DTYPE_TO_NAME,
-    HeaderEntry,
     read_header,
 )
 from distributed_shampoo.checkpoint.plan import local_data, local_region, SCALAR_TYPES, StateDict
 from distributed_shampoo.checkpoint.reader import open_shard, read_ranges, ReadRequest
-from distributed_shampoo.checkpoint.writer import checksum, tensor_bytes
+from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
 
 # What ``keys=`` accepts: top-level keys, or key paths (prefixes of leaf paths).
@@ -119,21 +115,20 @@ def template_from_index(index: CheckpointIndex, keys: KeySelection | None) -> di
             node = node.setdefault(key, {})
             assert isinstance(node, dict)
         node[path[-1]] = leaf
+    # Deepest first, so that every ancestor of a container is still a dict when it is reached.
     for name in sorted(index.containers, key=lambda n: -len(decode_key(n))):
         path = decode_key(name)
-        if selection is not None and not any(
-            _selected(tuple(path), selection) or tuple(s[: len(path)]) == tuple(path) for s in selection
-        ):
+        if not _selected(tuple(path), selection) and not _holds_selection(tuple(path), selection):
             continue
-        parent: object = root
+        parent = root
         for key in path[:-1]:
-            parent = parent.setdefault(key, {}) if isinstance(parent, dict) else parent
-        if not isinstance(parent, dict):
-            continue
+            child = parent.setdefault(key, {})
+            assert isinstance(child, dict)
+            parent = child
         children = parent.get(path[-1], {})
         assert isinstance(children, dict)
-        kind = index.containers[name]
         ordered = [children[position] for position in sorted(children)]
+        kind = index.containers[name]
         parent[path[-1]] = ordered if kind == "list" else tuple(ordered) if kind == "tuple" else children
     return root
 
@@ -145,7 +140,13 @@ def _normalise_keys(keys: KeySelection | None) -> list[tuple[Key, ...]] | None:
 
 
 def _selected(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | None) -> bool:
+    """Whether ``path`` lies under one of the selected key paths (or nothing was selected)."""
     return selection is None or any(path[: len(prefix)] == prefix for prefix in selection)
+
+
+def _holds_selection(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | None) -> bool:
+    """Whether a selected key path lies under ``path``."""
+    return selection is not None and any(prefix[: len(path)] == path for prefix in selection)
 
 
 def _convert(name: str, saved: object, template_value: object) -> object:
@@ -197,35 +198,23 @@ def _execute(index: CheckpointIndex, reads: list[_PieceRead], verify: bool) -> N
         by_file.setdefault(index.weight_map[read.piece.name], []).append(read)
     for file_name, file_reads in by_file.items():
         path = index.directory / file_name
-        header = read_header_or_missing(path)
-        requests: list[ReadRequest] = []
-        for read in file_reads:
-            entry = check_header_entry(
-                path, read.piece.name, header.get(read.piece.name), read.buffer.dtype, read.piece.shape
-            )
-            requests.extend(_box_requests(entry.begin, read))
         fd = open_shard(path)
         try:
+            header = read_header(fd, path)
+            requests: list[ReadRequest] = []
+            for read in file_reads:
+                entry = check_header_entry(
+                    path, read.piece.name, header.get(read.piece.name), read.buffer.dtype, read.piece.shape
+                )
+                requests.extend(_box_requests(entry.begin, read))
             read_ranges(fd, path, requests)
         finally:
             os.close(fd)
         for read in file_reads:
-            whole_piece = read.box_shape == read.piece.shape
-            if verify and whole_piece:
-                actual = checksum(tensor_bytes(read.buffer))
-                if actual != index.checksums[read.piece.name]:
-                    raise ChecksumMismatchError(
-                        f"{path}: {read.piece.name} has checksum {actual}, the index records "
-                        f"{index.checksums[read.piece.name]} (corrupted data)"
-                    )
+            if verify and read.box_shape == read.piece.shape:  # a piece read whole can be checked
+                check_checksum(path, read.piece.name, tensor_bytes(read.buffer), index.checksums[read.piece.name])
             if read.destination is not None:
                 read.destination.copy_(read.buffer)
-
-
-def read_header_or_missing(path: Path) -> dict[str, HeaderEntry]:
-    """``read_header``, raising ``MissingShardFileError`` for a missing file."""
-    os.close(open_shard(path))
-    return read_header(path)
 
 
 def _box_requests(piece_begin: int, read: _PieceRead) -> list[ReadRequest]:
@@ -235,35 +224,19 @@ def _box_requests(piece_begin: int, read: _PieceRead) -> list[ReadRequest]:
     the box covers fully, plus the first one it covers partially.
     """
     shape, start, box = read.piece.shape, read.box_start, read.box_shape
-    itemsize = read.buffer.element_size()
-    data = tensor_bytes(read.buffer) if read.buffer.numel() else memoryview(b"")
-    if not data.nbytes:
-        return []
-    split = len(shape)
-    while split > 0 and box[split - 1] == shape[split - 1] and start[split - 1] == 0:
-        split -= 1
-    # Dimensions [split, ...) are covered fully; dimension split - 1 (if any) partially.
-    run_dim = max(split - 1, 0)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    run_elements = math.prod(box[run_dim:]) if shape else 1
-    outer = box[:run_dim]
-    requests: list[ReadRequest] = []
-    for run, outer_index in enumerate(_row_major(outer)):
-        element = sum((start[d] + outer_index[d]) * strides[d] for d in range(run_dim))
-        if shape:
-            element += start[run_dim] * strides[run_dim]
-        begin = run * run_elements * itemsize
-        requests.append(
-            ReadRequest(piece_begin + element * itemsize, data[begin : begin + run_elements * itemsize])
+    data = tensor_bytes(read.buffer)
+    # Dimensions [full, ...) are covered fully, so a run spans dimension full - 1 and all after it.
+    full = len(shape)
+    while full > 0 and box[full - 1] == shape[full - 1]:
+        full -= 1
+    run_dim = max(full - 1, 0)
+    run_bytes = math.prod(box[run_dim:]) * read.buffer.element_size()
+    strides = [math.prod(shape[d + 1 :]) * read.buffer.element_size() for d in range(len(shape))]
+    padding = (0,) * (len(shape) - run_dim)  # a run starts at the box's start along these dims
+    return [
+        ReadRequest(
+            piece_begin + sum((s + i) * stride for s, i, stride in zip(start, outer + padding, strides)),
+            data[run * run_bytes : (run + 1) * run_bytes],
         )
-    return requests
-
-
-def _row_major(shape: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
-    """All indices of ``shape`` in row-major order (one empty index for ``()``)."""
-    if not shape:
-        yield ()
-        return
-    for head in range(shape[0]):
-        for tail in _row_major(shape[1:]):
-            yield (head,) + tail
+        for run, outer in enumerate(product(*(range(size) for size in box[:run_dim])))
+    ]

@@ -9,7 +9,8 @@ DTensors, or ``int``/``float``/``bool``/``str``/``None``. Leaves are named by th
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -186,7 +187,6 @@ class GlobalPlan:
     tensors: dict[str, TensorLayout]
     objects: dict[str, object]
     containers: dict[str, str]
-    nbytes: dict[str, int] = field(default_factory=dict)  # stored name -> bytes
 
 
 def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
@@ -217,13 +217,11 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
                 chunks.setdefault(offer.name, {}).setdefault(offer.offsets, (rank, offer))
     writes: list[list[str]] = [[] for _ in local_plans]
     tensors: dict[str, TensorLayout] = {}
-    nbytes: dict[str, int] = {}
     for name, (rank, offer) in first_offer.items():
         dtype = NAME_TO_DTYPE[offer.dtype]
         if not offer.chunked:
             writes[rank].append(name)
             tensors[name] = TensorLayout(offer.global_shape, dtype)
-            nbytes[name] = math.prod(offer.global_shape) * dtype.itemsize
             continue
         pieces = sorted(chunks[name].values(), key=lambda item: item[1].offsets)
         covered = sum(math.prod(piece.local_shape) for _, piece in pieces)
@@ -235,15 +233,13 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
         layout_chunks = []
         for chunk_rank, piece in pieces:
             writes[chunk_rank].append(piece.stored_name)
-            nbytes[piece.stored_name] = math.prod(piece.local_shape) * dtype.itemsize
             layout_chunks.append(ChunkLayout(piece.stored_name, piece.offsets, piece.local_shape))
         tensors[name] = TensorLayout(offer.global_shape, dtype, tuple(layout_chunks))
     return GlobalPlan(
         writes=tuple(tuple(w) for w in writes),
         tensors=tensors,
         objects=_merge("value", [plan.objects for plan in local_plans]),
-        containers={k: str(v) for k, v in _merge("container", [plan.containers for plan in local_plans]).items()},
-        nbytes=nbytes,
+        containers=_merge("container", [plan.containers for plan in local_plans]),
     )
 
 
@@ -252,8 +248,12 @@ def _describe(offer: PlannedTensor) -> str:
     return f"{kind} {offer.dtype} tensor of shape {list(offer.global_shape)}"
 
 
-def _merge(what: str, per_rank: Sequence[dict[str, object]] | Sequence[dict[str, str]]) -> dict[str, object]:
-    merged: dict[str, object] = {}
+_V = TypeVar("_V")
+
+
+def _merge(what: str, per_rank: Sequence[dict[str, _V]]) -> dict[str, _V]:
+    """The union of every rank's values; the same name with different values is an error."""
+    merged: dict[str, _V] = {}
     owner: dict[str, int] = {}
     for rank, values in enumerate(per_rank):
         for name, value in values.items():

@@ -16,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import xxhash
 
-from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME
+from distributed_shampoo.checkpoint.format import checksum, DTYPE_TO_NAME
 
 # Flush the pending buffers once they hold this many bytes (bounds the extra memory of staging
 # CUDA or non-contiguous tensors), or once there are as many as one writev takes.
@@ -33,11 +32,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview[int]:
         flat = flat.cpu()
     flat = flat.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
-
-
-def checksum(data: memoryview[int] | bytes | bytearray) -> str:
-    """The index's checksum of a stored tensor: xxh3_64 of its bytes, 16 hex digits."""
-    return xxhash.xxh3_64_hexdigest(data)
 
 
 def write_safetensors(

@@ -83,9 +83,10 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _raw_write(path: Path, state: dict[str, object]) -> None:
+def _raw_write(directory: Path, rank: int, state: dict[str, object]) -> None:
     """The disk's limit: the same bytes in one writev stream, then fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    directory.mkdir(exist_ok=True)
+    fd = os.open(directory / f"rank{rank}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         views = [tensor_bytes(t) for t in _leaves(state)]
         for start in range(0, len(views), 1024):
@@ -95,22 +96,22 @@ def _raw_write(path: Path, state: dict[str, object]) -> None:
         os.close(fd)
 
 
-def _torch_save(path: Path, state: dict[str, object]) -> None:
+def _torch_save(directory: Path, rank: int, state: dict[str, object]) -> None:
+    directory.mkdir(exist_ok=True)
+    path = directory / f"rank{rank}.pt"
     torch.save(state, path)
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
 
 
-def _save_methods(root: Path, rank: int, world_size: int) -> dict[str, Callable[[Path, dict[str, object]], None]]:
+def _save_methods(rank: int) -> dict[str, Callable[[Path, dict[str, object]], object]]:
     return {
-        "distributed_shampoo": lambda d, s: save_checkpoint(d, s) and None,
-        "raw write+fsync": lambda d, s: (d.mkdir(exist_ok=True), _raw_write(d / f"rank{rank}.bin", s)) and None,
-        "torch.save+fsync": lambda d, s: (d.mkdir(exist_ok=True), _torch_save(d / f"rank{rank}.pt", s)) and None,
-        "dcp.save": lambda d, s: dcp.save(s, checkpoint_id=str(d)) and None,
-        "dcp.save HF": lambda d, s: dcp.save(
-            s, storage_writer=dcp.HuggingFaceStorageWriter(str(d), save_distributed=True)
-        ) and None,
+        "distributed_shampoo": save_checkpoint,
+        "raw write+fsync": lambda d, s: _raw_write(d, rank, s),
+        "torch.save+fsync": lambda d, s: _torch_save(d, rank, s),
+        "dcp.save": lambda d, s: dcp.save(s, checkpoint_id=str(d)),
+        "dcp.save HF": lambda d, s: dcp.save(s, storage_writer=dcp.HuggingFaceStorageWriter(str(d), save_distributed=True)),
     }
 
 
@@ -118,12 +119,12 @@ def bench_save(rank: int, world_size: int, root: str, width: int, repeats: int, 
     state = shampoo_state(width, world_size, rank)
     # Peak memory: one save of ours first, before any other method can raise the high-water mark.
     rss_before = _rss_bytes()
-    _timed(lambda: save_checkpoint(Path(root) / "peak-memory", state) and None)
+    _timed(lambda: save_checkpoint(Path(root) / "peak-memory", state))
     peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
     times: dict[str, list[float]] = {}
     # Methods take turns within each repeat, so drift of the disk's speed hits them alike.
     for repeat in range(repeats):
-        for method, save in _save_methods(Path(root), rank, world_size).items():
+        for method, save in _save_methods(rank).items():
             directory = Path(root) / f"{method.replace(' ', '_')}-{repeat}"
             os.sync()  # start every run with no dirty pages of the previous one
             times.setdefault(method, []).append(_timed(lambda: save(directory, state)))
@@ -168,9 +169,9 @@ def bench_load(rank: int, world_size: int, root: str, width: int, repeats: int, 
     save_root = Path(root)
     ours = save_root / "distributed_shampoo-0"
     raw_files = sorted((ours).glob("*.safetensors"))
-    methods: dict[str, tuple[Path, Callable[[dict[str, object]], None]]] = {
-        "distributed_shampoo": (ours, lambda t: load_checkpoint(ours, t) and None),
-        "distributed_shampoo (no verify)": (ours, lambda t: load_checkpoint(ours, t, verify=False) and None),
+    methods: dict[str, tuple[Path, Callable[[dict[str, object]], object]]] = {
+        "distributed_shampoo": (ours, lambda t: load_checkpoint(ours, t)),
+        "distributed_shampoo (no verify)": (ours, lambda t: load_checkpoint(ours, t, verify=False)),
         "raw read": (ours, lambda t: _raw_read(raw_files, rank, world_size)),
         "dcp.load": (save_root / "dcp.save-0", lambda t: dcp.load(t, checkpoint_id=str(save_root / "dcp.save-0"))),
         "dcp.load HF": (

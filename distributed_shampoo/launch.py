@@ -10,6 +10,7 @@ after ``timeout_s`` and fails with every rank's traceback.
 """
 
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -40,6 +41,12 @@ def _child(
     except BaseException:
         Path(errors, f"rank{rank}.txt").write_text(traceback.format_exc())
         os._exit(1)
+    # The work and the process group's teardown succeeded. Skip interpreter finalisation: there,
+    # torch's C++ threads occasionally abort the process ("terminate called without an active
+    # exception", exit code -6), which would turn a rank that finished its work into a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_on_ranks(

@@ -1,2 +1,25 @@
 # pyre-strict
-"""Distributed Shampoo: the optimizer's utilities and a world-size independent checkpoint layer."""
+"""Distributed Shampoo: the optimizer, its utilities and a world-size independent checkpoint layer.
+
+See ``docs/optimizer.md`` for the optimizer and ``docs/checkpoint.md`` for checkpoints.
+"""
+
+from distributed_shampoo.distributed_shampoo import DistributedShampoo
+from distributed_shampoo.shampoo_types import (
+    AdaGradPreconditionerConfig,
+    AdamPreconditionerConfig,
+    DDPDistributedConfig,
+    GraftingConfig,
+    RMSpropPreconditionerConfig,
+    SGDPreconditionerConfig,
+)
+
+__all__ = [
+    "AdaGradPreconditionerConfig",
+    "AdamPreconditionerConfig",
+    "DDPDistributedConfig",
+    "DistributedShampoo",
+    "GraftingConfig",
+    "RMSpropPreconditionerConfig",
+    "SGDPreconditionerConfig",
+]

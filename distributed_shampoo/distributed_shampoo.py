@@ -1,0 +1,485 @@
+# pyre-strict
+"""``DistributedShampoo``: blocked Shampoo with grafting, optionally distributed over DDP ranks."""
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch.optim.optimizer import ParamsT
+
+from distributed_shampoo.distributor.block_distributor import BlockDistributor, BlockSpec
+from distributed_shampoo.preconditioner.grafting import Grafting
+from distributed_shampoo.preconditioner.shampoo_preconditioner import ShampooPreconditioner
+from distributed_shampoo.shampoo_types import (
+    block_key,
+    DDPDistributedConfig,
+    GraftingConfig,
+    HYPERPARAMETERS,
+    ShampooHyperparameters,
+    STEP,
+)
+from distributed_shampoo.utils.optimizer_modules import OptimizerModule
+from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, update_param_state_dict_object
+from distributed_shampoo.utils.shampoo_quantization import QUANTIZED_DTYPES
+from distributed_shampoo.utils.shampoo_utils import merge_small_dims, multi_dim_split
+
+# A parameter's state: its step count and the blocks this rank owns (see ``distributed_state_dict``).
+ParamState = dict[Key, object]
+_K = TypeVar("_K", bound=Key)
+
+
+@dataclass(frozen=True)
+class _ParamLayout:
+    """How a parameter is cut: its merged shape, the split size, and its blocks' positions."""
+
+    merged_shape: tuple[int, ...]
+    max_preconditioner_dim: int
+    block_positions: range
+
+    def split(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of ``tensor`` (the parameter or its gradient) in block order."""
+        return multi_dim_split(tensor.view(self.merged_shape), self.max_preconditioner_dim)
+
+
+class BlockState(OptimizerModule):
+    """The state of one block, owned by one rank (per group of trainers).
+
+    Its state dict is ``{"shampoo": {...}, "adagrad": ..., "filtered_grad": ..., "momentum": ...}``;
+    the attribute names are the state keys, and buffers a configuration does not need are None and
+    absent from the state dict (no grafting state for SGD grafting or none, no ``filtered_grad``
+    when ``betas[0] == 0``, no ``momentum`` when ``momentum == 0``).
+    """
+
+    def __init__(
+        self,
+        block_shape: tuple[int, ...],
+        param: torch.Tensor,
+        hyperparameters: ShampooHyperparameters,
+        grafting: Grafting | None,
+        preconditioner_dtype: torch.dtype,
+    ) -> None:
+        def zeros() -> torch.Tensor:
+            return torch.zeros(block_shape, dtype=param.dtype, device=param.device)
+
+        self.shampoo = ShampooPreconditioner(block_shape, preconditioner_dtype, param.device)
+        self.adagrad: torch.Tensor | None = zeros() if grafting is not None and grafting.has_state else None
+        self.filtered_grad: torch.Tensor | None = zeros() if hyperparameters.beta1 != 0.0 else None
+        self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
+
+
+class DistributedShampoo(torch.optim.Optimizer):
+    """Shampoo with a Kronecker-factored preconditioner per block of each parameter.
+
+    Each parameter is reshaped with ``merge_small_dims(shape, max_preconditioner_dim)`` and cut
+    with ``multi_dim_split`` into blocks no longer than ``max_preconditioner_dim`` along any
+    dimension. The block list depends only on the parameters' shapes and the hyperparameters, so
+    it is the same at every world size; with a ``DDPDistributedConfig`` each rank keeps the state
+    of, and computes the update for, only the blocks ``distribute_buffer_sizes`` gives it, and the
+    updates are all-gathered so that every rank applies the same step.
+
+    At step ``t`` (per parameter, counting from 1), for each block with gradient ``G``:
+
+    1. ``G += weight_decay * W`` unless ``use_decoupled_weight_decay``.
+    2. Each factor ``F_i = beta2 F_i + (1 - beta2) G_(i) G_(i)^T`` (a plain sum when ``beta2 == 1``),
+       and the grafting accumulator is updated with ``G``.
+    3. ``M = beta1 M + (1 - beta1) G``, divided by ``1 - beta1^t`` with ``use_bias_correction``
+       (``M = G`` when ``beta1 == 0``).
+    4. When ``t % precondition_frequency == 0``: ``R_i = (F_i / c + epsilon I)^(-1/(2k))`` for a
+       block of order ``k``, with ``c = 1 - beta2^t`` if ``use_bias_correction`` and ``beta2 < 1``,
+       else 1.
+    5. Direction ``D``: from step ``start_preconditioning_step`` on (-1 means
+       ``precondition_frequency``), ``M`` multiplied by every ``R_i`` along dimension ``i``, rescaled
+       to the grafting direction's norm when grafting; before it, the grafting direction of ``M``,
+       or ``M`` itself without grafting.
+    6. ``D += weight_decay * W`` if ``use_decoupled_weight_decay``; with momentum,
+       ``B = momentum B + (1 - dampening) D`` and ``D = B`` (``D += momentum B`` with Nesterov).
+    7. ``W -= lr * D``.
+
+    Args:
+        params: Parameters or parameter groups, as for any ``torch.optim.Optimizer``. Groups may
+            override every hyperparameter below except the configs and ``preconditioner_dtype``.
+        lr: The learning rate (>= 0).
+        betas: ``(beta1, beta2)``: the gradient filter in [0, 1) and the factor EMA in (0, 1]
+            (1 sums the factors, as AdaGrad does).
+        epsilon: Added to every eigenvalue of a factor before its inverse root (> 0).
+        momentum: Heavy-ball momentum in [0, 1).
+        dampening: Momentum dampening in [0, 1).
+        weight_decay: L2 penalty (>= 0).
+        max_preconditioner_dim: The largest block dimension (>= 1).
+        precondition_frequency: Steps between inverse-root computations (>= 1).
+        start_preconditioning_step: The first step that uses Shampoo's direction; -1 or
+            >= ``precondition_frequency``.
+        use_nesterov: Nesterov momentum (needs ``momentum > 0``).
+        use_bias_correction: Bias-correct the filtered gradient and (for ``beta2 < 1``) the factors.
+        use_decoupled_weight_decay: AdamW-style weight decay instead of an L2 term in the gradient.
+        grafting_config: The grafted diagonal optimizer, or None for none.
+        distributed_config: Distribute blocks over ranks, or None for one process.
+        preconditioner_dtype: Storage dtype of the factors and inverse roots (float32, bfloat16
+            or float16); they are computed on in float32 and float64.
+
+    Raises:
+        ValueError: An invalid hyperparameter (named in the message), or a non-contiguous
+            parameter.
+        RuntimeError: ``distributed_config`` is given before ``torch.distributed`` is initialised.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 1.0),
+        epsilon: float = 1e-12,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        max_preconditioner_dim: int = 1024,
+        precondition_frequency: int = 1,
+        start_preconditioning_step: int = -1,
+        use_nesterov: bool = False,
+        use_bias_correction: bool = True,
+        use_decoupled_weight_decay: bool = True,
+        grafting_config: GraftingConfig | None = None,
+        distributed_config: DDPDistributedConfig | None = None,
+        preconditioner_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if preconditioner_dtype not in QUANTIZED_DTYPES:
+            raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {QUANTIZED_DTYPES}.")
+        defaults: dict[str, object] = dict(
+            zip(
+                HYPERPARAMETERS,
+                (
+                    lr,
+                    betas,
+                    epsilon,
+                    momentum,
+                    dampening,
+                    weight_decay,
+                    max_preconditioner_dim,
+                    precondition_frequency,
+                    start_preconditioning_step,
+                    use_nesterov,
+                    use_bias_correction,
+                    use_decoupled_weight_decay,
+                ),
+            )
+        )
+        super().__init__(params, defaults)
+        self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
+        self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
+        self._layouts: list[_ParamLayout] = []
+        self._blocks: list[BlockSpec] = []
+        for group in self.param_groups:
+            hyperparameters = ShampooHyperparameters.from_group(group)
+            for param in group["params"]:
+                self._add_blocks(param, hyperparameters.max_preconditioner_dim)
+        self._distributor = BlockDistributor(self._blocks, distributed_config, self._params[0].device)
+        self._block_states: dict[int, BlockState] = {}
+        self._steps: list[torch.Tensor] = []
+        for group in self.param_groups:
+            hyperparameters = ShampooHyperparameters.from_group(group)
+            for param in group["params"]:
+                param_index = len(self._steps)
+                self._steps.append(torch.zeros((), dtype=torch.int64))
+                for position in self._layouts[param_index].block_positions:
+                    if self._distributor.is_owned(position):
+                        self._block_states[position] = BlockState(
+                            self._blocks[position].shape, param, hyperparameters, self._grafting, preconditioner_dtype
+                        )
+                self.state[param] = self._param_state(param_index)
+
+    def _add_blocks(self, param: torch.Tensor, max_preconditioner_dim: int) -> None:
+        param_index = len(self._layouts)
+        if not param.is_contiguous():
+            raise ValueError(f"DistributedShampoo: parameter #{param_index} is not contiguous")
+        merged_shape = merge_small_dims(tuple(param.shape), max_preconditioner_dim)
+        meta = torch.empty(merged_shape, device="meta")
+        first = len(self._blocks)
+        self._blocks.extend(
+            BlockSpec(param_index, block_index, tuple(block.shape), block.numel() * param.element_size())
+            for block_index, block in enumerate(multi_dim_split(meta, max_preconditioner_dim))
+        )
+        self._layouts.append(_ParamLayout(merged_shape, max_preconditioner_dim, range(first, len(self._blocks))))
+
+    def _param_state(self, param_index: int) -> ParamState:
+        """A fresh dict holding the parameter's step and owned blocks' state (the live tensors)."""
+        state: ParamState = {STEP: self._steps[param_index]}
+        for position in self._layouts[param_index].block_positions:
+            block_state = self._block_states.get(position)
+            if block_state is not None:
+                state[block_key(self._blocks[position].block_index)] = block_state.state_dict(keep_vars=True)
+        return state
+
+    def add_param_group(self, param_group: dict[str, object]) -> None:
+        """Adds a parameter group; only possible during construction.
+
+        Raises:
+            RuntimeError: After construction: the block list and its ownership are fixed then.
+        """
+        if hasattr(self, "_distributor"):
+            raise RuntimeError("DistributedShampoo: parameter groups cannot be added after construction")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimisation step (see the class docstring).
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            ValueError: An invalid hyperparameter was set in a parameter group.
+            RuntimeError: A gradient is sparse, or momentum or ``betas[0]`` was changed from zero
+                after construction (their buffers do not exist).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        directions: list[torch.Tensor | None] = [None for _ in self._blocks]
+        stepped: list[tuple[int, float]] = []  # (parameter index, lr) of the parameters with a gradient
+        param_index = 0
+        for group in self.param_groups:
+            hyperparameters = ShampooHyperparameters.from_group(group)
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._compute_directions(param_index, param, param.grad, hyperparameters, directions)
+                    stepped.append((param_index, hyperparameters.lr))
+                param_index += 1
+        updates = self._distributor.exchange(directions)
+        for param_index, lr in stepped:
+            param = self._params[param_index]
+            layout = self._layouts[param_index]
+            for position, param_block in zip(layout.block_positions, layout.split(param)):
+                update = updates[position]
+                if update is not None:
+                    param_block.add_(update.to(param.dtype), alpha=-lr)
+        return loss
+
+    def _compute_directions(
+        self,
+        param_index: int,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        hyperparameters: ShampooHyperparameters,
+        directions: list[torch.Tensor | None],
+    ) -> None:
+        """Advances the parameter's step and stores its owned blocks' directions in ``directions``."""
+        if grad.is_sparse:
+            raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
+        step_count = self._steps[param_index]
+        step_count.add_(1)
+        step = int(step_count)
+        if hyperparameters.weight_decay != 0.0 and not hyperparameters.use_decoupled_weight_decay:
+            grad = grad.add(param, alpha=hyperparameters.weight_decay)
+        layout = self._layouts[param_index]
+        compute_dtype = torch.promote_types(param.dtype, torch.float32)
+        for position, grad_block, param_block in zip(layout.block_positions, layout.split(grad), layout.split(param)):
+            block_state = self._block_states.get(position)
+            if block_state is not None:
+                directions[position] = self._block_direction(
+                    block_state, grad_block.to(compute_dtype), param_block, hyperparameters, step
+                )
+
+    def _block_direction(
+        self,
+        state: BlockState,
+        grad: torch.Tensor,
+        param: torch.Tensor,
+        hyperparameters: ShampooHyperparameters,
+        step: int,
+    ) -> torch.Tensor:
+        """Steps 2-6 of the class docstring for one block; returns ``D`` (``W -= lr * D``)."""
+        beta1, beta2 = hyperparameters.beta1, hyperparameters.beta2
+        state.shampoo.update_factors(grad, beta2)
+        grafting = self._grafting
+        if grafting is not None:
+            grafting.update(state.adagrad, grad)
+
+        filtered = grad
+        if beta1 != 0.0:
+            filtered_grad = _buffer(state.filtered_grad, "betas[0]")
+            filtered_grad.lerp_(grad.to(filtered_grad.dtype), 1.0 - beta1)
+            bias_correction1 = 1.0 - beta1**step if hyperparameters.use_bias_correction else 1.0
+            filtered = filtered_grad.to(grad.dtype) / bias_correction1
+
+        if step % hyperparameters.precondition_frequency == 0:
+            use_bias_correction2 = hyperparameters.use_bias_correction and beta2 < 1.0
+            state.shampoo.compute_inverse_roots(hyperparameters.epsilon, 1.0 - beta2**step if use_bias_correction2 else 1.0)
+
+        grafted = grafting.direction(state.adagrad, filtered, step) if grafting is not None else None
+        if step >= hyperparameters.first_preconditioned_step:
+            direction = state.shampoo.precondition(filtered)
+            if grafted is not None:
+                shampoo_norm = torch.linalg.vector_norm(direction)
+                scale = torch.where(shampoo_norm > 0, torch.linalg.vector_norm(grafted) / shampoo_norm, 0.0)
+                direction = direction * scale
+        else:
+            direction = grafted if grafted is not None else filtered
+
+        if hyperparameters.weight_decay != 0.0 and hyperparameters.use_decoupled_weight_decay:
+            direction = direction.add(param, alpha=hyperparameters.weight_decay)
+        if hyperparameters.momentum != 0.0:
+            momentum = _buffer(state.momentum, "momentum")
+            momentum.mul_(hyperparameters.momentum).add_(direction, alpha=1.0 - hyperparameters.dampening)
+            direction = (
+                direction.add(momentum, alpha=hyperparameters.momentum) if hyperparameters.use_nesterov else momentum
+            )
+        return direction
+
+    def _named_params(self, key_to_param: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """The name of each of the optimizer's parameters, in order.
+
+        Raises:
+            ValueError: A parameter of the optimizer has no name in ``key_to_param``.
+        """
+        names: dict[int, str] = {}
+        for name, param in key_to_param:
+            names.setdefault(id(param), name)
+        missing = [index for index, param in enumerate(self._params) if id(param) not in names]
+        if missing:
+            raise ValueError(
+                f"key_to_param names none of the optimizer's parameters #{missing}; pass model.named_parameters() "
+                "of the model whose parameters the optimizer was built with"
+            )
+        return [names[id(param)] for param in self._params]
+
+    def distributed_state_dict(
+        self, key_to_param: Iterable[tuple[str, torch.Tensor]], save_param_groups: bool = True
+    ) -> dict[str, object]:
+        """Returns this rank's state keyed by parameter name, independent of the world size.
+
+        ``{"state": {name: {"step": t, "block_<i>": {"shampoo": {"factor_matrices": {0: ..},
+        "inv_factor_matrices": {0: ..}}, "adagrad": .., "filtered_grad": .., "momentum": ..}}},
+        "param_groups": {name: {hyperparameter: value}}}``, holding only the blocks this rank owns
+        (``i`` is the block's index within its parameter). The tensors are the optimizer's own
+        (no copies): ``save_checkpoint`` writes them, and ``load_checkpoint`` can fill them in place.
+
+        Args:
+            key_to_param: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+            save_param_groups: Include each parameter's group hyperparameters.
+
+        Raises:
+            ValueError: A parameter of the optimizer has no name in ``key_to_param``.
+        """
+        names = self._named_params(key_to_param)
+        result: dict[str, object] = {"state": {name: self._param_state(index) for index, name in enumerate(names)}}
+        if save_param_groups:
+            param_groups: dict[str, object] = {}
+            params = iter(names)
+            for group in self.param_groups:
+                for name, _ in zip(params, group["params"]):
+                    param_groups[name] = {hyperparameter: group[hyperparameter] for hyperparameter in HYPERPARAMETERS}
+            result["param_groups"] = param_groups
+        return result
+
+    def load_distributed_state_dict(
+        self,
+        state_dict: Mapping[str, object],
+        key_to_param: Iterable[tuple[str, torch.Tensor]],
+        save_param_groups: bool = True,
+        enable_missing_key_check: bool = True,
+    ) -> None:
+        """Loads a ``distributed_state_dict``, copying into the optimizer's tensors in place.
+
+        State of blocks this rank does not own is ignored, so a state dict saved at any world size
+        (or a full single-process one) loads at any other.
+
+        Args:
+            state_dict: What ``distributed_state_dict`` returned, e.g. filled by ``load_checkpoint``.
+            key_to_param: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
+            save_param_groups: Also restore the hyperparameters from ``state_dict["param_groups"]``.
+            enable_missing_key_check: Raise if state this rank needs is missing; when false, such
+                state keeps its current value.
+
+        Raises:
+            KeyError: Missing state (with the check on) or missing ``param_groups``; names the key.
+            ValueError: A parameter has no name, a tensor's shape differs, or a loaded
+                hyperparameter is invalid or changes ``max_preconditioner_dim``.
+        """
+        names = self._named_params(key_to_param)
+        if save_param_groups:
+            self._load_hyperparameters(state_dict, names)
+        state = _mapping(state_dict, "state")
+        for index, name in enumerate(names):
+            if name not in state:
+                if enable_missing_key_check:
+                    raise KeyError(f"load_distributed_state_dict: no state for parameter {name!r}")
+                continue
+            update_param_state_dict_object(self._param_state(index), _mapping(state, name), enable_missing_key_check)
+
+    def _load_hyperparameters(self, state_dict: Mapping[str, object], names: list[str]) -> None:
+        """Validates every group's saved hyperparameters, then sets them (all or nothing)."""
+        saved_groups = _mapping(state_dict, "param_groups")
+        params = iter(names)
+        updates: list[tuple[dict[str, object], dict[str, object]]] = []
+        for group in self.param_groups:
+            group_names = [name for name, _ in zip(params, group["params"])]
+            saved = _mapping(saved_groups, group_names[0])
+            loaded = {**group, **{key: saved[key] for key in HYPERPARAMETERS if key in saved}}
+            new = ShampooHyperparameters.from_group(loaded)
+            if new.max_preconditioner_dim != group["max_preconditioner_dim"]:
+                raise ValueError(
+                    f"load_distributed_state_dict: max_preconditioner_dim {new.max_preconditioner_dim} of "
+                    f"{group_names[0]!r} differs from the optimizer's {group['max_preconditioner_dim']}; "
+                    "the blocks would not match"
+                )
+            updates.append((group, loaded))
+        for group, loaded in updates:
+            group.update(loaded)
+
+    def load_state_dict(self, state_dict: Mapping[str, object]) -> None:
+        """Loads a ``state_dict()`` of an optimizer over the same parameters, in place.
+
+        Unlike the base class, tensors are copied into the existing state, keeping the stored
+        dtypes (e.g. bfloat16 factors) and the block ownership.
+
+        Raises:
+            ValueError: The groups or their sizes differ, or a hyperparameter is invalid.
+            KeyError: A parameter's state is missing.
+        """
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError("load_state_dict: the state dict has a different number of parameter groups")
+        names = [f"#{index}" for index in range(len(self._params))]
+        ids: list[Key] = []
+        by_name: dict[str, object] = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("load_state_dict: a parameter group has a different number of parameters")
+            for param_id in saved["params"]:
+                by_name[names[len(ids)]] = {key: saved[key] for key in HYPERPARAMETERS}
+                ids.append(param_id)
+        self._load_hyperparameters({"param_groups": by_name}, names)
+        saved_state = _mapping(state_dict, "state")
+        for index, param_id in enumerate(ids):
+            if param_id not in saved_state:
+                raise KeyError(f"load_state_dict: no state for parameter #{index}")
+            update_param_state_dict_object(self._param_state(index), _mapping(saved_state, param_id))
+
+
+def _buffer(tensor: torch.Tensor | None, hyperparameter: str) -> torch.Tensor:
+    if tensor is None:
+        raise RuntimeError(
+            f"DistributedShampoo: {hyperparameter} was zero at construction, so its buffer does not exist; "
+            "build a new optimizer to turn it on"
+        )
+    return tensor
+
+
+def _mapping(container: Mapping[_K, object], key: _K) -> Mapping[Key, object]:
+    """``container[key]``, which must be a dict.
+
+    Raises:
+        KeyError: ``key`` is missing.
+        ValueError: The value is not a dict.
+    """
+    if key not in container:
+        raise KeyError(f"missing key {key!r}")
+    value = container[key]
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key!r} must be a dict, got {type(value).__name__}")
+    return value

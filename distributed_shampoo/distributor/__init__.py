@@ -1,0 +1,2 @@
+# pyre-strict
+"""Which rank owns which Shampoo block, and the exchange of the owners' updates."""

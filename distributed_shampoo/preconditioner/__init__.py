@@ -1,0 +1,2 @@
+# pyre-strict
+"""Shampoo's Kronecker-factored preconditioner and the grafting preconditioners, per block."""

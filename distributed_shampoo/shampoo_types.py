@@ -1,0 +1,241 @@
+# pyre-strict
+"""Frozen configuration dataclasses of ``DistributedShampoo`` and the names of its state keys."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+# Keys of the optimizer state, as they appear in ``state_dict()`` and ``distributed_state_dict()``.
+STEP = "step"
+SHAMPOO = "shampoo"
+FACTOR_MATRICES = "factor_matrices"
+INV_FACTOR_MATRICES = "inv_factor_matrices"
+GRAFTING_STATE = "adagrad"  # the reference implementation's name for the grafting accumulator
+FILTERED_GRAD = "filtered_grad"
+MOMENTUM = "momentum"
+
+# The dtypes the all-gather of updates may use.
+COMMUNICATION_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def block_key(block_index: int) -> str:
+    """The state key of a parameter's block, e.g. ``block_3``."""
+    return f"block_{block_index}"
+
+
+def _check_epsilon(config: object, epsilon: float) -> None:
+    if not epsilon > 0.0:
+        raise ValueError(f"{type(config).__name__}: epsilon must be > 0, got {epsilon}")
+
+
+def _check_beta2(config: object, beta2: float) -> None:
+    if not 0.0 < beta2 <= 1.0:
+        raise ValueError(f"{type(config).__name__}: beta2 must be in (0, 1], got {beta2}")
+
+
+@dataclass(frozen=True)
+class GraftingConfig:
+    """Base class of the grafting configurations: the per-block step size Shampoo borrows."""
+
+
+@dataclass(frozen=True)
+class SGDPreconditionerConfig(GraftingConfig):
+    """Grafting onto SGD: each block's Shampoo direction gets the filtered gradient's norm."""
+
+
+@dataclass(frozen=True)
+class AdaGradPreconditionerConfig(GraftingConfig):
+    """Grafting onto AdaGrad: ``g / (sqrt(sum of g^2) + epsilon)``.
+
+    Raises:
+        ValueError: If ``epsilon <= 0``.
+    """
+
+    epsilon: float = 1e-10
+
+    def __post_init__(self) -> None:
+        _check_epsilon(self, self.epsilon)
+
+
+@dataclass(frozen=True)
+class RMSpropPreconditionerConfig(GraftingConfig):
+    """Grafting onto RMSprop: ``g / (sqrt(v) + epsilon)`` with ``v`` an EMA of ``g^2``.
+
+    Raises:
+        ValueError: If ``beta2`` is outside (0, 1] or ``epsilon <= 0``.
+    """
+
+    beta2: float = 0.99
+    epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_beta2(self, self.beta2)
+        _check_epsilon(self, self.epsilon)
+
+
+@dataclass(frozen=True)
+class AdamPreconditionerConfig(GraftingConfig):
+    """Grafting onto Adam: RMSprop with ``v`` bias-corrected by ``1 - beta2^t``.
+
+    Raises:
+        ValueError: If ``beta2`` is outside (0, 1] or ``epsilon <= 0``.
+    """
+
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_beta2(self, self.beta2)
+        _check_epsilon(self, self.epsilon)
+
+
+@dataclass(frozen=True)
+class DDPDistributedConfig:
+    """Distributes Shampoo blocks over the ranks of the default process group.
+
+    Attributes:
+        num_trainers_per_group: Ranks that share one copy of the optimizer state; ``-1`` means all
+            of them. With ``k`` < world size, the world is cut into groups of ``k`` consecutive
+            ranks, each group holds the whole state, and updates are all-gathered within a group.
+        communication_dtype: The dtype of the all-gathered updates (float32, bfloat16 or
+            float16). A lower precision halves the traffic and rounds every update to it.
+
+    Raises:
+        ValueError: If ``num_trainers_per_group`` is neither -1 nor >= 1, or the dtype is not one
+            of ``COMMUNICATION_DTYPES``.
+    """
+
+    num_trainers_per_group: int = -1
+    communication_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.num_trainers_per_group != -1 and self.num_trainers_per_group < 1:
+            raise ValueError(
+                f"DDPDistributedConfig: num_trainers_per_group must be -1 or >= 1, got {self.num_trainers_per_group}"
+            )
+        if self.communication_dtype not in COMMUNICATION_DTYPES:
+            raise ValueError(
+                f"DDPDistributedConfig: communication_dtype must be one of {COMMUNICATION_DTYPES}, "
+                f"got {self.communication_dtype}"
+            )
+
+
+# The per-group hyperparameters, in the order of ``DistributedShampoo``'s constructor.
+HYPERPARAMETERS: tuple[str, ...] = (
+    "lr",
+    "betas",
+    "epsilon",
+    "momentum",
+    "dampening",
+    "weight_decay",
+    "max_preconditioner_dim",
+    "precondition_frequency",
+    "start_preconditioning_step",
+    "use_nesterov",
+    "use_bias_correction",
+    "use_decoupled_weight_decay",
+)
+
+
+@dataclass(frozen=True)
+class ShampooHyperparameters:
+    """The validated hyperparameters of one parameter group (see ``DistributedShampoo``)."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    epsilon: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    max_preconditioner_dim: int
+    precondition_frequency: int
+    start_preconditioning_step: int
+    use_nesterov: bool
+    use_bias_correction: bool
+    use_decoupled_weight_decay: bool
+
+    @property
+    def first_preconditioned_step(self) -> int:
+        """The first step that uses Shampoo's direction (-1 means ``precondition_frequency``)."""
+        return self.precondition_frequency if self.start_preconditioning_step == -1 else self.start_preconditioning_step
+
+    @classmethod
+    def from_group(cls, group: Mapping[str, object]) -> "ShampooHyperparameters":
+        """Reads and validates a parameter group's hyperparameters.
+
+        Raises:
+            ValueError: Naming the first invalid hyperparameter and its allowed range.
+        """
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}. Must be a pair (beta1, beta2).")
+        values = cls(
+            lr=_number(group, "lr"),
+            beta1=_number({"betas[0]": betas[0]}, "betas[0]"),
+            beta2=_number({"betas[1]": betas[1]}, "betas[1]"),
+            epsilon=_number(group, "epsilon"),
+            momentum=_number(group, "momentum"),
+            dampening=_number(group, "dampening"),
+            weight_decay=_number(group, "weight_decay"),
+            max_preconditioner_dim=_integer(group, "max_preconditioner_dim"),
+            precondition_frequency=_integer(group, "precondition_frequency"),
+            start_preconditioning_step=_integer(group, "start_preconditioning_step"),
+            use_nesterov=_flag(group, "use_nesterov"),
+            use_bias_correction=_flag(group, "use_bias_correction"),
+            use_decoupled_weight_decay=_flag(group, "use_decoupled_weight_decay"),
+        )
+        checks = (
+            (values.lr >= 0.0, f"Invalid lr: {values.lr}. Must be >= 0."),
+            (0.0 <= values.beta1 < 1.0, f"Invalid betas[0]: {values.beta1}. Must be in [0, 1)."),
+            (0.0 < values.beta2 <= 1.0, f"Invalid betas[1]: {values.beta2}. Must be in (0, 1]."),
+            (values.epsilon > 0.0, f"Invalid epsilon: {values.epsilon}. Must be > 0."),
+            (0.0 <= values.momentum < 1.0, f"Invalid momentum: {values.momentum}. Must be in [0, 1)."),
+            (0.0 <= values.dampening < 1.0, f"Invalid dampening: {values.dampening}. Must be in [0, 1)."),
+            (values.weight_decay >= 0.0, f"Invalid weight_decay: {values.weight_decay}. Must be >= 0."),
+            (
+                values.max_preconditioner_dim >= 1,
+                f"Invalid max_preconditioner_dim: {values.max_preconditioner_dim}. Must be >= 1.",
+            ),
+            (
+                values.precondition_frequency >= 1,
+                f"Invalid precondition_frequency: {values.precondition_frequency}. Must be >= 1.",
+            ),
+            (
+                values.start_preconditioning_step == -1
+                or values.start_preconditioning_step >= values.precondition_frequency,
+                f"Invalid start_preconditioning_step: {values.start_preconditioning_step}. Must be -1 or "
+                f">= precondition_frequency ({values.precondition_frequency}): the inverse roots are first "
+                "computed at step precondition_frequency.",
+            ),
+            (
+                values.momentum > 0.0 or not values.use_nesterov,
+                "Invalid use_nesterov: True. Nesterov momentum needs momentum > 0.",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return values
+
+
+def _number(group: Mapping[str, object], name: str) -> float:
+    value = group[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r}. Must be a number.")
+    return float(value)
+
+
+def _integer(group: Mapping[str, object], name: str) -> int:
+    value = group[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Invalid {name}: {value!r}. Must be an int.")
+    return value
+
+
+def _flag(group: Mapping[str, object], name: str) -> bool:
+    value = group[name]
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r}. Must be a bool.")
+    return value

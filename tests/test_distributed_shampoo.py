@@ -1,0 +1,506 @@
+# pyre-strict
+"""Single-process behaviour of ``DistributedShampoo`` against explicit matrix formulas."""
+
+import math
+from collections.abc import Sequence
+import unittest
+from dataclasses import dataclass
+
+import torch
+from parameterized import parameterized
+
+from distributed_shampoo import (
+    AdaGradPreconditionerConfig,
+    AdamPreconditionerConfig,
+    DDPDistributedConfig,
+    DistributedShampoo,
+    GraftingConfig,
+    RMSpropPreconditionerConfig,
+    SGDPreconditionerConfig,
+)
+from distributed_shampoo.preconditioner.shampoo_preconditioner import matrix_inverse_root
+
+
+def explicit_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor:
+    """``(matrix + epsilon I)^(-1/root)`` through float64 eigh, written out independently."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix.double() + epsilon * torch.eye(matrix.shape[0], dtype=torch.float64))
+    return eigenvectors @ torch.diag(eigenvalues.clamp_min(epsilon) ** (-1.0 / root)) @ eigenvectors.T
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Hyperparameters of one reference run on a single 2-D block."""
+
+    lr: float = 0.1
+    beta1: float = 0.0
+    beta2: float = 1.0
+    epsilon: float = 1e-2
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    decoupled: bool = True
+    nesterov: bool = False
+    bias_correction: bool = True
+    frequency: int = 1
+    start: int = 1
+    grafting: GraftingConfig | None = None
+
+    def optimizer(self, params: list[torch.Tensor], max_preconditioner_dim: int = 1024) -> DistributedShampoo:
+        return DistributedShampoo(
+            params,
+            lr=self.lr,
+            betas=(self.beta1, self.beta2),
+            epsilon=self.epsilon,
+            momentum=self.momentum,
+            dampening=self.dampening,
+            weight_decay=self.weight_decay,
+            max_preconditioner_dim=max_preconditioner_dim,
+            precondition_frequency=self.frequency,
+            start_preconditioning_step=self.start,
+            use_nesterov=self.nesterov,
+            use_bias_correction=self.bias_correction,
+            use_decoupled_weight_decay=self.decoupled,
+            grafting_config=self.grafting,
+        )
+
+
+def reference_trajectory(setting: Setting, weight: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """The class docstring's algorithm for one 2-D block, in float64 with explicit L and R."""
+    s = setting
+    w = weight.double()
+    m, n = w.shape
+    left, right = torch.zeros(m, m, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    root_left, root_right = torch.zeros_like(left), torch.zeros_like(right)
+    filtered, momentum, accumulator = torch.zeros_like(w), torch.zeros_like(w), torch.zeros_like(w)
+    for t, grad in enumerate(grads, start=1):
+        g = grad.double()
+        if s.weight_decay and not s.decoupled:
+            g = g + s.weight_decay * w
+        keep = s.beta2 if s.beta2 < 1 else 1.0
+        new = 1.0 - s.beta2 if s.beta2 < 1 else 1.0
+        left, right = keep * left + new * g @ g.T, keep * right + new * g.T @ g
+        grafting = s.grafting
+        if isinstance(grafting, AdaGradPreconditionerConfig):
+            accumulator = accumulator + g * g
+        elif isinstance(grafting, (RMSpropPreconditionerConfig, AdamPreconditionerConfig)):
+            accumulator = grafting.beta2 * accumulator + (1 - grafting.beta2) * g * g
+        filtered = s.beta1 * filtered + (1 - s.beta1) * g if s.beta1 else g
+        corrected = filtered / (1 - s.beta1**t) if s.bias_correction and s.beta1 else filtered
+        if t % s.frequency == 0:
+            c = 1 - s.beta2**t if s.bias_correction and s.beta2 < 1 else 1.0
+            root_left, root_right = explicit_root(left / c, 4, s.epsilon), explicit_root(right / c, 4, s.epsilon)
+        if isinstance(grafting, AdaGradPreconditionerConfig):
+            grafted = corrected / (accumulator.sqrt() + grafting.epsilon)
+        elif isinstance(grafting, RMSpropPreconditionerConfig):
+            grafted = corrected / (accumulator.sqrt() + grafting.epsilon)
+        elif isinstance(grafting, AdamPreconditionerConfig):
+            grafted = corrected / ((accumulator / (1 - grafting.beta2**t)).sqrt() + grafting.epsilon)
+        else:
+            grafted = corrected
+        if t >= s.start:
+            direction = root_left @ corrected @ root_right
+            if grafting is not None:
+                direction = direction * grafted.norm() / direction.norm()
+        else:
+            direction = grafted
+        if s.weight_decay and s.decoupled:
+            direction = direction + s.weight_decay * w
+        if s.momentum:
+            momentum = s.momentum * momentum + (1 - s.dampening) * direction
+            direction = direction + s.momentum * momentum if s.nesterov else momentum
+        w = w - s.lr * direction
+    return w
+
+
+def random_grads(shape: tuple[int, ...], steps: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(steps)]
+
+
+def run(optimizer: DistributedShampoo, params: Sequence[torch.Tensor], grads: Sequence[Sequence[torch.Tensor | None]]) -> None:
+    """Sets each parameter's gradient and steps, once per entry of ``grads``."""
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads):
+            param.grad = None if grad is None else grad.clone()
+        optimizer.step()
+
+
+class ExactMathTest(unittest.TestCase):
+    def test_one_step_is_left_and_right_inverse_fourth_roots(self) -> None:
+        # 6 * 10 > max_preconditioner_dim = 16 >= max(6, 10): the dimensions are not merged.
+        generator = torch.Generator().manual_seed(1)
+        weight = torch.nn.Parameter(torch.randn(6, 10, generator=generator))
+        grad = torch.randn(6, 10, generator=generator)
+        initial = weight.detach().double().clone()
+        optimizer = DistributedShampoo(
+            [weight], lr=0.5, betas=(0.0, 1.0), epsilon=1e-3, max_preconditioner_dim=16,
+            precondition_frequency=1, start_preconditioning_step=1,
+        )
+        weight.grad = grad.clone()
+        optimizer.step()
+        g = grad.double()
+        expected = initial - 0.5 * explicit_root(g @ g.T, 4, 1e-3) @ g @ explicit_root(g.T @ g, 4, 1e-3)
+        torch.testing.assert_close(weight.detach().double(), expected, rtol=1e-5, atol=1e-6)
+
+    def test_blocked_parameter_equals_each_block_on_its_own(self) -> None:
+        # (8, 12) with max_preconditioner_dim=5: blocks of rows [0:5, 5:8] x columns [0:5, 5:10, 10:12].
+        generator = torch.Generator().manual_seed(2)
+        weight = torch.nn.Parameter(torch.randn(8, 12, generator=generator))
+        initial = weight.detach().clone()
+        grads = random_grads((8, 12), steps=3, seed=3)
+        setting = Setting(beta1=0.9, beta2=0.99, epsilon=1e-3, momentum=0.5)
+        optimizer = setting.optimizer([weight], max_preconditioner_dim=5)
+        run(optimizer, [weight], [[grad] for grad in grads])
+        self.assertEqual(len([key for key in optimizer.state[weight] if key.startswith("block_")]), 6)
+        for rows in (slice(0, 5), slice(5, 8)):
+            for columns in (slice(0, 5), slice(5, 10), slice(10, 12)):
+                expected = reference_trajectory(setting, initial[rows, columns], [grad[rows, columns] for grad in grads])
+                torch.testing.assert_close(weight.detach()[rows, columns].double(), expected, rtol=1e-4, atol=1e-5)
+
+    def test_third_order_block_is_the_kronecker_product_of_its_roots(self) -> None:
+        # (3, 4, 5) with max_preconditioner_dim=5: nothing merges (4 * 5 > 5), one block of order 3.
+        generator = torch.Generator().manual_seed(4)
+        weight = torch.nn.Parameter(torch.zeros(3, 4, 5))
+        grad = torch.randn(3, 4, 5, generator=generator)
+        optimizer = DistributedShampoo(
+            [weight], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=5, start_preconditioning_step=1
+        )
+        weight.grad = grad.clone()
+        optimizer.step()
+        g = grad.double()
+        roots = [explicit_root(unfolded @ unfolded.T, 6, 1e-2) for unfolded in (g.reshape(3, 20), g.permute(1, 0, 2).reshape(4, 15), g.permute(2, 0, 1).reshape(5, 12))]
+        kronecker = torch.kron(torch.kron(roots[0], roots[1]), roots[2])
+        expected = -(kronecker @ g.reshape(-1)).reshape(3, 4, 5)
+        torch.testing.assert_close(weight.detach().double(), expected, rtol=1e-5, atol=1e-6)
+
+    def test_matrix_inverse_root_clamps_eigenvalues_that_rounding_made_negative(self) -> None:
+        vector = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+        singular = vector @ vector.T - 1e-9 * torch.eye(3, dtype=torch.float64)
+        root = matrix_inverse_root(singular, 2, 1e-4)
+        self.assertTrue(bool(torch.isfinite(root).all()))
+        torch.testing.assert_close(root @ root @ (vector @ vector.T + 1e-4 * torch.eye(3, dtype=torch.float64)), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-3)
+
+
+class AgainstReferenceTest(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ("plain", Setting()),
+            ("beta1_bias_corrected", Setting(beta1=0.9)),
+            ("beta1_not_bias_corrected", Setting(beta1=0.9, bias_correction=False)),
+            ("beta2_ema_bias_corrected", Setting(beta2=0.95)),
+            ("beta2_ema_not_bias_corrected", Setting(beta2=0.95, bias_correction=False)),
+            ("sgd_grafting", Setting(grafting=SGDPreconditionerConfig(), beta1=0.5)),
+            ("adagrad_grafting", Setting(grafting=AdaGradPreconditionerConfig(epsilon=1e-3))),
+            ("rmsprop_grafting", Setting(grafting=RMSpropPreconditionerConfig(beta2=0.9, epsilon=1e-3))),
+            ("adam_grafting", Setting(grafting=AdamPreconditionerConfig(beta2=0.9, epsilon=1e-3), beta1=0.9)),
+            ("grafting_before_start", Setting(grafting=AdaGradPreconditionerConfig(epsilon=1e-3), frequency=2, start=4)),
+            ("gradient_before_start", Setting(frequency=3, start=3)),
+            ("decoupled_weight_decay", Setting(weight_decay=0.1)),
+            ("l2_weight_decay", Setting(weight_decay=0.1, decoupled=False)),
+            ("momentum", Setting(momentum=0.9)),
+            ("momentum_dampening", Setting(momentum=0.9, dampening=0.3)),
+            ("nesterov", Setting(momentum=0.9, nesterov=True)),
+            ("everything", Setting(beta1=0.9, beta2=0.99, momentum=0.5, nesterov=True, weight_decay=0.01, frequency=2, start=2,
+                                   grafting=AdamPreconditionerConfig(beta2=0.99, epsilon=1e-3))),
+        ]
+    )
+    def test_trajectory_matches_the_reference(self, _name: str, setting: Setting) -> None:
+        generator = torch.Generator().manual_seed(5)
+        weight = torch.nn.Parameter(torch.randn(6, 4, generator=generator))
+        initial = weight.detach().clone()
+        grads = random_grads((6, 4), steps=5, seed=6)
+        # 6 * 4 > max_preconditioner_dim = 6: one unmerged 2-D block.
+        run(setting.optimizer([weight], max_preconditioner_dim=6), [weight], [[grad] for grad in grads])
+        torch.testing.assert_close(weight.detach().double(), reference_trajectory(setting, initial, grads), rtol=1e-4, atol=1e-5)
+
+    def test_decoupled_and_l2_weight_decay_differ(self) -> None:
+        weights = []
+        for decoupled in (True, False):
+            weight = torch.nn.Parameter(torch.ones(3, 3))
+            run(Setting(weight_decay=0.5, decoupled=decoupled).optimizer([weight]), [weight], [[torch.eye(3)]] * 2)
+            weights.append(weight.detach())
+        self.assertGreater(float((weights[0] - weights[1]).abs().max()), 1e-3)
+
+
+class ParameterShapesTest(unittest.TestCase):
+    def test_zero_dim_one_dim_and_conv_parameters(self) -> None:
+        scalar = torch.nn.Parameter(torch.tensor(2.0))
+        bias = torch.nn.Parameter(torch.zeros(7))
+        conv = torch.nn.Parameter(torch.zeros(4, 3, 3, 3))
+        optimizer = DistributedShampoo([scalar, bias, conv], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=32)
+        grads: list[torch.Tensor | None] = [torch.tensor(0.5), torch.arange(7.0), torch.ones(4, 3, 3, 3)]
+        run(optimizer, [scalar, bias, conv], [grads])
+        factor_shapes = {
+            name: [tuple(f.shape) for f in optimizer.state[param]["block_0"]["shampoo"]["factor_matrices"].values()]
+            for name, param in (("scalar", scalar), ("bias", bias), ("conv", conv))
+        }
+        # A 0-dim parameter is one block of shape (1,); the conv weight merges (3, 3, 3) into 27.
+        self.assertEqual(factor_shapes, {"scalar": [(1, 1)], "bias": [(7, 7)], "conv": [(4, 4), (27, 27)]})
+        self.assertAlmostEqual(float(scalar.detach()), 2.0 - 0.5 / math.sqrt(0.25 + 1e-2), places=5)
+        g = torch.arange(7.0, dtype=torch.float64)
+        expected_bias = -(explicit_root(torch.outer(g, g), 2, 1e-2) @ g)
+        torch.testing.assert_close(bias.detach().double(), expected_bias, rtol=1e-5, atol=1e-6)
+        g = torch.ones(4, 27, dtype=torch.float64)
+        expected_conv = -(explicit_root(g @ g.T, 4, 1e-2) @ g @ explicit_root(g.T @ g, 4, 1e-2))
+        torch.testing.assert_close(conv.detach().double(), expected_conv.reshape(4, 3, 3, 3), rtol=1e-5, atol=1e-6)
+
+    def test_parameters_without_gradients_are_left_alone(self) -> None:
+        used, unused = torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.ones(2, 2))
+        optimizer = Setting(momentum=0.9, beta1=0.9).optimizer([used, unused])
+        run(optimizer, [used, unused], [[torch.ones(3, 2), None]] * 3)
+        self.assertTrue(torch.equal(unused.detach(), torch.ones(2, 2)))
+        self.assertEqual(int(optimizer.state[unused]["step"]), 0)
+        self.assertEqual(int(optimizer.state[used]["step"]), 3)
+        self.assertTrue(torch.equal(optimizer.state[unused]["block_0"]["momentum"], torch.zeros(4)))
+        self.assertFalse(torch.equal(used.detach(), torch.ones(3, 2)))
+
+    def test_bfloat16_factors_store_the_float32_factors_rounded(self) -> None:
+        grads = random_grads((5, 3), steps=4, seed=7)
+        results = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            weight = torch.nn.Parameter(torch.zeros(5, 3))
+            optimizer = DistributedShampoo([weight], lr=0.1, betas=(0.0, 1.0), epsilon=1e-2, preconditioner_dtype=dtype)
+            weight.grad = grads[0].clone()
+            optimizer.step()
+            shampoo = optimizer.state[weight]["block_0"]["shampoo"]
+            results[dtype] = (shampoo["factor_matrices"][0].clone(), weight.detach().clone())
+            self.assertEqual({t.dtype for t in shampoo["inv_factor_matrices"].values()}, {dtype})
+            run(optimizer, [weight], [[grad] for grad in grads[1:]])
+            self.assertTrue(bool(torch.isfinite(weight).all()))
+        self.assertTrue(torch.equal(results[torch.bfloat16][0], results[torch.float32][0].to(torch.bfloat16)))
+        torch.testing.assert_close(results[torch.bfloat16][1], results[torch.float32][1], rtol=2e-2, atol=2e-2)
+
+    def test_closure_loss_is_returned(self) -> None:
+        weight: torch.nn.Parameter = torch.nn.Parameter(torch.ones(2, 2))
+        optimizer: DistributedShampoo = DistributedShampoo([weight])
+
+        def closure() -> float:
+            optimizer.zero_grad()
+            loss = weight.pow(2).sum()
+            loss.backward()
+            return float(loss.detach())
+
+        self.assertEqual(optimizer.step(closure), 4.0)
+        self.assertLess(float(weight.detach().pow(2).sum()), 4.0)
+
+
+class ValidationTest(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ({"lr": -1.0}, "Invalid lr: -1.0. Must be >= 0."),
+            ({"betas": (1.0, 1.0)}, "Invalid betas[0]: 1.0. Must be in [0, 1)."),
+            ({"betas": (0.9, 0.0)}, "Invalid betas[1]: 0.0. Must be in (0, 1]."),
+            ({"betas": (0.9,)}, "Invalid betas: (0.9,). Must be a pair (beta1, beta2)."),
+            ({"epsilon": 0.0}, "Invalid epsilon: 0.0. Must be > 0."),
+            ({"momentum": 1.0}, "Invalid momentum: 1.0. Must be in [0, 1)."),
+            ({"dampening": -0.1}, "Invalid dampening: -0.1. Must be in [0, 1)."),
+            ({"weight_decay": -0.1}, "Invalid weight_decay: -0.1. Must be >= 0."),
+            ({"max_preconditioner_dim": 0}, "Invalid max_preconditioner_dim: 0. Must be >= 1."),
+            ({"max_preconditioner_dim": 2.5}, "Invalid max_preconditioner_dim: 2.5. Must be an int."),
+            ({"precondition_frequency": 0}, "Invalid precondition_frequency: 0. Must be >= 1."),
+            ({"precondition_frequency": 4, "start_preconditioning_step": 2},
+             "Invalid start_preconditioning_step: 2. Must be -1 or >= precondition_frequency (4): the inverse roots "
+             "are first computed at step precondition_frequency."),
+            ({"use_nesterov": True}, "Invalid use_nesterov: True. Nesterov momentum needs momentum > 0."),
+            ({"use_bias_correction": 1}, "Invalid use_bias_correction: 1. Must be a bool."),
+            ({"preconditioner_dtype": torch.float64},
+             "Invalid preconditioner_dtype: torch.float64. Must be one of (torch.bfloat16, torch.float16, torch.float32)."),
+        ]
+    )
+    def test_invalid_hyperparameter_is_named(self, kwargs: dict[str, object], message: str) -> None:
+        with self.assertRaises(ValueError) as raised:
+            DistributedShampoo([torch.nn.Parameter(torch.ones(2))], **kwargs)  # pyre-ignore[6]: deliberately bad values
+        self.assertEqual(str(raised.exception), message)
+
+    @parameterized.expand(
+        [
+            (lambda: AdaGradPreconditionerConfig(epsilon=0.0), "AdaGradPreconditionerConfig: epsilon must be > 0, got 0.0"),
+            (lambda: RMSpropPreconditionerConfig(beta2=1.5), "RMSpropPreconditionerConfig: beta2 must be in (0, 1], got 1.5"),
+            (lambda: AdamPreconditionerConfig(epsilon=-1.0), "AdamPreconditionerConfig: epsilon must be > 0, got -1.0"),
+            (lambda: DDPDistributedConfig(num_trainers_per_group=0), "DDPDistributedConfig: num_trainers_per_group must be -1 or >= 1, got 0"),
+            (lambda: DDPDistributedConfig(communication_dtype=torch.int8),
+             "DDPDistributedConfig: communication_dtype must be one of (torch.float32, torch.bfloat16, torch.float16), got torch.int8"),
+        ]
+    )
+    def test_invalid_config_is_named(self, make: object, message: str) -> None:
+        assert callable(make)
+        with self.assertRaises(ValueError) as raised:
+            make()
+        self.assertEqual(str(raised.exception), message)
+
+    def test_invalid_value_set_in_a_group_fails_the_next_step(self) -> None:
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = DistributedShampoo([weight])
+        optimizer.param_groups[0]["lr"] = float("nan")
+        weight.grad = torch.ones(2)
+        with self.assertRaisesRegex(ValueError, r"^Invalid lr: nan\. Must be >= 0\.$"):
+            optimizer.step()
+        self.assertTrue(torch.equal(weight.detach(), torch.ones(2)))
+
+    def test_momentum_turned_on_after_construction_is_refused(self) -> None:
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = DistributedShampoo([weight])
+        optimizer.param_groups[0]["momentum"] = 0.9
+        weight.grad = torch.ones(2)
+        with self.assertRaisesRegex(RuntimeError, "momentum was zero at construction"):
+            optimizer.step()
+
+    def test_distributed_config_without_a_process_group(self) -> None:
+        with self.assertRaisesRegex(RuntimeError, "^DDPDistributedConfig needs torch.distributed to be initialised first$"):
+            DistributedShampoo([torch.nn.Parameter(torch.ones(2))], distributed_config=DDPDistributedConfig())
+
+    def test_param_groups_cannot_be_added_later(self) -> None:
+        optimizer = DistributedShampoo([torch.nn.Parameter(torch.ones(2))])
+        with self.assertRaisesRegex(RuntimeError, "cannot be added after construction"):
+            optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+
+    def test_non_contiguous_parameter(self) -> None:
+        with self.assertRaisesRegex(ValueError, r"^DistributedShampoo: parameter #0 is not contiguous$"):
+            DistributedShampoo([torch.nn.Parameter(torch.ones(3, 2).T)])
+
+
+def _model_and_grads(seed: int) -> tuple[torch.nn.Sequential, list[list[torch.Tensor]]]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 2))
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(6)]
+    return model, grads
+
+
+SETTING = Setting(beta1=0.9, beta2=0.99, momentum=0.5, weight_decay=0.01, grafting=AdamPreconditionerConfig(beta2=0.99, epsilon=1e-8))
+
+
+class StateDictTest(unittest.TestCase):
+    def _optimizer(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> DistributedShampoo:
+        setting = SETTING
+        return DistributedShampoo(
+            model.parameters(), lr=setting.lr, betas=(setting.beta1, setting.beta2), momentum=setting.momentum,
+            weight_decay=setting.weight_decay, grafting_config=setting.grafting, max_preconditioner_dim=4,
+            preconditioner_dtype=dtype,
+        )
+
+    def test_distributed_state_dict_layout(self) -> None:
+        model, _ = _model_and_grads(0)
+        optimizer = self._optimizer(model)
+        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        state = state_dict["state"]
+        assert isinstance(state, dict)
+        self.assertEqual(list(state), ["0.weight", "0.bias", "2.weight", "2.bias"])
+        # 0.weight is (9, 6) cut at 4: 3 x 2 blocks.
+        self.assertEqual(list(state["0.weight"]), ["step"] + [f"block_{i}" for i in range(6)])
+        block = state["0.weight"]["block_5"]
+        self.assertEqual(sorted(block), ["adagrad", "filtered_grad", "momentum", "shampoo"])
+        self.assertEqual({k: tuple(v.shape) for k, v in block["shampoo"]["factor_matrices"].items()}, {0: (1, 1), 1: (2, 2)})
+        self.assertEqual(sorted(block["shampoo"]), ["factor_matrices", "inv_factor_matrices"])
+        self.assertIs(block["momentum"], optimizer.state[next(model.parameters())]["block_5"]["momentum"])
+        groups = state_dict["param_groups"]
+        assert isinstance(groups, dict)
+        self.assertEqual(groups["2.bias"]["betas"], (0.9, 0.99))
+        self.assertEqual(sorted(groups["2.bias"]), sorted([
+            "lr", "betas", "epsilon", "momentum", "dampening", "weight_decay", "max_preconditioner_dim",
+            "precondition_frequency", "start_preconditioning_step", "use_nesterov", "use_bias_correction",
+            "use_decoupled_weight_decay",
+        ]))
+        self.assertNotIn("param_groups", optimizer.distributed_state_dict(model.named_parameters(), save_param_groups=False))
+
+    def _resume(self, save: str, dtype: torch.dtype = torch.float32) -> None:
+        model, grads = _model_and_grads(1)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = self._optimizer(model, dtype)
+        params = list(model.parameters())
+        run(optimizer, params, grads)
+        uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+
+        model.load_state_dict(initial)
+        optimizer = self._optimizer(model, dtype)
+        run(optimizer, params, grads[:3])
+        saved = (
+            optimizer.state_dict()
+            if save == "torch"
+            else optimizer.distributed_state_dict(model.named_parameters())
+        )
+        saved = _clone(saved)
+        halfway = {k: v.clone() for k, v in model.state_dict().items()}
+
+        resumed_model, _ = _model_and_grads(2)
+        resumed_model.load_state_dict(halfway)
+        resumed = self._optimizer(resumed_model, dtype)
+        resumed.param_groups[0]["lr"] = 123.0
+        if save == "torch":
+            resumed.load_state_dict(saved)
+        else:
+            resumed.load_distributed_state_dict(saved, resumed_model.named_parameters())
+        self.assertEqual(resumed.param_groups[0]["lr"], SETTING.lr)
+        run(resumed, list(resumed_model.parameters()), grads[3:])
+        for key, value in resumed_model.state_dict().items():
+            self.assertTrue(torch.equal(value, uninterrupted[key]), key)
+        factor = resumed.state[next(resumed_model.parameters())]["block_0"]["shampoo"]["factor_matrices"][0]
+        self.assertEqual(factor.dtype, dtype)
+
+    @parameterized.expand([("torch", torch.float32), ("torch", torch.bfloat16), ("distributed", torch.float32), ("distributed", torch.bfloat16)])
+    def test_resume_from_a_state_dict_continues_the_same_trajectory(self, save: str, dtype: torch.dtype) -> None:
+        self._resume(save, dtype)
+
+    def test_missing_parameter_state(self) -> None:
+        model, _ = _model_and_grads(0)
+        optimizer = self._optimizer(model)
+        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        state = state_dict["state"]
+        assert isinstance(state, dict)
+        del state["2.bias"]
+        with self.assertRaisesRegex(KeyError, "no state for parameter '2.bias'"):
+            optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
+        optimizer.load_distributed_state_dict(state_dict, model.named_parameters(), enable_missing_key_check=False)
+
+    def test_missing_block_state(self) -> None:
+        model, _ = _model_and_grads(0)
+        optimizer = self._optimizer(model)
+        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        del _node(state_dict, "state", "0.weight", "block_3")["momentum"]
+        with self.assertRaisesRegex(KeyError, r'missing key \["block_3", "momentum"\]'):
+            optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
+
+    def test_shape_mismatch(self) -> None:
+        model, _ = _model_and_grads(0)
+        optimizer = self._optimizer(model)
+        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        _node(state_dict, "state", "0.bias", "block_0")["momentum"] = torch.zeros(5)
+        with self.assertRaisesRegex(ValueError, r'\["block_0", "momentum"\] expects a tensor of shape \(4,\), got \(5,\)'):
+            optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
+
+    def test_changed_max_preconditioner_dim_is_refused_before_anything_changes(self) -> None:
+        model, _ = _model_and_grads(0)
+        optimizer = self._optimizer(model)
+        state_dict = _clone(optimizer.distributed_state_dict(model.named_parameters()))
+        _node(state_dict, "param_groups", "0.weight").update(max_preconditioner_dim=8, lr=5.0)
+        with self.assertRaisesRegex(ValueError, "max_preconditioner_dim 8 of '0.weight' differs from the optimizer's 4"):
+            optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
+        self.assertEqual(optimizer.param_groups[0]["lr"], SETTING.lr)
+
+    def test_unnamed_parameter(self) -> None:
+        model, _ = _model_and_grads(0)
+        optimizer = self._optimizer(model)
+        with self.assertRaisesRegex(ValueError, r"key_to_param names none of the optimizer's parameters #\[2, 3\]"):
+            optimizer.distributed_state_dict(list(model.named_parameters())[:2])
+
+
+def _node(state_dict: dict[str, object], *keys: str) -> dict[str, object]:
+    """The nested dict at ``keys``."""
+    node: object = state_dict
+    for key in keys:
+        assert isinstance(node, dict)
+        node = node[key]
+    assert isinstance(node, dict)
+    return node
+
+
+def _clone(value: object) -> dict[str, object]:
+    def copy(node: object) -> object:
+        if isinstance(node, dict):
+            return {key: copy(item) for key, item in node.items()}
+        if isinstance(node, list):
+            return [copy(item) for item in node]
+        return node.clone() if isinstance(node, torch.Tensor) else node
+
+    copied = copy(value)
+    assert isinstance(copied, dict)
+    return copied

@@ -1,0 +1,167 @@
+# pyre-strict
+"""DistributedShampoo on real gloo ranks: the same trajectory at every world size, elastic resume."""
+
+import json
+import tempfile
+import unittest
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from parameterized import parameterized
+
+from distributed_shampoo import AdamPreconditionerConfig, DDPDistributedConfig, DistributedShampoo
+from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
+from distributed_shampoo.launch import run_on_ranks
+
+STEPS = 8
+SAVE_AFTER = 4  # steps taken before the checkpoint
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the toy problem on ``world_size`` ranks (0: a single process)."""
+
+    world_size: int
+    out: str  # rank 0 writes the losses and final parameters here
+    save_dir: str | None = None  # save a checkpoint after SAVE_AFTER steps
+    resume_dir: str | None = None  # start from this checkpoint instead of from scratch
+    num_trainers_per_group: int = -1
+    communication_dtype: torch.dtype = torch.float32
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(36, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)
+    )
+
+
+def _optimizer(model: torch.nn.Module, run: Run) -> DistributedShampoo:
+    distributed = (
+        DDPDistributedConfig(run.num_trainers_per_group, run.communication_dtype) if run.world_size > 0 else None
+    )
+    return DistributedShampoo(
+        model.parameters(), lr=0.05, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-3,
+        max_preconditioner_dim=8, precondition_frequency=2, grafting_config=AdamPreconditionerConfig(beta2=0.999),
+        distributed_config=distributed,
+    )
+
+
+def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """The full batch of step ``step``, the same on every rank (so gradients are bit-identical).
+
+    The labels come from a fixed random linear teacher, so there is something to learn.
+    """
+    teacher = torch.randn(50, 3, generator=torch.Generator().manual_seed(7))
+    inputs = torch.randn(32, 2, 5, 5, generator=torch.Generator().manual_seed(1000 + step))
+    targets = (inputs.flatten(1) @ teacher).argmax(dim=1)
+    return torch.nn.functional.cross_entropy(model(inputs), targets)
+
+
+def train(rank: int, world_size: int, run: Run) -> None:
+    """Trains STEPS steps (or the rest of them after resuming); rank 0 writes the trajectory."""
+    model = _model()
+    optimizer = _optimizer(model, run)
+    first_step = 0
+    if run.resume_dir is not None:
+        template = {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
+        load_checkpoint(run.resume_dir, template)
+        model.load_state_dict(template["model"])
+        optimizer.load_distributed_state_dict(template["optimizer"], model.named_parameters())
+        first_step = SAVE_AFTER
+    losses: list[float] = []
+    for step in range(first_step, STEPS):
+        if step == SAVE_AFTER and run.save_dir is not None:
+            save_checkpoint(
+                run.save_dir, {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
+            )
+        optimizer.zero_grad()
+        loss = _loss(model, step)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    if rank == 0:
+        torch.save({"losses": losses, "params": model.state_dict()}, run.out)
+
+
+def _result(path: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    result = torch.load(path)
+    return result["losses"], result["params"]
+
+
+class DistributedTrainingTest(unittest.TestCase):
+    tmp: tempfile.TemporaryDirectory[str]
+    reference: tuple[list[float], dict[str, torch.Tensor]]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.TemporaryDirectory()
+        out = cls.path("single")
+        train(0, 1, Run(0, out))
+        cls.reference = _result(out)
+        for world_size in (4, 2):
+            run_on_ranks(world_size, train, Run(world_size, cls.path(f"world{world_size}"), save_dir=cls.path(f"ckpt{world_size}")))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.tmp.cleanup()
+
+    @classmethod
+    def path(cls, name: str) -> str:
+        return str(Path(cls.tmp.name, name))
+
+    def assertSameTrajectory(self, result: tuple[list[float], dict[str, torch.Tensor]], from_step: int = 0) -> None:
+        losses, params = result
+        self.assertEqual(losses, self.reference[0][from_step:])
+        for name, value in self.reference[1].items():
+            self.assertTrue(torch.equal(params[name], value), f"{name} differs by {float((params[name] - value).abs().max())}")
+
+    def test_reference_trains(self) -> None:
+        losses = self.reference[0]
+        self.assertEqual(len(losses), STEPS)
+        self.assertLess(float(sum(losses[SAVE_AFTER:])), float(sum(losses[:SAVE_AFTER])))
+
+    @parameterized.expand([(2,), (4,)])
+    def test_world_size_follows_the_single_process_trajectory(self, world_size: int) -> None:
+        self.assertSameTrajectory(_result(self.path(f"world{world_size}")))
+
+    def test_three_ranks_follow_the_single_process_trajectory(self) -> None:
+        out = self.path("world3")
+        run_on_ranks(3, train, Run(3, out))
+        self.assertSameTrajectory(_result(out))
+
+    def test_each_rank_saved_only_its_own_blocks(self) -> None:
+        index = json.loads(Path(self.path("ckpt4"), "optimizer.safetensors.index.json").read_text())
+        block_files: dict[str, set[str]] = {}
+        for name, file in index["weight_map"].items():
+            key = json.loads(name.split("#")[0])
+            if key[0] == "optimizer" and key[1] == "state" and key[3].startswith("block_"):
+                block_files.setdefault(f"{key[2]}/{key[3]}", set()).add(file)
+        model = _model()
+        single = _optimizer(model, Run(0, ""))
+        expected_blocks = {
+            f"{name}/{key}" for name, param in model.named_parameters() for key in single.state[param] if key.startswith("block_")
+        }
+        self.assertEqual(set(block_files), expected_blocks)
+        self.assertTrue(all(len(files) == 1 for files in block_files.values()))
+        self.assertEqual(len(set.union(*block_files.values())), 4)
+
+    @parameterized.expand([(4, 2), (4, 3), (2, 4)])
+    def test_elastic_resume_continues_the_uninterrupted_trajectory(self, saved_on: int, resumed_on: int) -> None:
+        out = self.path(f"resume{saved_on}to{resumed_on}")
+        run_on_ranks(resumed_on, train, Run(resumed_on, out, resume_dir=self.path(f"ckpt{saved_on}")))
+        self.assertSameTrajectory(_result(out), from_step=SAVE_AFTER)
+
+    def test_groups_of_two_trainers_on_four_ranks(self) -> None:
+        out = self.path("groups")
+        run_on_ranks(4, train, Run(4, out, num_trainers_per_group=2))
+        self.assertSameTrajectory(_result(out))
+
+    def test_bfloat16_communication_stays_close(self) -> None:
+        out = self.path("bf16")
+        run_on_ranks(2, train, Run(2, out, communication_dtype=torch.bfloat16))
+        losses, params = _result(out)
+        torch.testing.assert_close(losses, self.reference[0], rtol=2e-2, atol=0)
+        for name, value in self.reference[1].items():
+            torch.testing.assert_close(params[name], value, rtol=0, atol=5e-2)

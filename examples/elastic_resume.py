@@ -1,111 +1,202 @@
 # pyre-strict
-"""The README's main job: save block-owned optimizer state on 4 ranks, resume on 2 and on 3.
+"""The README's main job: train with Distributed Shampoo on 4 ranks, stop, resume on 2 and on 3.
 
-Shampoo cuts every parameter into blocks that depend only on its shape; the world size only
-decides which rank owns which block. This demo builds Shampoo-shaped state (factor matrices,
-inverse roots, momentum) for a small model, saves it from 4 gloo ranks, then loads it on 2 and on
-3 ranks, where every rank asks only for the blocks it now owns, and checks every tensor bit for
-bit.
+A small classifier trains data-parallel on synthetic data on gloo ranks; Shampoo's blocks are
+distributed over the ranks (``DDPDistributedConfig``: each rank keeps and updates only its own
+blocks). After ``--stop-at`` steps the job saves model and optimizer state with
+``save_checkpoint`` (every rank writes its own blocks) and stops. It then resumes on 2 ranks and
+on 3 ranks: each rank builds the optimizer, takes its ``distributed_state_dict()`` as template,
+and ``load_checkpoint`` reads only the blocks that rank now owns. The tables compare the losses and
+final parameters with a run that was never interrupted, and with a resume that restores the model
+but not the optimizer (what happens without an optimizer checkpoint).
+
+Gradients are averaged in a fixed order whatever the world size (each rank computes the gradients
+of its micro-batches, they are all-gathered and summed in micro-batch order), so an exact resume
+reproduces the uninterrupted run bit for bit. With DistributedDataParallel's all-reduce the sums
+would be rounded differently at each world size and the runs would agree to float rounding only.
 """
 
+import argparse
+import sys
 import tempfile
 import time
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from distributed_shampoo.checkpoint import load_checkpoint, read_checkpoint_index, save_checkpoint, verify_checkpoint
+from distributed_shampoo import AdamPreconditionerConfig, DDPDistributedConfig, DistributedShampoo
+from distributed_shampoo.checkpoint import load_checkpoint, read_checkpoint_index, save_checkpoint
 from distributed_shampoo.launch import run_on_ranks
-from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes, merge_small_dims, multi_dim_split
 
-PARAMETERS: dict[str, tuple[int, ...]] = {"conv.weight": (64, 3, 7, 7), "fc1.weight": (1000, 512), "fc1.bias": (1000,), "fc2.weight": (10, 1000)}
-MAX_PRECONDITIONER_DIM = 256
-
-
-def blocks() -> list[tuple[str, int, tuple[int, ...]]]:
-    """(parameter, block index, block shape) for every block, the same at any world size."""
-    result = []
-    for name, shape in PARAMETERS.items():
-        merged = merge_small_dims(shape, MAX_PRECONDITIONER_DIM)
-        for index, block in enumerate(multi_dim_split(torch.empty(merged, device="meta"), MAX_PRECONDITIONER_DIM)):
-            result.append((name, index, tuple(block.shape)))
-    return result
+MICRO_BATCHES, MICRO_BATCH_SIZE = 12, 16  # 12 micro-batches split evenly over 1, 2, 3 or 4 ranks
+FEATURES, HIDDEN, CLASSES = 32, 64, 4
 
 
-def owner_of_blocks(world_size: int) -> list[int]:
-    sizes = [4 * sum(d * d for d in shape) for _, _, shape in blocks()]
-    return [rank for _, rank in distribute_buffer_sizes(sizes, world_size)]
+@dataclass(frozen=True)
+class Phase:
+    """One launch of the job.
+
+    Attributes:
+        total_steps: Train until this many steps are done.
+        out: Rank 0 writes the per-step losses and the final parameters here.
+        save_at: Save a checkpoint after this many steps (then keep training), or None.
+        resume_from: Start from this checkpoint, or None to start from scratch.
+        resume_optimizer: Also restore the optimizer's state (False: the model only).
+        checkpoint_dir: Where ``save_at`` saves.
+    """
+
+    total_steps: int
+    out: str
+    save_at: int | None = None
+    resume_from: str | None = None
+    resume_optimizer: bool = True
+    checkpoint_dir: str = ""
 
 
-def block_state(name: str, index: int, shape: tuple[int, ...], zeros: bool) -> dict[str, object]:
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{name}/{index}".encode()))  # hash() is salted per process
-    make = (lambda *s: torch.zeros(s)) if zeros else (lambda *s: torch.randn(s, generator=generator))
-    return {
-        "shampoo": {
-            "factor_matrices": {dim: make(size, size) for dim, size in enumerate(shape)},
-            "inv_factor_matrices": {dim: make(size, size) for dim, size in enumerate(shape)},
-        },
-        "momentum": make(*shape),
-    }
+def _micro_batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch ``index`` of step ``step``; the labels come from a fixed random teacher."""
+    teacher = torch.randn(FEATURES, CLASSES, generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(MICRO_BATCH_SIZE, FEATURES, generator=torch.Generator().manual_seed(step * MICRO_BATCHES + index + 1))
+    return inputs, (inputs @ teacher).argmax(dim=1)
 
 
-def optimizer_state(rank: int, world_size: int, zeros: bool) -> dict[str, object]:
-    owners = owner_of_blocks(world_size)
-    state: dict[str, dict[str, object]] = {}
-    for name in PARAMETERS:
-        state[name] = {"step": 0 if zeros else 100}
-    for (name, index, shape), owner in zip(blocks(), owners):
-        if owner == rank:
-            state[name][f"block_{index}"] = block_state(name, index, shape, zeros)
-    return {"state": state, "param_groups": {"lr": 0.0 if zeros else 0.01, "betas": (0.0, 0.0) if zeros else (0.9, 0.999)}}
+def _forward_backward(model: torch.nn.Module, step: int, rank: int, world_size: int) -> float:
+    """Sets every parameter's gradient to the mean over the step's micro-batches; returns the loss.
+
+    Each rank computes its micro-batches' gradients; they are all-gathered and summed in
+    micro-batch order, so the result is the same bits at every world size.
+    """
+    params = list(model.parameters())
+    per_rank = MICRO_BATCHES // world_size
+    local_grads, local_losses = [], []
+    for index in range(rank * per_rank, (rank + 1) * per_rank):
+        inputs, labels = _micro_batch(step, index)
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        local_grads.append(torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]))
+        local_losses.append(loss.detach().reshape(1))
+    local = torch.stack([torch.cat([grad, loss]) for grad, loss in zip(local_grads, local_losses)])
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    mean = torch.cat(gathered).sum(dim=0) / MICRO_BATCHES
+    offset = 0
+    for param in params:
+        param.grad = mean[offset : offset + param.numel()].view_as(param).clone()
+        offset += param.numel()
+    return float(mean[-1])
 
 
-def save(rank: int, world_size: int, directory: str) -> None:
-    save_checkpoint(directory, optimizer_state(rank, world_size, zeros=False), metadata={"step": 100})
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.GELU(),
+        torch.nn.Linear(HIDDEN, CLASSES),
+    )
 
 
-def resume(rank: int, world_size: int, directory: str) -> None:
-    template = optimizer_state(rank, world_size, zeros=True)
-    load_checkpoint(directory, template)
-    expected = optimizer_state(rank, world_size, zeros=False)
-    mismatches = [key for key, ok in _compare(template, expected, "") if not ok]
-    if mismatches:
-        raise AssertionError(f"rank {rank}/{world_size}: {mismatches[:3]} differ")
+def _optimizer(model: torch.nn.Module) -> DistributedShampoo:
+    return DistributedShampoo(
+        model.parameters(), lr=0.003, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-4,
+        max_preconditioner_dim=32, precondition_frequency=5, grafting_config=AdamPreconditionerConfig(beta2=0.999),
+        distributed_config=DDPDistributedConfig(),
+    )
 
 
-def _compare(actual: object, expected: object, path: str) -> list[tuple[str, bool]]:
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict)
-        return [item for key in expected for item in _compare(actual[key], expected[key], f"{path}/{key}")]
-    if isinstance(expected, torch.Tensor):
-        return [(path, isinstance(actual, torch.Tensor) and torch.equal(actual, expected))]
-    return [(path, actual == expected and type(actual) is type(expected))]
-
-
-def main() -> None:
-    print(f"{len(blocks())} blocks (max_preconditioner_dim={MAX_PRECONDITIONER_DIM}), independent of the world size")
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = str(Path(tmp) / "step-000100")
-        start = time.perf_counter()
-        run_on_ranks(4, save, directory)
-        index = verify_checkpoint(directory)
-        print(f"saved on 4 ranks in {time.perf_counter() - start:.1f}s: {len(index.weight_map)} tensors, "
-              f"{index.total_size / 2**20:.1f} MiB, checksums verified")
-        files = {file: 0 for file in index.shard_files()}
-        for file in index.weight_map.values():
-            files[file] += 1
-        for file, count in files.items():
-            print(f"  {file}: {count} tensors")
-        print("\n| resumed on | blocks per rank | every tensor bit-exact | seconds |\n|---|---|---|---|")
-        for world_size in (2, 3):
-            owners = owner_of_blocks(world_size)
+def train(rank: int, world_size: int, phase: Phase) -> None:
+    """Runs one phase on this rank; rank 0 reports progress and writes the results."""
+    torch.set_num_threads(1)  # several ranks share this machine's cores
+    model = _model()
+    optimizer = _optimizer(model)
+    step = 0
+    if phase.resume_from is not None:
+        # load_checkpoint fills the template's dicts in place.
+        model_state = model.state_dict()
+        optimizer_state = optimizer.distributed_state_dict(model.named_parameters())
+        template: dict[str, object] = {"model": model_state}
+        if phase.resume_optimizer:
+            template["optimizer"] = optimizer_state
+        load_checkpoint(phase.resume_from, template, keys=list(template))
+        model.load_state_dict(model_state)
+        if phase.resume_optimizer:
+            optimizer.load_distributed_state_dict(optimizer_state, model.named_parameters())
+        step = read_checkpoint_index(phase.resume_from).user_metadata["step"]
+        assert isinstance(step, int)
+    losses: dict[int, float] = {}
+    while step < phase.total_steps:
+        losses[step + 1] = _forward_backward(model, step, rank, world_size)
+        optimizer.step()
+        step += 1
+        if rank == 0 and step % 5 == 0:
+            print(f"    [{world_size} ranks] step {step:3d}/{phase.total_steps}: loss {losses[step]:.4f}", flush=True)
+        if step == phase.save_at:
             start = time.perf_counter()
-            run_on_ranks(world_size, resume, directory)
-            per_rank = [owners.count(rank) for rank in range(world_size)]
-            print(f"| {world_size} ranks | {per_rank} | yes | {time.perf_counter() - start:.1f} |")
-        print(f"\nuser metadata: {read_checkpoint_index(directory).user_metadata}")
+            state = {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
+            save_checkpoint(phase.checkpoint_dir, state, metadata={"step": step})
+            if rank == 0:
+                print(f"    [{world_size} ranks] saved step {step} in {time.perf_counter() - start:.2f}s", flush=True)
+    if rank == 0:
+        torch.save({"losses": losses, "params": model.state_dict()}, phase.out)
+
+
+def _results(path: str) -> tuple[dict[int, float], dict[str, torch.Tensor]]:
+    saved = torch.load(path)
+    return saved["losses"], saved["params"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="total training steps")
+    parser.add_argument("--stop-at", type=int, default=20, help="the step after which the 4-rank job stops")
+    args = parser.parse_args()
+    total, stop_at = int(args.steps), int(args.stop_at)
+    model = _model()
+    blocks = sum(len([k for k in state if k.startswith("block_")]) for state in DistributedShampoo(model.parameters(), max_preconditioner_dim=32).state.values())
+    print(f"Model: {sum(p.numel() for p in model.parameters())} parameters in {blocks} Shampoo blocks (max_preconditioner_dim=32)")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = str(Path(tmp, f"step-{stop_at:06d}"))
+        print(f"1. Train on 4 ranks for {total} steps, saving a checkpoint after step {stop_at} (the job that stops there)")
+        started = time.perf_counter()
+        run_on_ranks(4, train, Phase(total, str(Path(tmp, "uninterrupted")), save_at=stop_at, checkpoint_dir=checkpoint))
+        print(f"   done in {time.perf_counter() - started:.1f}s")
+        index = read_checkpoint_index(checkpoint)
+        print(f"   checkpoint: {len(index.weight_map)} tensors, {index.total_size / 1024:.0f} KiB in {len(index.shard_files())} files")
+        runs: dict[str, tuple[dict[int, float], dict[str, torch.Tensor]]] = {}
+        resumes = [("resumed on 2 ranks", 2, True), ("resumed on 3 ranks", 3, True), ("2 ranks, model only", 2, False)]
+        for number, (label, world_size, with_optimizer) in enumerate(resumes, start=2):
+            what = "model and optimizer" if with_optimizer else "the model only (fresh optimizer state)"
+            print(f"{number}. Resume {what} from step {stop_at} on {world_size} ranks and train to step {total}")
+            started = time.perf_counter()
+            out = str(Path(tmp, f"run{number}"))
+            run_on_ranks(world_size, train, Phase(total, out, resume_from=checkpoint, resume_optimizer=with_optimizer))
+            print(f"   done in {time.perf_counter() - started:.1f}s")
+            runs[label] = _results(out)
+        reference_losses, reference_params = _results(str(Path(tmp, "uninterrupted")))
+
+    print("\n| step | 4 ranks, uninterrupted | " + " | ".join(runs) + " |")
+    print("|---:|---:|" + "---:|" * len(runs))
+    for step in range(stop_at + 1, total + 1):
+        if step in (stop_at + 1, total) or step % 5 == 0:
+            row = [f"{reference_losses[step]:.6f}"] + [f"{losses[step]:.6f}" for losses, _ in runs.values()]
+            print(f"| {step} | " + " | ".join(row) + " |")
+    print("\n| run | max abs loss difference | max abs parameter difference | bit-identical to the uninterrupted run |")
+    print("|---|---:|---:|---|")
+    identical: dict[str, bool] = {}
+    for label, (losses, params) in runs.items():
+        loss_difference = max(abs(losses[s] - reference_losses[s]) for s in losses)
+        param_difference = max(float((params[name] - value).abs().max()) for name, value in reference_params.items())
+        identical[label] = losses == {s: reference_losses[s] for s in losses} and all(
+            torch.equal(params[name], value) for name, value in reference_params.items()
+        )
+        print(f"| {label} | {loss_difference:.2e} | {param_difference:.2e} | {'yes' if identical[label] else 'no'} |")
+    if not (identical["resumed on 2 ranks"] and identical["resumed on 3 ranks"]):
+        print("\nFAILED: a resumed run does not reproduce the uninterrupted one")
+        return 1
+    print("\nOK: resuming on 2 or 3 ranks reproduces the 4-rank run exactly; without the optimizer state it does not.")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,23 @@
+# pyre-strict
+"""The README's main job runs and reports an exact elastic resume."""
+
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+
+ROOT: Path = Path(__file__).resolve().parent.parent
+
+
+class ElasticResumeExampleTest(unittest.TestCase):
+    def test_resumed_runs_are_bit_identical_and_model_only_is_not(self) -> None:
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "elastic_resume.py"), "--steps", "8", "--stop-at", "4"],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+        )
+        self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)
+        rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in completed.stdout.splitlines() if line.count("|") == 5}
+        self.assertEqual(
+            {label: rows.get(label) for label in ("resumed on 2 ranks", "resumed on 3 ranks", "2 ranks, model only")},
+            {"resumed on 2 ranks": "yes", "resumed on 3 ranks": "yes", "2 ranks, model only": "no"},
+        )

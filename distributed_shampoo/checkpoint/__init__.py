@@ -10,7 +10,9 @@ from distributed_shampoo.checkpoint.api import (
     save_checkpoint,
     verify_checkpoint,
 )
+from distributed_shampoo.checkpoint.async_save import AsyncCheckpointer, CheckpointFuture
 from distributed_shampoo.checkpoint.errors import (
+    AsyncSaveError,
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -26,9 +28,15 @@ from distributed_shampoo.checkpoint.errors import (
     UnsupportedValueError,
 )
 from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, TensorLayout
+from distributed_shampoo.checkpoint.manager import CheckpointInfo, CheckpointManager, RetentionPolicy
 
 __all__ = [
+    "AsyncCheckpointer",
+    "AsyncSaveError",
     "CheckpointError",
+    "CheckpointFuture",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointExistsError",
     "CheckpointIndex",
     "CheckpointNotFoundError",
@@ -43,6 +51,7 @@ __all__ = [
     "MissingKeyError",
     "MissingShardFileError",
     "read_checkpoint_index",
+    "RetentionPolicy",
     "save_checkpoint",
     "TemplateMismatchError",
     "TensorLayout",

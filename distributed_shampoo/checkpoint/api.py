@@ -96,6 +96,45 @@ def save_checkpoint(
         OSError: Writing failed on this rank (others raise ``DistributedSaveError``).
     """
     group = Group.resolve(process_group)
+    return finish_save(stage_save(group, checkpoint_dir, state_dict, metadata, prefix, overwrite), group)
+
+
+@dataclass(frozen=True)
+class StagedSave:
+    """A save whose plan every rank agreed on; what is left is writing and committing.
+
+    Attributes:
+        target: The checkpoint directory to publish.
+        staging: The hidden directory the files go to first.
+        prefix: The file name prefix.
+        plan: Every rank's writes and the index's layouts.
+        writes: This rank's ``(stored name, tensor)`` pairs, in write order.
+        metadata: The user metadata for the index.
+        overwrite: Whether an existing ``target`` may be replaced.
+    """
+
+    target: Path
+    staging: Path
+    prefix: str
+    plan: GlobalPlan
+    writes: list[tuple[str, torch.Tensor]]
+    metadata: Mapping[str, object] | None
+    overwrite: bool
+
+
+def stage_save(
+    group: Group,
+    checkpoint_dir: str | os.PathLike[str],
+    state_dict: StateDict,
+    metadata: Mapping[str, object] | None,
+    prefix: str,
+    overwrite: bool,
+) -> StagedSave:
+    """The first half of a save: plan on every rank, agree on the plan (one collective on ``group``).
+
+    Rank 0 checks the target and creates the staging directory. A failure on any rank raises on
+    every rank (the same error class), and the staging directory is removed.
+    """
     target = Path(checkpoint_dir).absolute()
     prepared, local_plan_data, own_prepare_error = _prepare(group, target, state_dict, metadata, overwrite)
     everyone = group.all_gather(prepared)
@@ -112,11 +151,27 @@ def save_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)
         raise
     assert staging is not None
+    writes = [(name, local_plan_data[name]) for name in global_plan.writes[group.rank]]
+    return StagedSave(target, staging, prefix, global_plan, writes, metadata, overwrite)
+
+
+def finish_save(staged: StagedSave, group: Group) -> Path:
+    """The second half of a save: write this rank's file, then rank 0 commits the index.
+
+    Two collectives on ``group`` (which must hold the same ranks, in the same order, as the group
+    that staged the save): gather the written files' checksums, broadcast the outcome.
+
+    Returns:
+        The published checkpoint directory.
+
+    Raises:
+        OSError or CheckpointError: This rank failed; DistributedSaveError: another rank did.
+    """
     own_error: BaseException | None = None
     try:
         checksums = write_safetensors(
-            staging / shard_file_name(prefix, group.rank, group.world_size),
-            [(name, local_plan_data[name]) for name in global_plan.writes[group.rank]],
+            staged.staging / shard_file_name(staged.prefix, group.rank, group.world_size),
+            staged.writes,
             {"format": "pt", "distributed_shampoo.format_version": str(FORMAT_VERSION),
              "rank": str(group.rank), "world_size": str(group.world_size)},
         )
@@ -129,18 +184,18 @@ def save_checkpoint(
     if group.rank == 0:
         if commit_error is None:
             try:
-                _commit(staging, target, prefix, group.world_size, global_plan, results, metadata, overwrite)
+                _commit(staged, group.world_size, results)
             except Exception as error:
                 own_error = own_error or error
                 commit_error = f"rank 0: committing failed: {type(error).__name__}: {error}"
         if commit_error is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staged.staging, ignore_errors=True)
     commit_error = group.broadcast_from_first(commit_error)
     if own_error is not None:
         raise own_error
     if commit_error is not None:
-        raise DistributedSaveError(f"saving {target} failed, nothing was published: {commit_error}")
-    return target
+        raise DistributedSaveError(f"saving {staged.target} failed, nothing was published: {commit_error}")
+    return staged.target
 
 
 def _prepare(
@@ -183,26 +238,18 @@ def _check_metadata(metadata: Mapping[str, object] | None) -> None:
         raise UnsupportedValueError(f"metadata must be JSON-serialisable without NaN/inf: {error}") from None
 
 
-def _commit(
-    staging: Path,
-    target: Path,
-    prefix: str,
-    world_size: int,
-    plan: GlobalPlan,
-    results: list[_Written],
-    metadata: Mapping[str, object] | None,
-    overwrite: bool,
-) -> None:
+def _commit(staged: StagedSave, world_size: int, results: list[_Written]) -> None:
     weight_map: dict[str, str] = {}
     checksums: dict[str, str] = {}
     for rank, result in enumerate(results):
         assert result.checksums is not None
         for name, digest in result.checksums.items():
-            weight_map[name] = shard_file_name(prefix, rank, world_size)
+            weight_map[name] = shard_file_name(staged.prefix, rank, world_size)
             checksums[name] = digest
+    plan, target = staged.plan, staged.target
     index = CheckpointIndex(
         directory=target,
-        prefix=prefix,
+        prefix=staged.prefix,
         world_size=world_size,
         total_size=sum(layout.nbytes for layout in plan.tensors.values()),
         weight_map=weight_map,
@@ -210,12 +257,12 @@ def _commit(
         checksums=checksums,
         objects=plan.objects,
         containers=plan.containers,
-        user_metadata=dict(metadata or {}),
+        user_metadata=dict(staged.metadata or {}),
     )
-    write_json(staging / index_file_name(prefix), index_to_json(index))
-    if target.exists() and not overwrite:
+    write_json(staged.staging / index_file_name(staged.prefix), index_to_json(index))
+    if target.exists() and not staged.overwrite:
         raise CheckpointExistsError(f"{target} appeared while saving; the new checkpoint was discarded")
-    publish(staging, target)
+    publish(staged.staging, target)
 
 
 _Template = TypeVar("_Template", bound=StateDict)

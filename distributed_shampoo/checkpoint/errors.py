@@ -59,3 +59,8 @@ class InconsistentStateError(CheckpointError):
 
 class DistributedSaveError(CheckpointError):
     """Another rank failed during a collective save; this rank's part was discarded too."""
+
+
+class AsyncSaveError(CheckpointError):
+    """A background save failed with an error that is not a ``CheckpointError`` (e.g. ``OSError``);
+    the original is its ``__cause__``."""

@@ -1,0 +1,168 @@
+# pyre-strict
+"""AsyncCheckpointer: the future's contract, staging copies, one save in flight, failures."""
+
+import errno
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distributed_shampoo.checkpoint import (
+    AsyncCheckpointer,
+    AsyncSaveError,
+    CheckpointFuture,
+    DistributedSaveError,
+    load_checkpoint,
+    save_checkpoint,
+    UnsupportedValueError,
+    verify_checkpoint,
+)
+from distributed_shampoo.checkpoint import api as checkpoint_api
+from distributed_shampoo.launch import run_on_ranks
+
+
+def _big_state(value: float) -> dict[str, torch.Tensor]:
+    """128 MiB in 32 tensors: long enough to write that the caller runs ahead of the writer."""
+    return {f"t{i}": torch.full((1024, 1024), value + i) for i in range(32)}
+
+
+class AsyncSaveTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.root = Path(self._tmp.name)
+        self.checkpointer = AsyncCheckpointer()
+
+    def tearDown(self) -> None:
+        self.checkpointer.close()
+        self._tmp.cleanup()
+
+    def test_wait_returns_the_published_directory_and_is_idempotent(self) -> None:
+        state = {"w": torch.randn(10, 10), "step": 7}
+        future = self.checkpointer.save_async(self.root / "a", state, metadata={"step": 7})
+        self.assertIsInstance(future, CheckpointFuture)
+        self.assertEqual(future.wait(), self.root / "a")
+        self.assertTrue(future.done())
+        self.assertEqual(future.wait(), self.root / "a")
+        loaded = load_checkpoint(self.root / "a")
+        self.assertTrue(torch.equal(loaded["w"], state["w"]))  # pyre-ignore[6]
+        self.assertEqual(loaded["step"], 7)
+        self.assertEqual(verify_checkpoint(self.root / "a").user_metadata, {"step": 7})
+
+    def test_live_tensors_may_change_as_soon_as_save_async_returns(self) -> None:
+        state = _big_state(0.0)
+        future = self.checkpointer.save_async(self.root / "a", state)
+        for tensor in state.values():
+            tensor.fill_(-1.0)
+        future.wait()
+        loaded = load_checkpoint(self.root / "a")
+        for i in range(32):
+            self.assertTrue(torch.equal(loaded[f"t{i}"], torch.full((1024, 1024), float(i))), f"t{i}")  # pyre-ignore[6]
+
+    def test_a_second_save_waits_for_the_first(self) -> None:
+        first = self.checkpointer.save_async(self.root / "a", _big_state(0.0))
+        second = self.checkpointer.save_async(self.root / "b", {"x": torch.ones(2)})
+        self.assertTrue(first.done())
+        self.assertEqual(first.wait(), self.root / "a")
+        self.assertEqual(second.wait(), self.root / "b")
+
+    def test_staging_buffers_are_reused_by_the_next_save(self) -> None:
+        self.checkpointer.save_async(self.root / "a", {"x": torch.zeros(4), "y": torch.zeros(2)}).wait()
+        first = dict(self.checkpointer._buffers)
+        self.checkpointer.save_async(self.root / "b", {"x": torch.ones(4), "y": torch.ones(3)}).wait()
+        self.assertIs(self.checkpointer._buffers['["x"]'], first['["x"]'])
+        self.assertIsNot(self.checkpointer._buffers['["y"]'], first['["y"]'])
+        self.assertTrue(torch.equal(load_checkpoint(self.root / "b")["x"], torch.ones(4)))  # pyre-ignore[6]
+
+    def test_planning_errors_raise_from_save_async(self) -> None:
+        with self.assertRaisesRegex(UnsupportedValueError, r'\["bad"\]: cannot save a builtins.object'):
+            self.checkpointer.save_async(self.root / "a", {"bad": object()})
+        save_checkpoint(self.root / "b", {"x": torch.ones(1)})
+        with self.assertRaisesRegex(Exception, "already exists"):
+            self.checkpointer.save_async(self.root / "b", {"x": torch.zeros(1)})
+        self.assertFalse((self.root / "a").exists())
+
+    def test_background_failure_surfaces_from_wait_every_time(self) -> None:
+        def fail(published: Path) -> None:
+            raise OSError(errno.EIO, "rotation failed")
+
+        future = self.checkpointer.save_async(self.root / "a", {"x": torch.ones(1)}, after_commit=fail)
+        for _ in range(2):
+            with self.assertRaises(AsyncSaveError) as raised:
+                future.wait()
+            self.assertEqual(str(raised.exception), f"saving {self.root / 'a'} failed in the background: OSError: [Errno 5] rotation failed")
+            self.assertIsInstance(raised.exception.__cause__, OSError)
+        self.assertTrue(future.done())
+        # The checkpointer goes on saving.
+        self.assertEqual(self.checkpointer.save_async(self.root / "b", {"x": torch.ones(1)}).wait(), self.root / "b")
+
+    def test_wait_with_a_timeout(self) -> None:
+        future = self.checkpointer.save_async(self.root / "a", _big_state(0.0))
+        try:
+            future.wait(timeout=0.0)
+        except TimeoutError as error:
+            self.assertEqual(str(error), f"saving {self.root / 'a'} is still running after 0.0s")
+        self.assertEqual(future.wait(timeout=60.0), self.root / "a")
+
+
+def _async_save_while_training(rank: int, world_size: int, directory: str) -> None:
+    """Each rank saves its own blocks and a replicated tensor, then keeps running collectives on
+    the training group while the background thread writes and commits."""
+    blocks = {f"block_{i}": torch.full((256, 256), float(i)) for i in range(rank, 12, world_size)}
+    state = {"state": {"blocks": blocks, "step": torch.tensor(5)}}
+    with AsyncCheckpointer() as checkpointer:
+        future = checkpointer.save_async(directory, state, metadata={"world_size": world_size})
+        total = torch.zeros(1)
+        for block in blocks.values():
+            block.add_(100.0)  # training goes on and changes the state
+        for _ in range(50):
+            value = torch.ones(1)
+            dist.all_reduce(value)
+            total += value
+        assert float(total) == 50.0 * world_size, total
+        future.wait()
+
+
+def _load_blocks(rank: int, world_size: int, directory: str) -> None:
+    blocks = {f"block_{i}": torch.zeros(256, 256) for i in range(rank, 12, world_size)}
+    step = torch.tensor(0)
+    load_checkpoint(directory, {"state": {"blocks": blocks, "step": step}})
+    for name, block in blocks.items():
+        assert torch.equal(block, torch.full((256, 256), float(name.split("_")[1]))), name
+    assert int(step) == 5, step
+
+
+def _async_save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -> None:
+    if rank == 1:
+        def disk_full(*args: object, **kwargs: object) -> dict[str, str]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        checkpoint_api.write_safetensors = disk_full  # pyre-ignore[9]: fault injection.
+    with AsyncCheckpointer() as checkpointer:
+        future = checkpointer.save_async(directory, {f"r{rank}": torch.ones(3)}, overwrite=True)
+        try:
+            future.wait()
+        except AsyncSaveError as error:
+            assert rank == 1 and isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC, error
+        except DistributedSaveError as error:
+            assert rank == 0 and "rank 1: OSError: [Errno 28] No space left on device" in str(error), error
+        else:
+            raise AssertionError("the save did not fail")
+
+
+class DistributedAsyncSaveTest(unittest.TestCase):
+    def test_three_ranks_save_in_the_background_and_two_load(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = str(Path(tmp, "ckpt"))
+            run_on_ranks(3, _async_save_while_training, directory)
+            self.assertEqual(verify_checkpoint(directory).world_size, 3)
+            run_on_ranks(2, _load_blocks, directory)
+
+    def test_failure_on_one_rank_fails_every_future_and_keeps_the_old_checkpoint(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp, "ckpt")
+            save_checkpoint(directory, {"old": torch.arange(3.0)})
+            run_on_ranks(2, _async_save_with_disk_full_on_rank_1, str(directory))
+            self.assertTrue(torch.equal(load_checkpoint(directory)["old"], torch.arange(3.0)))  # pyre-ignore[6]
+            self.assertEqual([p.name for p in Path(tmp).iterdir()], ["ckpt"])

@@ -1,0 +1,227 @@
+# pyre-strict
+"""CheckpointManager: rotation, best-keeping, latest after a crash, cleanup, async saves."""
+
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+import unittest
+from pathlib import Path
+
+import torch
+from parameterized import parameterized
+
+from distributed_shampoo.checkpoint import (
+    CheckpointManager,
+    ChecksumMismatchError,
+    MissingKeyError,
+    RetentionPolicy,
+    UnsupportedValueError,
+)
+from distributed_shampoo.launch import run_on_ranks
+
+
+def _state(step: int) -> dict[str, object]:
+    return {"w": torch.full((4, 4), float(step)), "step": step}
+
+
+def _steps(manager: CheckpointManager) -> list[int]:
+    return [info.step for info in manager.checkpoints()]
+
+
+class ManagerTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory()
+        self.root = Path(self._tmp.name, "run")
+
+    def tearDown(self) -> None:
+        self._tmp.cleanup()
+
+    def test_keeps_the_last_n(self) -> None:
+        manager = CheckpointManager(self.root, RetentionPolicy(keep_last=2))
+        for step in range(1, 6):
+            future = manager.save(step, _state(step))
+            self.assertTrue(future.done())
+            self.assertEqual(future.wait(), self.root / f"step-{step:08d}")
+        self.assertEqual(_steps(manager), [4, 5])
+        self.assertEqual(sorted(p.name for p in self.root.iterdir()), ["step-00000004", "step-00000005"])
+
+    @parameterized.expand([("min", [0.5, 0.2, 0.9, 0.4, 0.8], 2), ("max", [0.5, 0.2, 0.9, 0.4, 0.8], 3)])
+    def test_keeps_the_best_by_a_metric(self, mode: str, losses: list[float], best_step: int) -> None:
+        policy = RetentionPolicy(keep_last=1, best_metric="loss", mode="min" if mode == "min" else "max")
+        manager = CheckpointManager(self.root, policy)
+        for step, loss in enumerate(losses, start=1):
+            manager.save(step, _state(step), metrics={"loss": loss})
+        self.assertEqual(_steps(manager), [best_step, 5])
+        best = manager.best()
+        assert best is not None
+        self.assertEqual((best.step, best.metrics), (best_step, {"loss": losses[best_step - 1]}))
+
+    def test_preserved_checkpoints_survive_rotation(self) -> None:
+        manager = CheckpointManager(self.root, RetentionPolicy(keep_last=1))
+        for step in range(1, 5):
+            manager.save(step, _state(step), preserve=step == 2)
+        self.assertEqual(_steps(manager), [2, 4])
+        self.assertEqual([info.preserved for info in manager.checkpoints()], [True, False])
+
+    def test_latest_and_load_latest(self) -> None:
+        manager = CheckpointManager(self.root)
+        template = _state(0)
+        self.assertIsNone(manager.latest())
+        self.assertIsNone(manager.load_latest(template))
+        self.assertTrue(torch.equal(template["w"], torch.zeros(4, 4)))  # pyre-ignore[6]
+        for step in (10, 20, 30):
+            manager.save(step, _state(step), metrics={"loss": step / 100})
+        latest = manager.latest()
+        assert latest is not None
+        self.assertEqual((latest.step, latest.metrics, latest.path), (30, {"loss": 0.3}, self.root / "step-00000030"))
+        loaded = manager.load_latest(template)
+        assert loaded is not None
+        self.assertEqual(loaded.step, 30)
+        self.assertTrue(torch.equal(template["w"], torch.full((4, 4), 30.0)))  # pyre-ignore[6]
+        self.assertEqual(template["step"], 30)
+
+    def test_load_latest_skips_a_damaged_newest_checkpoint_with_a_warning(self) -> None:
+        manager = CheckpointManager(self.root)
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+        shard = next((self.root / "step-00000002").glob("*.safetensors"))
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        self.assertFalse(manager.validate(self.root / "step-00000002"))
+        self.assertTrue(manager.validate(self.root / "step-00000001"))
+        template = _state(0)
+        with self.assertWarnsRegex(UserWarning, r"step-00000002 does not load \(.*checksum.*\); trying an older one"):
+            loaded = manager.load_latest(template)
+        assert loaded is not None
+        self.assertEqual(loaded.step, 1)
+        self.assertTrue(torch.equal(template["w"], torch.ones(4, 4)))  # pyre-ignore[6]
+
+    def test_load_latest_raises_when_every_checkpoint_is_damaged(self) -> None:
+        manager = CheckpointManager(self.root)
+        manager.save(1, _state(1))
+        shard = next((self.root / "step-00000001").glob("*.safetensors"))
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        with self.assertWarns(UserWarning), self.assertRaises(ChecksumMismatchError):
+            manager.load_latest(_state(0))
+
+    def test_a_template_mismatch_is_not_hidden_by_falling_back(self) -> None:
+        manager = CheckpointManager(self.root)
+        manager.save(1, _state(1))
+        manager.save(2, _state(2))
+        with self.assertRaises(MissingKeyError):
+            manager.load_latest({"other": torch.zeros(1)})
+
+    def test_next_save_removes_leftovers_of_crashed_saves_only(self) -> None:
+        manager = CheckpointManager(self.root)
+        manager.save(1, _state(1))
+        leftovers = [".step-00000002.incomplete-0123abcd", ".step-00000001.deleting-89ab", ".step-00000003.replaced-ff00"]
+        unrelated = [".step-00000002.incomplete-notes.txt", "notes", ".cache"]
+        for name in leftovers + unrelated[1:]:
+            (self.root / name).mkdir()
+            (self.root / name / "junk").write_bytes(b"x")
+        (self.root / unrelated[0]).write_text("a file, not a directory")
+        self.assertEqual(_steps(manager), [1])
+        manager.save(2, _state(2))
+        self.assertEqual(sorted(p.name for p in self.root.iterdir()), sorted(["step-00000001", "step-00000002"] + unrelated))
+
+    def test_invalid_arguments(self) -> None:
+        manager = CheckpointManager(self.root)
+        with self.assertRaisesRegex(ValueError, "^CheckpointManager.save: step must be >= 0, got -1$"):
+            manager.save(-1, _state(0))
+        with self.assertRaisesRegex(UnsupportedValueError, r"^metric 'loss' must be a finite number, got nan$"):
+            manager.save(1, _state(1), metrics={"loss": float("nan")})
+        with self.assertRaisesRegex(ValueError, "^RetentionPolicy: keep_last must be >= 1 or None, got 0$"):
+            RetentionPolicy(keep_last=0)
+        with self.assertRaisesRegex(ValueError, "^RetentionPolicy: mode must be 'min' or 'max', got 'best'$"):
+            RetentionPolicy(mode="best")  # pyre-ignore[6]: deliberately invalid
+        manager.save(1, _state(1))
+        with self.assertRaisesRegex(Exception, "already exists"):
+            manager.save(1, _state(1))
+
+    def test_async_saves_rotate_once_committed(self) -> None:
+        with CheckpointManager(self.root, RetentionPolicy(keep_last=2), async_save=True) as manager:
+            futures = []
+            for step in range(1, 5):
+                state = _state(step)
+                futures.append(manager.save(step, state))
+                state["w"].fill_(-1.0)  # pyre-ignore[16]: training changes the live state
+            self.assertEqual(futures[-1].wait(), self.root / "step-00000004")
+        self.assertEqual(_steps(manager), [3, 4])
+        template = _state(0)
+        manager.load_latest(template)
+        self.assertTrue(torch.equal(template["w"], torch.full((4, 4), 4.0)))  # pyre-ignore[6]
+
+
+def _save_steps_forever(root: str, started: str) -> None:
+    """Saves ever larger steps of a 64 MiB state under ``root`` (killed by the test)."""
+    manager = CheckpointManager(root, RetentionPolicy(keep_last=2))
+    state = {f"t{i}": torch.full((256, 1024), float(i)) for i in range(64)}
+    step = 0
+    while True:
+        step += 1
+        state["step"] = torch.tensor(step)
+        manager.save(step, state)
+        if step == 2:
+            Path(started).touch()
+
+
+class KilledSaveTest(unittest.TestCase):
+    def test_latest_after_sigkill_midway_is_the_previous_complete_checkpoint(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            root, started = Path(tmp, "run"), Path(tmp, "started")
+            process = multiprocessing.get_context("spawn").Process(target=_save_steps_forever, args=(str(root), str(started)))
+            process.start()
+            try:
+                deadline = time.monotonic() + 120
+                while not started.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                while not list(root.glob(".step-*.incomplete-*")) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                os.kill(process.pid, signal.SIGKILL)
+            finally:
+                process.join(30)
+            self.assertEqual(process.exitcode, -signal.SIGKILL)
+            manager = CheckpointManager(root, RetentionPolicy(keep_last=2))
+            latest = manager.latest()
+            assert latest is not None
+            template: dict[str, object] = {f"t{i}": torch.zeros(256, 1024) for i in range(64)}
+            step = torch.tensor(0)
+            template["step"] = step
+            loaded = manager.load_latest(template)
+            assert loaded is not None
+            self.assertEqual((loaded.step, int(step)), (latest.step, latest.step))
+            self.assertTrue(manager.validate(latest.path))
+            self.assertTrue(torch.equal(template["t63"], torch.full((256, 1024), 63.0)))  # pyre-ignore[6]
+            manager.save(latest.step + 100, {"x": torch.ones(1)})
+            self.assertEqual([p.name for p in root.iterdir() if p.name.startswith(".")], [])
+
+
+def _manager_on_ranks(rank: int, world_size: int, root: str) -> None:
+    with CheckpointManager(root, RetentionPolicy(keep_last=2), async_save=True) as manager:
+        for step in range(1, 4):
+            blocks = {f"block_{i}": torch.full((8,), float(step * 100 + i)) for i in range(rank, 6, world_size)}
+            manager.save(step, {"blocks": blocks, "step": step}, metrics={"loss": 1.0 / step})
+
+
+def _resume_on_ranks(rank: int, world_size: int, root: str) -> None:
+    manager = CheckpointManager(root)
+    blocks = {f"block_{i}": torch.zeros(8) for i in range(rank, 6, world_size)}
+    template: dict[str, object] = {"blocks": blocks, "step": 0}
+    loaded = manager.load_latest(template)
+    assert loaded is not None and loaded.step == 3 and template["step"] == 3, (loaded, template["step"])
+    for name, block in blocks.items():
+        assert torch.equal(block, torch.full((8,), 300.0 + int(name.split("_")[1]))), name
+
+
+class DistributedManagerTest(unittest.TestCase):
+    def test_two_ranks_save_asynchronously_and_three_resume(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = str(Path(tmp, "run"))
+            run_on_ranks(2, _manager_on_ranks, root)
+            self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["step-00000002", "step-00000003"])
+            run_on_ranks(3, _resume_on_ranks, root)

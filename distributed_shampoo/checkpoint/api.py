@@ -4,7 +4,7 @@
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload, TypeVar
@@ -184,7 +184,7 @@ def finish_save(staged: StagedSave, group: Group) -> Path:
     if group.rank == 0:
         if commit_error is None:
             try:
-                _commit(staged, group.world_size, results)
+                commit_index(staged, group.world_size, [r.checksums or {} for r in results])
             except Exception as error:
                 own_error = own_error or error
                 commit_error = f"rank 0: committing failed: {type(error).__name__}: {error}"
@@ -238,12 +238,16 @@ def _check_metadata(metadata: Mapping[str, object] | None) -> None:
         raise UnsupportedValueError(f"metadata must be JSON-serialisable without NaN/inf: {error}") from None
 
 
-def _commit(staged: StagedSave, world_size: int, results: list[_Written]) -> None:
+def commit_index(staged: StagedSave, world_size: int, checksums_per_rank: list[dict[str, str]]) -> None:
+    """Writes the index of a staged save whose files are all written, then publishes it.
+
+    Raises:
+        CheckpointExistsError: The target appeared meanwhile and ``overwrite`` is false.
+    """
     weight_map: dict[str, str] = {}
     checksums: dict[str, str] = {}
-    for rank, result in enumerate(results):
-        assert result.checksums is not None
-        for name, digest in result.checksums.items():
+    for rank, rank_checksums in enumerate(checksums_per_rank):
+        for name, digest in rank_checksums.items():
             weight_map[name] = shard_file_name(staged.prefix, rank, world_size)
             checksums[name] = digest
     plan, target = staged.plan, staged.target
@@ -344,11 +348,104 @@ def read_checkpoint_index(checkpoint_dir: str | os.PathLike[str]) -> CheckpointI
     return read_index(checkpoint_dir)
 
 
-def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex:
-    """Checks a whole checkpoint: every shard file exists and is well formed, agrees with the index
-    (names, shapes, dtypes, total size), and every stored tensor matches its checksum.
+@dataclass(frozen=True)
+class VerificationReport:
+    """What ``check_checkpoint`` found.
 
-    Reads every file once, each tensor into one scratch buffer the size of the largest tensor.
+    Attributes:
+        index: The parsed index, or None if it could not be read.
+        problems: Every problem found, in file order (empty: the checkpoint is intact).
+        files_checked: How many shard files were read.
+    """
+
+    index: CheckpointIndex | None
+    problems: tuple[CheckpointError, ...]
+    files_checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], progress: Callable[[int, int], None] | None = None
+) -> VerificationReport:
+    """Checks a whole checkpoint and reports every problem instead of stopping at the first.
+
+    Checks that every shard file exists and is well formed, agrees with the index (names, shapes,
+    dtypes, total size), and that every stored tensor matches its checksum. Reads every file once,
+    each tensor into one scratch buffer the size of the largest tensor.
+
+    Args:
+        checkpoint_dir: The checkpoint directory.
+        progress: Called with ``(files checked, files)`` after each file.
+
+    Returns:
+        The report; it never raises for a damaged checkpoint.
+    """
+    try:
+        index = read_index(checkpoint_dir)
+    except CheckpointError as error:
+        return VerificationReport(None, (error,), 0)
+    pieces = {
+        piece.name: (layout.dtype, piece.shape)
+        for name, layout in index.tensors.items()
+        for piece in layout.stored_pieces(name)
+    }
+    problems: list[CheckpointError] = []
+    stored_bytes = 0
+    files = index.shard_files()
+    for done, file_name in enumerate(files, start=1):
+        try:
+            stored_bytes += _check_file(index, file_name, pieces, problems)
+        except CheckpointError as error:
+            problems.append(error)
+        if progress is not None:
+            progress(done, len(files))
+    if not problems and stored_bytes != index.total_size:
+        problems.append(
+            IndexMismatchError(
+                f"{index.directory}: files hold {stored_bytes} bytes of tensor data, the index's total_size "
+                f"says {index.total_size}"
+            )
+        )
+    return VerificationReport(index, tuple(problems), len(files))
+
+
+def _check_file(
+    index: CheckpointIndex,
+    file_name: str,
+    pieces: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    problems: list[CheckpointError],
+) -> int:
+    """Checks one shard file; appends checksum mismatches to ``problems`` and raises for a file
+    that cannot be checked further. Returns the bytes of tensor data read."""
+    path = index.directory / file_name
+    fd = open_shard(path)
+    try:
+        header = read_header(fd, path)
+        expected = [name for name, file in index.weight_map.items() if file == file_name]
+        entries = [check_header_entry(path, name, header.get(name), *pieces[name]) for name in expected]
+        if len(header) != len(expected):
+            extra = sorted(set(header) - set(expected))
+            raise IndexMismatchError(f"{path}: holds tensors the index does not map to it: {extra[:3]}")
+        scratch = memoryview(bytearray(max((e.end - e.begin for e in entries), default=0)))
+        stored_bytes = 0
+        for name, entry in zip(expected, entries):
+            data = scratch[: entry.end - entry.begin]
+            read_ranges(fd, path, [ReadRequest(entry.begin, data)])
+            try:
+                check_checksum(path, name, data, index.checksums[name])
+            except CheckpointError as error:
+                problems.append(error)
+            stored_bytes += data.nbytes
+        return stored_bytes
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex:
+    """Checks a whole checkpoint (see ``check_checkpoint``) and raises the first problem.
 
     Returns:
         The index, when everything checks out.
@@ -357,34 +454,8 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex
         CheckpointNotFoundError, IncompatibleFormatError, CorruptCheckpointError,
         MissingShardFileError, IndexMismatchError, ChecksumMismatchError: the first problem found.
     """
-    index = read_index(checkpoint_dir)
-    pieces = {
-        piece.name: (layout.dtype, piece.shape)
-        for name, layout in index.tensors.items()
-        for piece in layout.stored_pieces(name)
-    }
-    stored_bytes = 0
-    for file_name in index.shard_files():
-        path = index.directory / file_name
-        fd = open_shard(path)
-        try:
-            header = read_header(fd, path)
-            expected = [name for name, file in index.weight_map.items() if file == file_name]
-            entries = [check_header_entry(path, name, header.get(name), *pieces[name]) for name in expected]
-            if len(header) != len(expected):
-                extra = sorted(set(header) - set(expected))
-                raise IndexMismatchError(f"{path}: holds tensors the index does not map to it: {extra[:3]}")
-            scratch = memoryview(bytearray(max((e.end - e.begin for e in entries), default=0)))
-            for name, entry in zip(expected, entries):
-                data = scratch[: entry.end - entry.begin]
-                read_ranges(fd, path, [ReadRequest(entry.begin, data)])
-                check_checksum(path, name, data, index.checksums[name])
-                stored_bytes += data.nbytes
-        finally:
-            os.close(fd)
-    if stored_bytes != index.total_size:
-        raise IndexMismatchError(
-            f"{index.directory}: files hold {stored_bytes} bytes of tensor data, the index's total_size "
-            f"says {index.total_size}"
-        )
-    return index
+    report = check_checkpoint(checkpoint_dir)
+    if report.problems:
+        raise report.problems[0]
+    assert report.index is not None
+    return report.index

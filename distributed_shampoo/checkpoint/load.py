@@ -240,3 +240,16 @@ def _box_requests(piece_begin: int, read: _PieceRead) -> list[ReadRequest]:
         )
         for run, outer in enumerate(product(*(range(size) for size in box[:run_dim])))
     ]
+
+
+def read_whole_tensors(index: CheckpointIndex, names: Sequence[str], verify: bool = True) -> dict[str, torch.Tensor]:
+    """Reads the named logical tensors whole, as new CPU tensors (sharded ones assembled).
+
+    Raises:
+        KeyError: A name is not a tensor of the checkpoint.
+        CorruptCheckpointError, ChecksumMismatchError, MissingShardFileError, IndexMismatchError:
+            the files are damaged.
+    """
+    tensors = {name: torch.empty(index.tensors[name].shape, dtype=index.tensors[name].dtype) for name in names}
+    _execute(index, [read for name, tensor in tensors.items() for read in _plan_tensor(index, name, tensor)], verify)
+    return tensors

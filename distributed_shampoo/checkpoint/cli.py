@@ -1,0 +1,179 @@
+# pyre-strict
+"""``python -m distributed_shampoo.checkpoint`` (console script ``distributed-shampoo-checkpoint``).
+
+Commands: ``inspect``, ``verify``, ``consolidate``, ``reshard`` and ``diff``. Expected failures
+(a missing or damaged checkpoint, an existing output) print one line to stderr, no traceback.
+Exit status: 0 success; 1 failure (``verify``: the checkpoint is damaged; ``diff``: the
+checkpoints differ); 2 bad usage, or an error in ``diff``.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+from distributed_shampoo.checkpoint.api import check_checkpoint
+from distributed_shampoo.checkpoint.errors import CheckpointError
+from distributed_shampoo.checkpoint.format import NAME_TO_DTYPE, read_index
+from distributed_shampoo.checkpoint.offline import (
+    consolidate_checkpoint,
+    diff_checkpoints,
+    reshard_checkpoint,
+    summarize,
+)
+
+
+class ProgressLine:
+    """Reports ``done/total`` on stderr: one rewritten line on a terminal, else a line per 25%."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self._label = label
+        self._stream: TextIO = stream if stream is not None else sys.stderr
+        self._next_quarter = 1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._stream.isatty():
+            end = "\n" if done >= total else ""
+            self._stream.write(f"\r{self._label}: {done}/{total}{end}")
+        elif total and done * 4 >= self._next_quarter * total:
+            self._stream.write(f"{self._label}: {done}/{total}\n")
+            self._next_quarter = done * 4 // total + 1
+        self._stream.flush()
+
+
+def _size(nbytes: object) -> str:
+    assert isinstance(nbytes, int)
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _table(title: str, rows: dict[str, dict[str, int]], first: str) -> list[str]:
+    lines = [f"\n{title}", f"| {first} | tensors | bytes |", "|---|---:|---:|"]
+    lines += [f"| {key} | {row['tensors']} | {_size(row['bytes'])} |" for key, row in rows.items()]
+    return lines
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summary = summarize(read_index(args.dir))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    files = summary["files"]
+    assert isinstance(files, dict)
+    lines = [
+        f"checkpoint {summary['path']}",
+        f"format version {summary['format_version']}, saved by {summary['world_size']} ranks, "
+        f"{summary['tensors']} tensors ({summary['stored_tensors']} stored pieces), {summary['values']} other values, "
+        f"{_size(summary['total_size'])}",
+        f"user metadata: {json.dumps(summary['user_metadata'])}",
+        "\nfiles",
+        "| rank | file | tensors | bytes |",
+        "|---:|---|---:|---:|",
+    ]
+    lines += [f"| {row['rank']} | {file} | {row['tensors']} | {_size(row['bytes'])} |" for file, row in files.items()]
+    dtypes, parameters = summary["dtypes"], summary["parameters"]
+    assert isinstance(dtypes, dict) and isinstance(parameters, dict)
+    lines += _table("dtypes", dtypes, "dtype") + _table("parameters", parameters, "parameter")
+    print("\n".join(lines))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = check_checkpoint(args.dir, progress=ProgressLine("verify: files"))
+    if report.ok:
+        index = report.index
+        assert index is not None
+        print(
+            f"OK: {index.directory}: {report.files_checked} files, {len(index.weight_map)} stored tensors, "
+            f"{_size(index.total_size)}, every checksum matches"
+        )
+        return 0
+    print(f"FAILED: {args.dir}: {len(report.problems)} problem(s)", file=sys.stderr)
+    for problem in report.problems:
+        print(f"  {type(problem).__name__}: {problem}", file=sys.stderr)
+    return 1
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    out = consolidate_checkpoint(args.dir, args.out, progress=ProgressLine("consolidate: tensors"))
+    print(f"wrote {out} ({_size(out.stat().st_size)})")
+    return 0
+
+
+def _reshard(args: argparse.Namespace) -> int:
+    if args.param_dtype not in NAME_TO_DTYPE:
+        raise ValueError(f"--param-dtype must be one of {sorted(NAME_TO_DTYPE)}, got {args.param_dtype!r}")
+    index = reshard_checkpoint(
+        args.dir, args.out, args.world_size, NAME_TO_DTYPE[args.param_dtype], progress=ProgressLine("reshard: ranks")
+    )
+    files = summarize(index)["files"]
+    assert isinstance(files, dict)
+    print(f"wrote {index.directory} for {index.world_size} ranks")
+    for file, row in files.items():
+        print(f"  rank {row['rank']}: {file}: {row['tensors']} tensors, {_size(row['bytes'])}")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    diff = diff_checkpoints(args.a, args.b, progress=ProgressLine("diff: tensors"))
+    if diff.identical:
+        print(f"identical: {diff.equal_tensors} tensors and every value are equal")
+        return 0
+    for label, names in (("only in A", diff.only_in_a), ("only in B", diff.only_in_b)):
+        for name in names:
+            print(f"{label}: {name}")
+    for name, a_value, b_value in diff.values:
+        print(f"value differs: {name}: A={a_value!r} B={b_value!r}")
+    if diff.tensors:
+        print("| tensor | differs in | elements | max abs | max rel |\n|---|---|---:|---:|---:|")
+        for d in sorted(diff.tensors, key=lambda d: -d.max_abs):
+            print(f"| {d.name} | {d.problem} | {d.elements} | {d.max_abs:.3e} | {d.max_rel:.3e} |")
+    print(
+        f"{len(diff.tensors)} tensors differ, {diff.equal_tensors} equal; {len(diff.values)} values differ; "
+        f"{len(diff.only_in_a)} only in A, {len(diff.only_in_b)} only in B"
+    )
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distributed_shampoo.checkpoint", description="Inspect, check and convert checkpoints."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="format, world size, metadata, tensors and bytes per rank and parameter")
+    inspect.add_argument("dir")
+    inspect.add_argument("--json", action="store_true", help="print a JSON document")
+    inspect.set_defaults(run=_inspect, error_status=1)
+    verify = commands.add_parser("verify", help="check every file against the index and every checksum")
+    verify.add_argument("dir")
+    verify.set_defaults(run=_verify, error_status=1)
+    consolidate = commands.add_parser("consolidate", help="write every tensor, whole, into one safetensors file")
+    consolidate.add_argument("dir")
+    consolidate.add_argument("out", help="the .safetensors file to create")
+    consolidate.set_defaults(run=_consolidate, error_status=1)
+    reshard = commands.add_parser("reshard", help="rewrite block-owned optimizer state for another number of ranks")
+    reshard.add_argument("dir")
+    reshard.add_argument("out", help="the checkpoint directory to create")
+    reshard.add_argument("--world-size", type=int, required=True)
+    reshard.add_argument("--param-dtype", default="F32", help="parameter dtype (safetensors name) for blocks without a parameter-shaped buffer")
+    reshard.set_defaults(run=_reshard, error_status=1)
+    diff = commands.add_parser("diff", help="which tensors differ between two checkpoints, and by how much")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.set_defaults(run=_diff, error_status=2)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return int(args.error_status)
+

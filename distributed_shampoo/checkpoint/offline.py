@@ -1,0 +1,354 @@
+# pyre-strict
+"""Offline operations on a saved checkpoint: summarise, consolidate, reshard, diff.
+
+They run in one process without ``torch.distributed`` and read tensors in batches of at most
+``BATCH_BYTES`` (a larger tensor is read alone), so their memory stays bounded except where
+noted.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distributed_shampoo.checkpoint.api import commit_index, StagedSave
+from distributed_shampoo.checkpoint.commit import new_token, staging_dir
+from distributed_shampoo.checkpoint.errors import CheckpointExistsError
+from distributed_shampoo.checkpoint.format import (
+    CheckpointIndex,
+    DTYPE_TO_NAME,
+    FORMAT_VERSION,
+    read_index,
+    shard_file_name,
+    TensorLayout,
+)
+from distributed_shampoo.checkpoint.load import read_whole_tensors
+from distributed_shampoo.checkpoint.plan import GlobalPlan
+from distributed_shampoo.checkpoint.writer import write_safetensors
+from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, Key
+from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
+
+BATCH_BYTES: int = 64 << 20
+
+# ``(done, total)`` callbacks that report progress.
+Progress = Callable[[int, int], None]
+
+_BLOCK_KEY: re.Pattern[str] = re.compile(r"block_(\d+)")
+_PARAM_SHAPED = ("filtered_grad", "momentum", "adagrad")
+
+
+def _batches(index: CheckpointIndex, names: Sequence[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for name in names:
+        nbytes = index.tensors[name].nbytes
+        if batch and size + nbytes > BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def _report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def parameter_of(name: str) -> str:
+    """The parameter a logical tensor belongs to, for summaries: the key path up to the name that
+    follows a ``"state"`` key (``optimizer/state/fc.weight``), or the whole path otherwise."""
+    path = decode_key(name)
+    for position, key in enumerate(path[:-1]):
+        if key == "state":
+            return "/".join(str(k) for k in path[: position + 2])
+    return "/".join(str(k) for k in path)
+
+
+def summarize(index: CheckpointIndex) -> dict[str, object]:
+    """A JSON-able summary: format, world size, user metadata, and per-file, per-parameter and
+    per-dtype tensor counts and bytes."""
+    stored_bytes: dict[str, int] = {}
+    dtypes: dict[str, dict[str, int]] = {}
+    parameters: dict[str, dict[str, int]] = {}
+    for name, layout in index.tensors.items():
+        for piece in layout.stored_pieces(name):
+            stored_bytes[piece.name] = math.prod(piece.shape) * layout.dtype.itemsize
+        for table, key in ((dtypes, DTYPE_TO_NAME[layout.dtype]), (parameters, parameter_of(name))):
+            entry = table.setdefault(key, {"tensors": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["bytes"] += layout.nbytes
+    files = {file: {"rank": rank, "tensors": 0, "bytes": 0} for rank, file in enumerate(index.shard_files())}
+    for stored, file in index.weight_map.items():
+        files[file]["tensors"] += 1
+        files[file]["bytes"] += stored_bytes[stored]
+    return {
+        "path": str(index.directory),
+        "format_version": FORMAT_VERSION,
+        "world_size": index.world_size,
+        "total_size": index.total_size,
+        "tensors": len(index.tensors),
+        "stored_tensors": len(index.weight_map),
+        "values": len(index.objects),
+        "user_metadata": index.user_metadata,
+        "files": files,
+        "dtypes": dtypes,
+        "parameters": parameters,
+    }
+
+
+def consolidate_checkpoint(
+    checkpoint_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], progress: Progress | None = None
+) -> Path:
+    """Writes every tensor of a checkpoint, whole, into one plain safetensors file.
+
+    Tensors are named by their JSON-list key (``["optimizer", "state", "fc.weight", "step"]``);
+    the non-tensor values and the user metadata go into the header's ``__metadata__`` as JSON
+    (keys ``distributed_shampoo.values`` and ``distributed_shampoo.user``). Holds the whole
+    checkpoint in memory. The file appears complete or not at all.
+
+    Raises:
+        CheckpointExistsError: ``out_file`` exists.
+        CheckpointError: The checkpoint is missing or damaged.
+    """
+    index = read_index(checkpoint_dir)
+    target = Path(out_file).absolute()
+    if target.exists():
+        raise CheckpointExistsError(f"{target} already exists")
+    tensors: list[tuple[str, torch.Tensor]] = []
+    names = list(index.tensors)
+    for batch in _batches(index, names):
+        tensors.extend(read_whole_tensors(index, batch).items())
+        _report(progress, len(tensors), len(names))
+    header = {
+        "format": "pt",
+        "distributed_shampoo.values": json.dumps(index.objects, allow_nan=True),
+        "distributed_shampoo.user": json.dumps(index.user_metadata),
+    }
+    partial = target.parent / f".{target.name}.incomplete-{new_token()}"
+    write_safetensors(partial, tensors, header)
+    os.rename(partial, target)
+    return target
+
+
+@dataclass(frozen=True)
+class _Block:
+    param: tuple[Key, ...]  # the key path up to the parameter's name
+    index: int
+    names: list[str]  # its logical tensors
+
+
+def _block_owned_state(index: CheckpointIndex, param_dtype: torch.dtype) -> tuple[list[_Block], list[int]]:
+    """The checkpoint's Shampoo blocks in the optimizer's order, and each one's size in bytes.
+
+    The optimizer orders blocks by parameter, then block index. Parameters appear in the index in
+    the optimizer's order (every rank saves every parameter's ``step``, rank 0's first).
+    """
+    blocks: dict[tuple[tuple[Key, ...], int], _Block] = {}
+    params: list[tuple[Key, ...]] = []
+    for name in index.tensors:
+        path = decode_key(name)
+        for position in range(len(path) - 2):
+            if path[position] == "state":
+                param = tuple(path[: position + 2])
+                if param not in params:
+                    params.append(param)
+                match = _BLOCK_KEY.fullmatch(str(path[position + 2]))
+                if match is not None:
+                    key = (param, int(match.group(1)))
+                    blocks.setdefault(key, _Block(param, key[1], [])).names.append(name)
+                break
+    ordered = sorted(blocks.values(), key=lambda block: (params.index(block.param), block.index))
+    return ordered, [_block_nbytes(index, block, param_dtype) for block in ordered]
+
+
+def _block_nbytes(index: CheckpointIndex, block: _Block, param_dtype: torch.dtype) -> int:
+    """``numel * parameter element size``, as the optimizer balances blocks: from a
+    parameter-shaped buffer if the block has one, else from its factor matrices and ``param_dtype``."""
+    factor_sizes: dict[int, int] = {}
+    for name in block.names:
+        path = decode_key(name)
+        layout = index.tensors[name]
+        if path[-1] in _PARAM_SHAPED:
+            return math.prod(layout.shape) * layout.dtype.itemsize
+        dim = path[-1]
+        if len(path) >= 2 and path[-2] == "factor_matrices" and isinstance(dim, int):
+            factor_sizes[dim] = layout.shape[0]
+    return math.prod(factor_sizes.values()) * param_dtype.itemsize
+
+
+def reshard_checkpoint(
+    checkpoint_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    world_size: int,
+    param_dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> CheckpointIndex:
+    """Rewrites a checkpoint of block-owned optimizer state as if ``world_size`` ranks saved it.
+
+    Each Shampoo block (keys ``[..., "state", <param>, "block_<i>", ...]``) goes to the rank
+    ``DistributedShampoo`` with ``DDPDistributedConfig()`` gives it at ``world_size`` ranks
+    (``distribute_buffer_sizes`` over the blocks' byte sizes); everything else goes to rank 0's
+    file, whole. Holds one rank's share in memory at a time (read in batches).
+
+    Args:
+        checkpoint_dir: The checkpoint to rewrite.
+        out_dir: The new checkpoint's directory (must not exist).
+        world_size: The number of ranks to write for (>= 1).
+        param_dtype: The parameters' dtype, for blocks that hold no parameter-shaped buffer
+            (``filtered_grad``, ``momentum``, ``adagrad``) to infer it from.
+        progress: Called with ``(ranks written, world_size)``.
+
+    Returns:
+        The new checkpoint's index.
+
+    Raises:
+        ValueError: ``world_size < 1``, or the checkpoint holds no Shampoo blocks.
+        CheckpointExistsError: ``out_dir`` exists.
+        CheckpointError: The checkpoint is missing or damaged.
+    """
+    if world_size < 1:
+        raise ValueError(f"reshard: world_size must be >= 1, got {world_size}")
+    index = read_index(checkpoint_dir)
+    target = Path(out_dir).absolute()
+    if target.exists():
+        raise CheckpointExistsError(f"{target} already exists")
+    blocks, sizes = _block_owned_state(index, param_dtype)
+    if not blocks:
+        raise ValueError(
+            f"{index.directory} holds no Shampoo blocks (keys [..., \"state\", <param>, \"block_<i>\", ...]); "
+            "nothing to reshard: load_checkpoint already reads any other state at any world size"
+        )
+    writes: list[list[str]] = [[] for _ in range(world_size)]
+    block_names = set()
+    for block, (_, owner) in zip(blocks, distribute_buffer_sizes(sizes, world_size)):
+        writes[owner].extend(block.names)
+        block_names.update(block.names)
+    writes[0][:0] = [name for name in index.tensors if name not in block_names]
+    layouts = {name: TensorLayout(layout.shape, layout.dtype) for name, layout in index.tensors.items()}
+    staging = staging_dir(target, new_token())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    try:
+        checksums: list[dict[str, str]] = []
+        for rank, names in enumerate(writes):
+            tensors: list[tuple[str, torch.Tensor]] = []
+            for batch in _batches(index, names):
+                tensors.extend(read_whole_tensors(index, batch).items())
+            checksums.append(
+                write_safetensors(
+                    staging / shard_file_name(index.prefix, rank, world_size),
+                    tensors,
+                    {"format": "pt", "distributed_shampoo.format_version": str(FORMAT_VERSION),
+                     "rank": str(rank), "world_size": str(world_size)},
+                )
+            )
+            _report(progress, rank + 1, world_size)
+        plan = GlobalPlan(tuple(tuple(w) for w in writes), layouts, index.objects, index.containers)
+        commit_index(StagedSave(target, staging, index.prefix, plan, [], index.user_metadata, False), world_size, checksums)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return read_index(target)
+
+
+@dataclass(frozen=True)
+class TensorDifference:
+    """How one tensor differs between two checkpoints.
+
+    Attributes:
+        name: The logical name (JSON-list key).
+        problem: ``"shape"`` or ``"dtype"`` when they differ (then the values are not compared),
+            else ``"values"``.
+        max_abs: The largest ``|a - b|`` (NaN where only one side is NaN counts as inf).
+        max_rel: The largest ``|a - b| / max(|a|, |b|)`` over elements that differ.
+        elements: How many elements differ.
+    """
+
+    name: str
+    problem: str
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    elements: int = 0
+
+
+@dataclass(frozen=True)
+class CheckpointDiff:
+    """The differences between checkpoints A and B."""
+
+    only_in_a: list[str]
+    only_in_b: list[str]
+    tensors: list[TensorDifference]
+    values: list[tuple[str, object, object]]  # (name, A's value, B's value) of non-tensor leaves
+    equal_tensors: int
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_in_a or self.only_in_b or self.tensors or self.values)
+
+
+def _compare(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDifference | None:
+    if a.shape != b.shape:
+        return TensorDifference(name, "shape")
+    if a.dtype != b.dtype:
+        return TensorDifference(name, "dtype")
+    if torch.equal(a, b):
+        return None
+    # float64 holds every float dtype's values exactly (and ints up to 2^53, enough for a report).
+    wide_a, wide_b = a.to(torch.float64), b.to(torch.float64)
+    same = a == b if not a.is_floating_point() else (wide_a == wide_b) | (wide_a.isnan() & wide_b.isnan())
+    if bool(same.all()):
+        return None
+    difference = (wide_a - wide_b).abs().nan_to_num(nan=math.inf)
+    relative = (difference / torch.maximum(wide_a.abs(), wide_b.abs())).nan_to_num(nan=math.inf)
+    differing = ~same
+    return TensorDifference(
+        name, "values", float(difference[differing].max()), float(relative[differing].max()), int(differing.sum())
+    )
+
+
+def diff_checkpoints(
+    a_dir: str | os.PathLike[str], b_dir: str | os.PathLike[str], progress: Progress | None = None
+) -> CheckpointDiff:
+    """Compares two checkpoints tensor by tensor (at any world sizes: logical tensors are compared).
+
+    NaNs at the same positions count as equal.
+
+    Raises:
+        CheckpointError: Either checkpoint is missing or damaged.
+    """
+    a, b = read_index(a_dir), read_index(b_dir)
+    common = [name for name in a.tensors if name in b.tensors]
+    differences: list[TensorDifference] = []
+    done = 0
+    for batch in _batches(a, common):
+        a_tensors, b_tensors = read_whole_tensors(a, batch), read_whole_tensors(b, batch)
+        for name in batch:
+            difference = _compare(name, a_tensors[name], b_tensors[name])
+            if difference is not None:
+                differences.append(difference)
+        done += len(batch)
+        _report(progress, done, len(common))
+    a_names, b_names = set(a.tensors) | set(a.objects), set(b.tensors) | set(b.objects)
+    values = [
+        (name, a.objects[name], b.objects[name])
+        for name in a.objects
+        if name in b.objects and json.dumps(a.objects[name]) != json.dumps(b.objects[name])
+    ]
+    values += [(name, a.objects[name], "<tensor>") for name in a.objects if name in b.tensors]
+    values += [(name, "<tensor>", b.objects[name]) for name in b.objects if name in a.tensors]
+    return CheckpointDiff(
+        only_in_a=sorted(a_names - b_names),
+        only_in_b=sorted(b_names - a_names),
+        tensors=differences,
+        values=values,
+        equal_tensors=len(common) - len(differences),
+    )
+

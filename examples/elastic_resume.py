@@ -3,12 +3,14 @@
 
 A small classifier trains data-parallel on synthetic data on gloo ranks; Shampoo's blocks are
 distributed over the ranks (``DDPDistributedConfig``: each rank keeps and updates only its own
-blocks). After ``--stop-at`` steps the job saves model and optimizer state with
-``save_checkpoint`` (every rank writes its own blocks) and stops. It then resumes on 2 ranks and
-on 3 ranks: each rank builds the optimizer, takes its ``distributed_state_dict()`` as template,
-and ``load_checkpoint`` reads only the blocks that rank now owns. The tables compare the losses and
-final parameters with a run that was never interrupted, and with a resume that restores the model
-but not the optimizer (what happens without an optimizer checkpoint).
+blocks). The 4-rank job saves model and optimizer state every 5 steps through a
+``CheckpointManager`` with asynchronous saves (training blocks only while the state is staged;
+every rank writes its own blocks in the background; the last 2 checkpoints are kept), and stops
+after ``--stop-at`` steps. The job then resumes from the latest checkpoint on 2 ranks and on 3
+ranks: each rank builds the optimizer, takes its ``distributed_state_dict()`` as template, and
+``load_latest`` reads only the blocks that rank now owns. The tables compare the losses and final
+parameters with a run that was never interrupted, and with a resume that restores the model but
+not the optimizer (what happens without an optimizer checkpoint).
 
 Gradients are averaged in a fixed order whatever the world size (each rank computes the gradients
 of its micro-batches, they are all-gathered and summed in micro-batch order), so an exact resume
@@ -27,9 +29,10 @@ import torch
 import torch.distributed as dist
 
 from distributed_shampoo import AdamPreconditionerConfig, DDPDistributedConfig, DistributedShampoo
-from distributed_shampoo.checkpoint import load_checkpoint, read_checkpoint_index, save_checkpoint
+from distributed_shampoo.checkpoint import CheckpointManager, read_checkpoint_index, RetentionPolicy
 from distributed_shampoo.launch import run_on_ranks
 
+SAVE_EVERY = 5
 MICRO_BATCHES, MICRO_BATCH_SIZE = 12, 16  # 12 micro-batches split evenly over 1, 2, 3 or 4 ranks
 FEATURES, HIDDEN, CLASSES = 32, 64, 4
 
@@ -41,18 +44,18 @@ class Phase:
     Attributes:
         total_steps: Train until this many steps are done.
         out: Rank 0 writes the per-step losses and the final parameters here.
-        save_at: Save a checkpoint after this many steps (then keep training), or None.
-        resume_from: Start from this checkpoint, or None to start from scratch.
+        checkpoint_root: The ``CheckpointManager``'s root, or None for a run without checkpoints.
+        save_every: Save asynchronously every this many steps (None: never).
+        resume: Start from the manager's latest checkpoint instead of from scratch.
         resume_optimizer: Also restore the optimizer's state (False: the model only).
-        checkpoint_dir: Where ``save_at`` saves.
     """
 
     total_steps: int
     out: str
-    save_at: int | None = None
-    resume_from: str | None = None
+    checkpoint_root: str | None = None
+    save_every: int | None = None
+    resume: bool = False
     resume_optimizer: bool = True
-    checkpoint_dir: str = ""
 
 
 def _micro_batch(step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,33 +113,46 @@ def train(rank: int, world_size: int, phase: Phase) -> None:
     torch.set_num_threads(1)  # several ranks share this machine's cores
     model = _model()
     optimizer = _optimizer(model)
+    manager = (
+        CheckpointManager(phase.checkpoint_root, RetentionPolicy(keep_last=2), async_save=True)
+        if phase.checkpoint_root is not None
+        else None
+    )
     step = 0
-    if phase.resume_from is not None:
-        # load_checkpoint fills the template's dicts in place.
+    if phase.resume:
+        assert manager is not None
+        # The template is the state at this world size; load_latest fills its dicts in place,
+        # reading only this rank's blocks.
         model_state = model.state_dict()
         optimizer_state = optimizer.distributed_state_dict(model.named_parameters())
         template: dict[str, object] = {"model": model_state}
         if phase.resume_optimizer:
             template["optimizer"] = optimizer_state
-        load_checkpoint(phase.resume_from, template, keys=list(template))
+        loaded = manager.load_latest(template)
+        assert loaded is not None, f"no checkpoint under {phase.checkpoint_root}"
         model.load_state_dict(model_state)
         if phase.resume_optimizer:
             optimizer.load_distributed_state_dict(optimizer_state, model.named_parameters())
-        step = read_checkpoint_index(phase.resume_from).user_metadata["step"]
-        assert isinstance(step, int)
+        step = loaded.step
     losses: dict[int, float] = {}
+    blocked = 0.0
     while step < phase.total_steps:
         losses[step + 1] = _forward_backward(model, step, rank, world_size)
         optimizer.step()
         step += 1
         if rank == 0 and step % 5 == 0:
             print(f"    [{world_size} ranks] step {step:3d}/{phase.total_steps}: loss {losses[step]:.4f}", flush=True)
-        if step == phase.save_at:
+        if manager is not None and phase.save_every is not None and step % phase.save_every == 0:
             start = time.perf_counter()
             state = {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
-            save_checkpoint(phase.checkpoint_dir, state, metadata={"step": step})
-            if rank == 0:
-                print(f"    [{world_size} ranks] saved step {step} in {time.perf_counter() - start:.2f}s", flush=True)
+            manager.save(step, state, metrics={"loss": losses[step]})  # returns once staged
+            blocked += time.perf_counter() - start
+    if manager is not None:
+        manager.close()  # waits for the save in flight
+        if rank == 0 and phase.save_every is not None:
+            kept = [info.step for info in manager.checkpoints()]
+            print(f"    [{world_size} ranks] saved every {phase.save_every} steps in the background "
+                  f"(training blocked {blocked * 1e3:.0f} ms in all); kept steps {kept}", flush=True)
     if rank == 0:
         torch.save({"losses": losses, "params": model.state_dict()}, phase.out)
 
@@ -149,28 +165,37 @@ def _results(path: str) -> tuple[dict[int, float], dict[str, torch.Tensor]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="total training steps")
-    parser.add_argument("--stop-at", type=int, default=20, help="the step after which the 4-rank job stops")
+    parser.add_argument("--stop-at", type=int, default=20, help="the step after which the 4-rank job stops (a multiple of 5)")
     args = parser.parse_args()
     total, stop_at = int(args.steps), int(args.stop_at)
+    if stop_at % SAVE_EVERY or not 0 < stop_at < total:
+        parser.error(f"--stop-at must be a multiple of {SAVE_EVERY} between 0 and --steps")
     model = _model()
     blocks = sum(len([k for k in state if k.startswith("block_")]) for state in DistributedShampoo(model.parameters(), max_preconditioner_dim=32).state.values())
     print(f"Model: {sum(p.numel() for p in model.parameters())} parameters in {blocks} Shampoo blocks (max_preconditioner_dim=32)")
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = str(Path(tmp, f"step-{stop_at:06d}"))
-        print(f"1. Train on 4 ranks for {total} steps, saving a checkpoint after step {stop_at} (the job that stops there)")
+        root = str(Path(tmp, "checkpoints"))
+        print(f"1. Train on 4 ranks for {total} steps without interruption (the reference)")
         started = time.perf_counter()
-        run_on_ranks(4, train, Phase(total, str(Path(tmp, "uninterrupted")), save_at=stop_at, checkpoint_dir=checkpoint))
+        run_on_ranks(4, train, Phase(total, str(Path(tmp, "uninterrupted"))))
         print(f"   done in {time.perf_counter() - started:.1f}s")
-        index = read_checkpoint_index(checkpoint)
-        print(f"   checkpoint: {len(index.weight_map)} tensors, {index.total_size / 1024:.0f} KiB in {len(index.shard_files())} files")
+        print(f"2. Train on 4 ranks, checkpointing every {SAVE_EVERY} steps, and stop after step {stop_at}")
+        started = time.perf_counter()
+        run_on_ranks(4, train, Phase(stop_at, str(Path(tmp, "stopped")), root, save_every=SAVE_EVERY))
+        print(f"   done in {time.perf_counter() - started:.1f}s")
+        latest = CheckpointManager(root).latest()
+        assert latest is not None
+        index = read_checkpoint_index(latest.path)
+        print(f"   latest checkpoint: {latest.path.name}, {len(index.weight_map)} tensors, "
+              f"{index.total_size / 1024:.0f} KiB in {len(index.shard_files())} files")
         runs: dict[str, tuple[dict[int, float], dict[str, torch.Tensor]]] = {}
         resumes = [("resumed on 2 ranks", 2, True), ("resumed on 3 ranks", 3, True), ("2 ranks, model only", 2, False)]
-        for number, (label, world_size, with_optimizer) in enumerate(resumes, start=2):
+        for number, (label, world_size, with_optimizer) in enumerate(resumes, start=3):
             what = "model and optimizer" if with_optimizer else "the model only (fresh optimizer state)"
-            print(f"{number}. Resume {what} from step {stop_at} on {world_size} ranks and train to step {total}")
+            print(f"{number}. Resume {what} from the latest checkpoint on {world_size} ranks and train to step {total}")
             started = time.perf_counter()
             out = str(Path(tmp, f"run{number}"))
-            run_on_ranks(world_size, train, Phase(total, out, resume_from=checkpoint, resume_optimizer=with_optimizer))
+            run_on_ranks(world_size, train, Phase(total, out, root, resume=True, resume_optimizer=with_optimizer))
             print(f"   done in {time.perf_counter() - started:.1f}s")
             runs[label] = _results(out)
         reference_losses, reference_params = _results(str(Path(tmp, "uninterrupted")))

@@ -12,7 +12,7 @@ ROOT: Path = Path(__file__).resolve().parent.parent
 class ElasticResumeExampleTest(unittest.TestCase):
     def test_resumed_runs_are_bit_identical_and_model_only_is_not(self) -> None:
         completed = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "elastic_resume.py"), "--steps", "8", "--stop-at", "4"],
+            [sys.executable, str(ROOT / "examples" / "elastic_resume.py"), "--steps", "10", "--stop-at", "5"],
             capture_output=True, text=True, timeout=300, cwd=ROOT,
         )
         self.assertEqual(completed.returncode, 0, completed.stdout + completed.stderr)

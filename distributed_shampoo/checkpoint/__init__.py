@@ -5,9 +5,11 @@ See ``docs/checkpoint.md`` for the guide and ``docs/checkpoint-format.md`` for t
 """
 
 from distributed_shampoo.checkpoint.api import (
+    check_checkpoint,
     load_checkpoint,
     read_checkpoint_index,
     save_checkpoint,
+    VerificationReport,
     verify_checkpoint,
 )
 from distributed_shampoo.checkpoint.async_save import AsyncCheckpointer, CheckpointFuture
@@ -40,6 +42,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointIndex",
     "CheckpointNotFoundError",
+    "check_checkpoint",
     "ChecksumMismatchError",
     "ChunkLayout",
     "CorruptCheckpointError",
@@ -56,5 +59,6 @@ __all__ = [
     "TemplateMismatchError",
     "TensorLayout",
     "UnsupportedValueError",
+    "VerificationReport",
     "verify_checkpoint",
 ]

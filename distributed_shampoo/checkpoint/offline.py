@@ -301,9 +301,11 @@ def _compare(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDifference | 
         return TensorDifference(name, "dtype")
     if torch.equal(a, b):
         return None
-    # float64 holds every float dtype's values exactly (and ints up to 2^53, enough for a report).
-    wide_a, wide_b = a.to(torch.float64), b.to(torch.float64)
-    same = a == b if not a.is_floating_point() else (wide_a == wide_b) | (wide_a.isnan() & wide_b.isnan())
+    # float64 (complex128) holds every float dtype's values exactly, and ints up to 2^53 (enough
+    # for a report).
+    wide = torch.complex128 if a.is_complex() else torch.float64
+    wide_a, wide_b = a.to(wide), b.to(wide)
+    same = a == b if not (a.is_floating_point() or a.is_complex()) else (wide_a == wide_b) | (wide_a.isnan() & wide_b.isnan())
     if bool(same.all()):
         return None
     difference = (wide_a - wide_b).abs().nan_to_num(nan=math.inf)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from benchmarks.checkpoint_benchmark import _leaves, shampoo_state
-from distributed_shampoo.checkpoint import AsyncCheckpointer, save_checkpoint
+from distributed_shampoo.checkpoint import AsyncCheckpointer, CheckpointFuture, save_checkpoint
 from distributed_shampoo.launch import run_on_ranks
 
 WIDTH = 512
@@ -38,7 +38,22 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def _mean_step(stop: Callable[[], bool], at_least: int) -> float:
+    """Mean time of a CPU-bound stand-in for a training step (small matmuls driven from Python),
+    over at least ``at_least`` steps and until ``stop()``."""
+    weight = torch.randn(256, 256)
+    times: list[float] = []
+    while len(times) < at_least or not stop():
+        start = time.perf_counter()
+        activation = torch.randn(64, 256)
+        for _ in range(20):
+            activation = torch.tanh(activation @ weight)
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times)
+
+
 def bench(rank: int, world_size: int, root: str, repeats: int, results: str) -> None:
+    torch.set_num_threads(1)  # one core per rank for the stand-in training step
     state = shampoo_state(WIDTH, world_size, rank)
     leaves = _leaves(state)
     copies = [torch.empty_like(leaf) for leaf in leaves]
@@ -50,12 +65,15 @@ def bench(rank: int, world_size: int, root: str, repeats: int, results: str) -> 
     checkpointer = AsyncCheckpointer()
     for repeat in range(repeats):
         record("plain copy of the same bytes", _timed(lambda: [c.copy_(t) for c, t in zip(copies, leaves)]))
-        blocking = _timed(lambda: checkpointer.save_async(Path(root, f"async-{repeat}"), state))
+        record("training step, no save running", _mean_step(lambda: True, 20))
+        futures: list[CheckpointFuture] = []
+        blocking = _timed(lambda: futures.append(checkpointer.save_async(Path(root, f"async-{repeat}"), state)))
         record("save_async, first call (allocates buffers)" if repeat == 0 else "save_async, buffers reused", blocking)
         start = time.perf_counter()
+        record("training step, save running in the background", _mean_step(futures[0].done, 1))
         checkpointer.wait()
         dist.barrier()
-        record("save_async, until durable", blocking + time.perf_counter() - start)
+        record("save_async, until durable (training steps running meanwhile)", blocking + time.perf_counter() - start)
         pending: list[object] = []
         record("save_checkpoint (synchronous)", _timed(lambda: save_checkpoint(Path(root, f"sync-{repeat}"), state)))
         record(

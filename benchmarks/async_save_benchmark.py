@@ -23,19 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from benchmarks.checkpoint_benchmark import _leaves, shampoo_state
+from benchmarks.checkpoint_benchmark import _leaves, _timed, shampoo_state
 from distributed_shampoo.checkpoint import AsyncCheckpointer, CheckpointFuture, save_checkpoint
 from distributed_shampoo.launch import run_on_ranks
 
 WIDTH = 512
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    dist.barrier()
-    return time.perf_counter() - start
 
 
 def _mean_step(stop: Callable[[], bool], at_least: int) -> float:

@@ -59,8 +59,8 @@ class AdaGradPreconditionerConfig(GraftingConfig):
 
 
 @dataclass(frozen=True)
-class RMSpropPreconditionerConfig(GraftingConfig):
-    """Grafting onto RMSprop: ``g / (sqrt(v) + epsilon)`` with ``v`` an EMA of ``g^2``.
+class _SquaredGradientEMAConfig(GraftingConfig):
+    """Grafting onto an exponential moving average ``v`` of ``g^2`` (RMSprop, Adam).
 
     Raises:
         ValueError: If ``beta2`` is outside (0, 1] or ``epsilon <= 0``.
@@ -75,19 +75,15 @@ class RMSpropPreconditionerConfig(GraftingConfig):
 
 
 @dataclass(frozen=True)
-class AdamPreconditionerConfig(GraftingConfig):
-    """Grafting onto Adam: RMSprop with ``v`` bias-corrected by ``1 - beta2^t``.
+class RMSpropPreconditionerConfig(_SquaredGradientEMAConfig):
+    """Grafting onto RMSprop: ``g / (sqrt(v) + epsilon)`` with ``v`` an EMA of ``g^2``."""
 
-    Raises:
-        ValueError: If ``beta2`` is outside (0, 1] or ``epsilon <= 0``.
-    """
+
+@dataclass(frozen=True)
+class AdamPreconditionerConfig(_SquaredGradientEMAConfig):
+    """Grafting onto Adam: RMSprop with ``v`` bias-corrected by ``1 - beta2^t``."""
 
     beta2: float = 0.999
-    epsilon: float = 1e-8
-
-    def __post_init__(self) -> None:
-        _check_beta2(self, self.beta2)
-        _check_epsilon(self, self.epsilon)
 
 
 @dataclass(frozen=True)

@@ -378,10 +378,14 @@ class StateDictTest(unittest.TestCase):
             preconditioner_dtype=dtype,
         )
 
-    def test_distributed_state_dict_layout(self) -> None:
+    def _fresh(self) -> tuple[torch.nn.Sequential, DistributedShampoo, dict[str, object]]:
+        """A model, its optimizer, and the optimizer's distributed state dict."""
         model, _ = _model_and_grads(0)
         optimizer = self._optimizer(model)
-        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        return model, optimizer, optimizer.distributed_state_dict(model.named_parameters())
+
+    def test_distributed_state_dict_layout(self) -> None:
+        model, optimizer, state_dict = self._fresh()
         state = state_dict["state"]
         assert isinstance(state, dict)
         self.assertEqual(list(state), ["0.weight", "0.bias", "2.weight", "2.bias"])
@@ -441,9 +445,7 @@ class StateDictTest(unittest.TestCase):
         self._resume(save, dtype)
 
     def test_missing_parameter_state(self) -> None:
-        model, _ = _model_and_grads(0)
-        optimizer = self._optimizer(model)
-        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        model, optimizer, state_dict = self._fresh()
         state = state_dict["state"]
         assert isinstance(state, dict)
         del state["2.bias"]
@@ -452,33 +454,27 @@ class StateDictTest(unittest.TestCase):
         optimizer.load_distributed_state_dict(state_dict, model.named_parameters(), enable_missing_key_check=False)
 
     def test_missing_block_state(self) -> None:
-        model, _ = _model_and_grads(0)
-        optimizer = self._optimizer(model)
-        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        model, optimizer, state_dict = self._fresh()
         del _node(state_dict, "state", "0.weight", "block_3")["momentum"]
         with self.assertRaisesRegex(KeyError, r'missing key \["block_3", "momentum"\]'):
             optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
 
     def test_shape_mismatch(self) -> None:
-        model, _ = _model_and_grads(0)
-        optimizer = self._optimizer(model)
-        state_dict = optimizer.distributed_state_dict(model.named_parameters())
+        model, optimizer, state_dict = self._fresh()
         _node(state_dict, "state", "0.bias", "block_0")["momentum"] = torch.zeros(5)
         with self.assertRaisesRegex(ValueError, r'\["block_0", "momentum"\] expects a tensor of shape \(4,\), got \(5,\)'):
             optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
 
     def test_changed_max_preconditioner_dim_is_refused_before_anything_changes(self) -> None:
-        model, _ = _model_and_grads(0)
-        optimizer = self._optimizer(model)
-        state_dict = _clone(optimizer.distributed_state_dict(model.named_parameters()))
+        model, optimizer, state_dict = self._fresh()
+        state_dict = _clone(state_dict)
         _node(state_dict, "param_groups", "0.weight").update(max_preconditioner_dim=8, lr=5.0)
         with self.assertRaisesRegex(ValueError, "max_preconditioner_dim 8 of '0.weight' differs from the optimizer's 4"):
             optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
         self.assertEqual(optimizer.param_groups[0]["lr"], SETTING.lr)
 
     def test_unnamed_parameter(self) -> None:
-        model, _ = _model_and_grads(0)
-        optimizer = self._optimizer(model)
+        model, optimizer, _ = self._fresh()
         with self.assertRaisesRegex(ValueError, r"key_to_param names none of the optimizer's parameters #\[2, 3\]"):
             optimizer.distributed_state_dict(list(model.named_parameters())[:2])
 

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
 
 import torch
 import torch.distributed as dist
@@ -24,6 +23,7 @@ from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.checkpoint.errors import AsyncSaveError, CheckpointError
 from distributed_shampoo.checkpoint.format import DEFAULT_PREFIX
 from distributed_shampoo.checkpoint.plan import StateDict
+from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
 
 
 def _finish_and_notify(staged: StagedSave, group: Group, after_commit: Callable[[Path], None] | None) -> Path:
@@ -79,8 +79,8 @@ class CheckpointFuture:
             ) from error
 
 
-class AsyncCheckpointer:
-    """Saves checkpoints in the background, one at a time.
+class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
+    """Saves checkpoints in the background, one at a time; ``with`` closes it on exit.
 
     Construct it on every rank of the world (it creates a gloo process group for its background
     thread, which is a collective call), after ``torch.distributed`` is initialised, or in a
@@ -95,6 +95,7 @@ class AsyncCheckpointer:
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(self, lambda _: None, AsyncCheckpointer.close)  # ``with`` closes it
         self._group: Group = Group.resolve(process_group)
         self._background_group: Group = self._group
         if self._group.distributed:
@@ -171,14 +172,3 @@ class AsyncCheckpointer:
         """Waits for the save in flight and stops the background thread."""
         self.wait()
         self._executor.shutdown(wait=True)
-
-    def __enter__(self) -> "AsyncCheckpointer":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Literal
 
 import torch.distributed as dist
@@ -26,6 +25,7 @@ from distributed_shampoo.checkpoint.commit import new_token
 from distributed_shampoo.checkpoint.errors import CheckpointError, MissingKeyError, TemplateMismatchError, UnsupportedValueError
 from distributed_shampoo.checkpoint.format import DEFAULT_PREFIX
 from distributed_shampoo.checkpoint.plan import StateDict
+from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
 
 _STEP_DIR: re.Pattern[str] = re.compile(r"step-(\d{8,})")
 # Hidden directories a save or a rotation leaves behind when it is killed (see commit.py).
@@ -79,8 +79,9 @@ class CheckpointInfo:
     preserved: bool
 
 
-class CheckpointManager:
-    """Saves numbered checkpoints, keeps the ones the policy wants, and finds the one to resume.
+class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
+    """Saves numbered checkpoints, keeps the ones the policy wants, and finds the one to resume;
+    ``with`` closes it on exit.
 
     Every rank of the process group constructs it and calls ``save`` with its own state; rank 0
     alone deletes (rotation and leftovers), and only once the previous save has finished on every
@@ -104,6 +105,7 @@ class CheckpointManager:
         process_group: dist.ProcessGroup | None = None,
         prefix: str = DEFAULT_PREFIX,
     ) -> None:
+        super().__init__(self, lambda _: None, CheckpointManager.close)  # ``with`` closes it
         self.root: Path = Path(root).absolute()
         self.retention: RetentionPolicy = retention or RetentionPolicy()
         self._process_group = process_group
@@ -282,17 +284,6 @@ class CheckpointManager:
         """Waits for the save in flight and stops the background thread."""
         if self._checkpointer is not None:
             self._checkpointer.close()
-
-    def __enter__(self) -> "CheckpointManager":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:

@@ -19,8 +19,8 @@ from distributed_shampoo.checkpoint import (
     UnsupportedValueError,
     verify_checkpoint,
 )
-from distributed_shampoo.checkpoint import api as checkpoint_api
 from distributed_shampoo.launch import run_on_ranks
+from tests.checkpoint.faults import DISK_FULL_REPORT, fill_disk_of_this_rank
 
 
 def _big_state(value: float) -> dict[str, torch.Tensor]:
@@ -135,10 +135,7 @@ def _load_blocks(rank: int, world_size: int, directory: str) -> None:
 
 def _async_save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -> None:
     if rank == 1:
-        def disk_full(*args: object, **kwargs: object) -> dict[str, str]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        checkpoint_api.write_safetensors = disk_full  # pyre-ignore[9]: fault injection.
+        fill_disk_of_this_rank()
     with AsyncCheckpointer() as checkpointer:
         future = checkpointer.save_async(directory, {f"r{rank}": torch.ones(3)}, overwrite=True)
         try:
@@ -146,7 +143,7 @@ def _async_save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: 
         except AsyncSaveError as error:
             assert rank == 1 and isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC, error
         except DistributedSaveError as error:
-            assert rank == 0 and "rank 1: OSError: [Errno 28] No space left on device" in str(error), error
+            assert rank == 0 and DISK_FULL_REPORT in str(error), error
         else:
             raise AssertionError("the save did not fail")
 

@@ -2,11 +2,9 @@
 """Damaged checkpoints raise their own CheckpointError; a killed save loses nothing."""
 
 import json
-import multiprocessing
 import os
 import signal
 import tempfile
-import time
 import unittest
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from distributed_shampoo.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from tests.checkpoint.faults import sigkill_while_staging
 
 _SHARD = "optimizer-00001-of-00001.safetensors"
 _INDEX = "optimizer.safetensors.index.json"
@@ -155,19 +154,8 @@ class KilledSaveTest(unittest.TestCase):
             original = {"w": torch.randn(100, 100), "step": 3}
             save_checkpoint(directory, original)
             started = Path(tmp) / "started"
-            process = multiprocessing.get_context("spawn").Process(target=_save_forever, args=(str(directory), str(started)))
-            process.start()
-            try:
-                deadline = time.monotonic() + 60
-                while not started.exists() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                # Kill while a staging directory is being written.
-                while not list(Path(tmp).glob(".ckpt.incomplete-*")) and time.monotonic() < deadline:
-                    time.sleep(0.001)
-                os.kill(process.pid, signal.SIGKILL)
-            finally:
-                process.join(30)
-            self.assertEqual(process.exitcode, -signal.SIGKILL)
+            exit_code = sigkill_while_staging(_save_forever, (str(directory), str(started)), started, ".ckpt.incomplete-*")
+            self.assertEqual(exit_code, -signal.SIGKILL)
             loaded = load_checkpoint(directory)
             verify_checkpoint(directory)
             if "t0" not in loaded:  # the kill landed before the first new save was published

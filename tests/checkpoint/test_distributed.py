@@ -21,9 +21,9 @@ from distributed_shampoo.checkpoint import (
     UnsupportedValueError,
     verify_checkpoint,
 )
-from distributed_shampoo.checkpoint import api as checkpoint_api
 from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
 from distributed_shampoo.launch import run_on_ranks
+from tests.checkpoint.faults import DISK_FULL_REPORT, fill_disk_of_this_rank
 
 # (name, global shape): uneven for 3 and 4 ranks along both dimensions.
 _SHARDED: list[tuple[str, tuple[int, ...]]] = [("a", (7, 5)), ("b", (10, 9)), ("c", (3, 11))]
@@ -137,16 +137,13 @@ def _save_unsupported_on_one_rank(rank: int, world_size: int, directory: str) ->
 
 def _save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -> None:
     if rank == 1:
-        def disk_full(*args: object, **kwargs: object) -> dict[str, str]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        checkpoint_api.write_safetensors = disk_full  # pyre-ignore[9]: fault injection.
+        fill_disk_of_this_rank()
     try:
         save_checkpoint(directory, {f"r{rank}": torch.ones(3)}, overwrite=True)
     except OSError as error:
         assert rank == 1 and error.errno == errno.ENOSPC, error
     except DistributedSaveError as error:
-        assert rank == 0 and "rank 1: OSError: [Errno 28] No space left on device" in str(error), error
+        assert rank == 0 and DISK_FULL_REPORT in str(error), error
     else:
         raise AssertionError("the save did not fail")
 

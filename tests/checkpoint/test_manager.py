@@ -1,11 +1,8 @@
 # pyre-strict
 """CheckpointManager: rotation, best-keeping, latest after a crash, cleanup, async saves."""
 
-import multiprocessing
-import os
 import signal
 import tempfile
-import time
 import unittest
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from distributed_shampoo.checkpoint import (
     UnsupportedValueError,
 )
 from distributed_shampoo.launch import run_on_ranks
+from tests.checkpoint.faults import sigkill_while_staging
 
 
 def _state(step: int) -> dict[str, object]:
@@ -173,19 +171,10 @@ def _save_steps_forever(root: str, started: str) -> None:
 class KilledSaveTest(unittest.TestCase):
     def test_latest_after_sigkill_midway_is_the_previous_complete_checkpoint(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            root, started = Path(tmp, "run"), Path(tmp, "started")
-            process = multiprocessing.get_context("spawn").Process(target=_save_steps_forever, args=(str(root), str(started)))
-            process.start()
-            try:
-                deadline = time.monotonic() + 120
-                while not started.exists() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                while not list(root.glob(".step-*.incomplete-*")) and time.monotonic() < deadline:
-                    time.sleep(0.001)
-                os.kill(process.pid, signal.SIGKILL)
-            finally:
-                process.join(30)
-            self.assertEqual(process.exitcode, -signal.SIGKILL)
+            root = Path(tmp, "run")
+            started = root / "started"
+            exit_code = sigkill_while_staging(_save_steps_forever, (str(root), str(started)), started, ".step-*.incomplete-*")
+            self.assertEqual(exit_code, -signal.SIGKILL)
             manager = CheckpointManager(root, RetentionPolicy(keep_last=2))
             latest = manager.latest()
             assert latest is not None

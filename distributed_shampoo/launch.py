@@ -9,7 +9,9 @@ directory. Collectives time out after ``collective_timeout_s``; the parent kills
 after ``timeout_s`` and fails with every rank's traceback.
 """
 
+import ctypes
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -21,11 +23,25 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Asks Linux to SIGKILL this rank when the launching process dies, so that a killed test or
+    benchmark leaves no rank running (``daemon=True`` only covers a parent that exits normally)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
 
 def _child(
     fn: Callable[..., None], rank: int, world_size: int, store: str, errors: str, args: tuple[object, ...],
     collective_timeout_s: float,
 ) -> None:
+    _die_with_parent()
     try:
         dist.init_process_group(
             "gloo",

@@ -96,7 +96,7 @@ def main() -> None:
     print("| what | seconds | x plain copy |\n|---|---:|---:|")
     for name, values in times.items():
         seconds = statistics.median(values)
-        print(f"| {name} | {seconds:.3f} | {seconds / copy:.2f} |")
+        print(f"| {name} | {seconds:.4f} | {seconds / copy:.2f} |")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,26 @@ class CliTest(unittest.TestCase):
         self.assertEqual(row.split("|")[2:5], [" values ", " 1 ", " 5.000e-01 "])
         self.assertTrue(out.splitlines()[-1].startswith("1 tensors differ, "), out)
 
+    def test_converting_a_damaged_checkpoint_fails_and_writes_nothing(self) -> None:
+        copy = self.damaged_copy()
+        shard = copy / "optimizer-00002-of-00004.safetensors"
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        outputs = {"consolidate": self.path("all.safetensors"), "reshard": self.path("resharded")}
+        for command, out in outputs.items():
+            extra = ["--world-size", "2"] if command == "reshard" else []
+            status, _, err = run_cli(command, str(copy), str(out), *extra)
+            self.assertEqual(status, 1, command)
+            last = err.splitlines()[-1]
+            self.assertTrue(last.startswith("error: ") and "has checksum" in last and last.endswith("(corrupted data)"), err)
+            self.assertNotIn("Traceback", err)
+            self.assertFalse(out.exists(), command)
+        self.assertEqual([p.name for p in Path(self.tmp.name).iterdir() if p.name.startswith(".")], [])
+        status, out_text, err = run_cli("diff", str(self.checkpoint), str(copy))
+        self.assertEqual((status, out_text), (2, ""))
+        self.assertIn("(corrupted data)", err)
+
     def test_module_entry_point(self) -> None:
         completed = subprocess.run(
             [sys.executable, "-m", "distributed_shampoo.checkpoint", "inspect", str(self.path("missing"))],

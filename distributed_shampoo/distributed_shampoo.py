@@ -239,11 +239,12 @@ class DistributedShampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is validated before any state changes.
+        group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
         directions: list[torch.Tensor | None] = [None for _ in self._blocks]
         stepped: list[tuple[int, float]] = []  # (parameter index, lr) of the parameters with a gradient
         param_index = 0
-        for group in self.param_groups:
-            hyperparameters = ShampooHyperparameters.from_group(group)
+        for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
             for param in group["params"]:
                 if param.grad is not None:
                     self._compute_directions(param_index, param, param.grad, hyperparameters, directions)

@@ -328,14 +328,16 @@ class ValidationTest(unittest.TestCase):
             make()
         self.assertEqual(str(raised.exception), message)
 
-    def test_invalid_value_set_in_a_group_fails_the_next_step(self) -> None:
-        weight = torch.nn.Parameter(torch.ones(2))
-        optimizer = DistributedShampoo([weight])
-        optimizer.param_groups[0]["lr"] = float("nan")
-        weight.grad = torch.ones(2)
+    def test_invalid_value_set_in_a_group_fails_the_next_step_before_anything_changes(self) -> None:
+        first, second = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+        optimizer = DistributedShampoo([{"params": [first]}, {"params": [second]}])
+        optimizer.param_groups[1]["lr"] = float("nan")
+        first.grad, second.grad = torch.ones(2), torch.ones(2)
         with self.assertRaisesRegex(ValueError, r"^Invalid lr: nan\. Must be >= 0\.$"):
             optimizer.step()
-        self.assertTrue(torch.equal(weight.detach(), torch.ones(2)))
+        self.assertTrue(torch.equal(first.detach(), torch.ones(2)))
+        self.assertEqual(int(optimizer.state[first]["step"]), 0)
+        self.assertTrue(torch.equal(optimizer.state[first]["block_0"]["shampoo"]["factor_matrices"][0], torch.zeros(2, 2)))
 
     def test_momentum_turned_on_after_construction_is_refused(self) -> None:
         weight = torch.nn.Parameter(torch.ones(2))

@@ -155,11 +155,17 @@ def stage_save(
     return StagedSave(target, staging, prefix, global_plan, writes, metadata, overwrite)
 
 
-def finish_save(staged: StagedSave, group: Group) -> Path:
+def finish_save(staged: StagedSave, group: Group, failed: Exception | None = None) -> Path:
     """The second half of a save: write this rank's file, then rank 0 commits the index.
 
     Two collectives on ``group`` (which must hold the same ranks, in the same order, as the group
     that staged the save): gather the written files' checksums, broadcast the outcome.
+
+    Args:
+        staged: What ``stage_save`` returned.
+        group: The ranks finishing the save together.
+        failed: Set when this rank failed between staging and writing: it writes nothing and
+            reports the failure, so that every rank fails the save instead of waiting.
 
     Returns:
         The published checkpoint directory.
@@ -169,6 +175,8 @@ def finish_save(staged: StagedSave, group: Group) -> Path:
     """
     own_error: BaseException | None = None
     try:
+        if failed is not None:
+            raise failed
         checksums = write_safetensors(
             staged.staging / shard_file_name(staged.prefix, group.rank, group.world_size),
             staged.writes,

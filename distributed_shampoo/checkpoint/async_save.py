@@ -26,8 +26,10 @@ from distributed_shampoo.checkpoint.plan import StateDict
 from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
 
 
-def _finish_and_notify(staged: StagedSave, group: Group, after_commit: Callable[[Path], None] | None) -> Path:
-    published = finish_save(staged, group)
+def _finish_and_notify(
+    staged: StagedSave, group: Group, after_commit: Callable[[Path], None] | None, failed: Exception | None
+) -> Path:
+    published = finish_save(staged, group, failed)
     if after_commit is not None:
         after_commit(published)
     return published
@@ -131,13 +133,19 @@ class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
 
         Raises:
             Whatever ``save_checkpoint`` raises while planning (invalid values, an existing target,
-            ranks that disagree), on every rank and before anything is written.
+            ranks that disagree), on every rank and before anything is written. A failure while
+            copying to the staging buffers (e.g. out of memory) fails the future on every rank.
         """
         self.wait()
         staged = stage_save(self._group, checkpoint_dir, state_dict, metadata, prefix, overwrite)
-        staged = self._copy_to_staging_buffers(staged)
+        failed: Exception | None = None
+        try:
+            staged = self._copy_to_staging_buffers(staged)
+        except Exception as error:  # the other ranks are committed to the save: fail it everywhere
+            failed = error
         future = CheckpointFuture(
-            self._executor.submit(_finish_and_notify, staged, self._background_group, after_commit), staged.target
+            self._executor.submit(_finish_and_notify, staged, self._background_group, after_commit, failed),
+            staged.target,
         )
         self._in_flight = future
         return future

@@ -97,6 +97,13 @@ class AsyncSaveTest(unittest.TestCase):
         # The checkpointer goes on saving.
         self.assertEqual(self.checkpointer.save_async(self.root / "b", {"x": torch.ones(1)}).wait(), self.root / "b")
 
+    def test_a_failed_staging_copy_fails_the_future_and_publishes_nothing(self) -> None:
+        future = self.checkpointer.save_async(self.root / "a", {"w": torch.empty(3, device="meta")})
+        with self.assertRaises(AsyncSaveError) as raised:
+            future.wait()
+        self.assertIsInstance(raised.exception.__cause__, NotImplementedError)
+        self.assertEqual(list(self.root.iterdir()), [])
+
     def test_wait_with_a_timeout(self) -> None:
         future = self.checkpointer.save_async(self.root / "a", _big_state(0.0))
         try:

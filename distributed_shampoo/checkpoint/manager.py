@@ -83,7 +83,9 @@ class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
     """Saves numbered checkpoints, keeps the ones the policy wants, and finds the one to resume;
     ``with`` closes it on exit.
 
-    Every rank of the process group constructs it and calls ``save`` with its own state; rank 0
+    Every rank of the process group constructs it (with ``async_save``, every rank of the world:
+    the ``AsyncCheckpointer`` it creates makes a process group) and calls ``save`` with its own
+    state; rank 0
     alone deletes (rotation and leftovers), and only once the previous save has finished on every
     rank, so nothing is removed while a rank may still be writing. One job per root.
 

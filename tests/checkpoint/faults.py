@@ -41,3 +41,10 @@ def sigkill_while_staging(target: Callable[..., None], args: tuple[str, ...], st
     finally:
         process.join(30)
     return process.exitcode
+
+
+def flip_last_byte(path: Path) -> None:
+    """Corrupts a file's last byte (a shard file's last tensor then fails its checksum)."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))

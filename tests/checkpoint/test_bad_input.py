@@ -24,7 +24,7 @@ from distributed_shampoo.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from tests.checkpoint.faults import sigkill_while_staging
+from tests.checkpoint.faults import flip_last_byte, sigkill_while_staging
 
 _SHARD = "optimizer-00001-of-00001.safetensors"
 _INDEX = "optimizer.safetensors.index.json"
@@ -40,10 +40,7 @@ def _truncate(directory: Path) -> None:
 
 
 def _flip_last_byte(directory: Path) -> None:
-    path = directory / _SHARD
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_last_byte(directory / _SHARD)
 
 
 def _append_byte(directory: Path) -> None:

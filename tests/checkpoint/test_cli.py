@@ -18,6 +18,7 @@ from distributed_shampoo.checkpoint import load_checkpoint, read_checkpoint_inde
 from distributed_shampoo.checkpoint.cli import main
 from distributed_shampoo.launch import run_on_ranks
 from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, flatten, Key
+from tests.checkpoint.faults import flip_last_byte
 from tests.test_distributed_training import _model, _optimizer, Run, train
 
 
@@ -97,10 +98,7 @@ class CliTest(unittest.TestCase):
 
     def test_verify_reports_every_problem(self) -> None:
         copy = self.damaged_copy()
-        flipped = copy / "optimizer-00002-of-00004.safetensors"
-        data = bytearray(flipped.read_bytes())
-        data[-1] ^= 0xFF
-        flipped.write_bytes(bytes(data))
+        flip_last_byte(copy / "optimizer-00002-of-00004.safetensors")
         truncated = copy / "optimizer-00003-of-00004.safetensors"
         truncated.write_bytes(truncated.read_bytes()[:-10])
         (copy / "optimizer-00004-of-00004.safetensors").unlink()
@@ -175,10 +173,7 @@ class CliTest(unittest.TestCase):
 
     def test_converting_a_damaged_checkpoint_fails_and_writes_nothing(self) -> None:
         copy = self.damaged_copy()
-        shard = copy / "optimizer-00002-of-00004.safetensors"
-        data = bytearray(shard.read_bytes())
-        data[-1] ^= 0xFF
-        shard.write_bytes(bytes(data))
+        flip_last_byte(copy / "optimizer-00002-of-00004.safetensors")
         outputs = {"consolidate": self.path("all.safetensors"), "reshard": self.path("resharded")}
         for command, out in outputs.items():
             extra = ["--world-size", "2"] if command == "reshard" else []

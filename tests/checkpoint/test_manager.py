@@ -17,7 +17,7 @@ from distributed_shampoo.checkpoint import (
     UnsupportedValueError,
 )
 from distributed_shampoo.launch import run_on_ranks
-from tests.checkpoint.faults import sigkill_while_staging
+from tests.checkpoint.faults import flip_last_byte, sigkill_while_staging
 
 
 def _state(step: int) -> dict[str, object]:
@@ -84,10 +84,7 @@ class ManagerTest(unittest.TestCase):
         manager = CheckpointManager(self.root)
         manager.save(1, _state(1))
         manager.save(2, _state(2))
-        shard = next((self.root / "step-00000002").glob("*.safetensors"))
-        data = bytearray(shard.read_bytes())
-        data[-1] ^= 0xFF
-        shard.write_bytes(bytes(data))
+        flip_last_byte(next((self.root / "step-00000002").glob("*.safetensors")))
         self.assertFalse(manager.validate(self.root / "step-00000002"))
         self.assertTrue(manager.validate(self.root / "step-00000001"))
         template = _state(0)
@@ -100,10 +97,7 @@ class ManagerTest(unittest.TestCase):
     def test_load_latest_raises_when_every_checkpoint_is_damaged(self) -> None:
         manager = CheckpointManager(self.root)
         manager.save(1, _state(1))
-        shard = next((self.root / "step-00000001").glob("*.safetensors"))
-        data = bytearray(shard.read_bytes())
-        data[-1] ^= 0xFF
-        shard.write_bytes(bytes(data))
+        flip_last_byte(next((self.root / "step-00000001").glob("*.safetensors")))
         with self.assertWarns(UserWarning), self.assertRaises(ChecksumMismatchError):
             manager.load_latest(_state(0))
 

@@ -22,7 +22,14 @@ from distributed_shampoo.checkpoint.api import load_checkpoint, read_checkpoint_
 from distributed_shampoo.checkpoint.async_save import AsyncCheckpointer, CheckpointFuture
 from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.checkpoint.commit import new_token
-from distributed_shampoo.checkpoint.errors import CheckpointError, MissingKeyError, TemplateMismatchError, UnsupportedValueError
+from distributed_shampoo.checkpoint.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    InconsistentStateError,
+    MissingKeyError,
+    TemplateMismatchError,
+    UnsupportedValueError,
+)
 from distributed_shampoo.checkpoint.format import DEFAULT_PREFIX
 from distributed_shampoo.checkpoint.plan import StateDict
 from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
@@ -208,30 +215,49 @@ class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
         return ranked[0] if ranked else None
 
     def load_latest(self, state_dict: StateDict, *, strict: bool = True, verify: bool = True) -> CheckpointInfo | None:
-        """Fills ``state_dict`` in place from the newest checkpoint that loads.
+        """Fills ``state_dict`` in place from the newest checkpoint that loads on every rank.
 
-        A newest checkpoint that turns out damaged is skipped with a warning naming the error,
-        and the next older one is tried.
+        Collective when distributed (every rank of the process group calls it), so that all ranks
+        resume from the same step: a checkpoint that turns out damaged on any rank (each rank reads
+        only its own part) is skipped on all of them with a warning naming the errors, and the
+        next older one is tried.
 
         Returns:
             The checkpoint loaded, or None if there is none (the template is untouched).
 
         Raises:
+            InconsistentStateError: The ranks see different checkpoints under the root.
             CheckpointError: Every checkpoint failed to load (the newest one's error), or the
-                template does not match (``MissingKeyError``, ``TemplateMismatchError``: trying older
-                checkpoints would not help).
+                template does not match on some rank (``MissingKeyError``,
+                ``TemplateMismatchError`` on that rank, ``CheckpointError`` on the others: trying
+                older checkpoints would not help).
         """
-        checkpoints = self.checkpoints()
+        group = Group.resolve(self._process_group)
+        candidates = list(reversed(self.checkpoints()))
+        seen = group.all_gather([info.step for info in candidates])
+        if any(steps != seen[0] for steps in seen):
+            raise InconsistentStateError(
+                f"the ranks see different checkpoints under {self.root}: "
+                + ", ".join(f"rank {rank}: steps {steps}" for rank, steps in enumerate(seen))
+            )
         first_error: CheckpointError | None = None
-        for info in reversed(checkpoints):
+        for info in candidates:
+            own_error: CheckpointError | None = None
             try:
                 load_checkpoint(info.path, state_dict, strict=strict, verify=verify)
-                return info
             except CheckpointError as error:
-                if not _is_damage(error):
-                    raise
-                warnings.warn(f"CheckpointManager: {info.path} does not load ({error}); trying an older one", stacklevel=2)
-                first_error = first_error or error
+                own_error = error
+            outcomes = group.all_gather(
+                None if own_error is None else (_is_damage(own_error), f"rank {group.rank}: {own_error}")
+            )
+            failures = [outcome for outcome in outcomes if outcome is not None]
+            if not failures:
+                return info
+            details = "; ".join(message for _, message in failures)
+            if not all(damage for damage, _ in failures):
+                raise own_error or CheckpointError(f"loading {info.path} failed on another rank: {details}")
+            warnings.warn(f"CheckpointManager: {info.path} does not load ({details}); trying an older one", stacklevel=2)
+            first_error = first_error or own_error or CorruptCheckpointError(f"{info.path} is damaged: {details}")
         if first_error is not None:
             raise first_error
         return None

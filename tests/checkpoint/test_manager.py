@@ -4,6 +4,7 @@
 import signal
 import tempfile
 import unittest
+import warnings
 from pathlib import Path
 
 import torch
@@ -201,6 +202,20 @@ def _resume_on_ranks(rank: int, world_size: int, root: str) -> None:
         assert torch.equal(block, torch.full((8,), 300.0 + int(name.split("_")[1]))), name
 
 
+def _resume_consistently(rank: int, world_size: int, root: str) -> None:
+    """Rank 1's part of the newest checkpoint is damaged: every rank must resume from step 2."""
+    manager = CheckpointManager(root)
+    blocks = {f"block_{i}": torch.zeros(8) for i in range(rank, 6, world_size)}
+    template: dict[str, object] = {"blocks": blocks, "step": 0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = manager.load_latest(template)
+    assert loaded is not None and loaded.step == 2 and template["step"] == 2, (rank, loaded)
+    assert any("rank 1: " in str(w.message) and "step-00000003 does not load" in str(w.message) for w in caught), caught
+    for name, block in blocks.items():
+        assert torch.equal(block, torch.full((8,), 200.0 + int(name.split("_")[1]))), name
+
+
 class DistributedManagerTest(unittest.TestCase):
     def test_two_ranks_save_asynchronously_and_three_resume(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -208,3 +223,10 @@ class DistributedManagerTest(unittest.TestCase):
             run_on_ranks(2, _manager_on_ranks, root)
             self.assertEqual(sorted(p.name for p in Path(root).iterdir()), ["step-00000002", "step-00000003"])
             run_on_ranks(3, _resume_on_ranks, root)
+
+    def test_ranks_agree_on_the_checkpoint_when_one_rank_finds_its_part_damaged(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = str(Path(tmp, "run"))
+            run_on_ranks(2, _manager_on_ranks, root)
+            flip_last_byte(Path(root, "step-00000003", "optimizer-00002-of-00002.safetensors"))
+            run_on_ranks(2, _resume_consistently, root)

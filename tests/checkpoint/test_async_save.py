@@ -155,6 +155,21 @@ def _async_save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: 
             raise AssertionError("the save did not fail")
 
 
+def _staging_copy_fails_on_rank_1(rank: int, world_size: int, directory: str) -> None:
+    """Rank 1 holds a tensor that cannot be copied (a meta tensor): every rank's future fails."""
+    state = {f"r{rank}": torch.empty(3, device="meta") if rank == 1 else torch.ones(3)}
+    with AsyncCheckpointer() as checkpointer:
+        future = checkpointer.save_async(directory, state)
+        try:
+            future.wait(timeout=60)
+        except AsyncSaveError as error:
+            assert rank == 1 and isinstance(error.__cause__, NotImplementedError), error
+        except DistributedSaveError as error:
+            assert rank == 0 and "rank 1: NotImplementedError" in str(error), error
+        else:
+            raise AssertionError("the save did not fail")
+
+
 class DistributedAsyncSaveTest(unittest.TestCase):
     def test_three_ranks_save_in_the_background_and_two_load(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -162,6 +177,11 @@ class DistributedAsyncSaveTest(unittest.TestCase):
             run_on_ranks(3, _async_save_while_training, directory)
             self.assertEqual(verify_checkpoint(directory).world_size, 3)
             run_on_ranks(2, _load_blocks, directory)
+
+    def test_a_failed_staging_copy_on_one_rank_fails_every_future_without_waiting(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_on_ranks(2, _staging_copy_fails_on_rank_1, str(Path(tmp, "ckpt")))
+            self.assertEqual(list(Path(tmp).iterdir()), [])
 
     def test_failure_on_one_rank_fails_every_future_and_keeps_the_old_checkpoint(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:

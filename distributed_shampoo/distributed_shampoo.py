@@ -3,6 +3,7 @@
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TypeVar
 
 import torch
@@ -48,7 +49,8 @@ class BlockState(OptimizerModule):
     Its state dict is ``{"shampoo": {...}, "adagrad": ..., "filtered_grad": ..., "momentum": ...}``;
     the attribute names are the state keys, and buffers a configuration does not need are None and
     absent from the state dict (no grafting state for SGD grafting or none, no ``filtered_grad``
-    when ``betas[0] == 0``, no ``momentum`` when ``momentum == 0``).
+    when ``betas[0] == 0``, no ``momentum`` when ``momentum == 0``). ``adagrad`` is the
+    reference implementation's name for the grafting accumulator, whichever the grafting.
     """
 
     def __init__(
@@ -169,15 +171,15 @@ class DistributedShampoo(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
         self._layouts: list[_ParamLayout] = []
         self._blocks: list[BlockSpec] = []
-        for group in self.param_groups:
-            hyperparameters = ShampooHyperparameters.from_group(group)
+        group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
+        for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
             for param in group["params"]:
                 self._add_blocks(param, hyperparameters.max_preconditioner_dim)
+        # Ownership needs the whole block list; only then can each rank allocate its blocks' state.
         self._distributor = BlockDistributor(self._blocks, distributed_config, self._params[0].device)
         self._block_states: dict[int, BlockState] = {}
         self._steps: list[torch.Tensor] = []
-        for group in self.param_groups:
-            hyperparameters = ShampooHyperparameters.from_group(group)
+        for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
             for param in group["params"]:
                 param_index = len(self._steps)
                 self._steps.append(torch.zeros((), dtype=torch.int64))
@@ -242,33 +244,35 @@ class DistributedShampoo(torch.optim.Optimizer):
         # Every group is validated before any state changes.
         group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
         directions: list[torch.Tensor | None] = [None for _ in self._blocks]
-        stepped: list[tuple[int, float]] = []  # (parameter index, lr) of the parameters with a gradient
+        # (parameter index, its blocks, lr) of the parameters with a gradient
+        stepped: list[tuple[int, tuple[torch.Tensor, ...], float]] = []
         param_index = 0
         for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
             for param in group["params"]:
                 if param.grad is not None:
-                    self._compute_directions(param_index, param, param.grad, hyperparameters, directions)
-                    stepped.append((param_index, hyperparameters.lr))
+                    param_blocks = self._layouts[param_index].split(param)
+                    self._compute_directions(param_index, param, param_blocks, hyperparameters, directions)
+                    stepped.append((param_index, param_blocks, hyperparameters.lr))
                 param_index += 1
         updates = self._distributor.exchange(directions)
-        for param_index, lr in stepped:
-            param = self._params[param_index]
-            layout = self._layouts[param_index]
-            for position, param_block in zip(layout.block_positions, layout.split(param)):
+        for param_index, param_blocks, lr in stepped:
+            for position, param_block in zip(self._layouts[param_index].block_positions, param_blocks):
                 update = updates[position]
                 if update is not None:
-                    param_block.add_(update.to(param.dtype), alpha=-lr)
+                    param_block.add_(update.to(param_block.dtype), alpha=-lr)
         return loss
 
     def _compute_directions(
         self,
         param_index: int,
         param: torch.Tensor,
-        grad: torch.Tensor,
+        param_blocks: tuple[torch.Tensor, ...],
         hyperparameters: ShampooHyperparameters,
         directions: list[torch.Tensor | None],
     ) -> None:
         """Advances the parameter's step and stores its owned blocks' directions in ``directions``."""
+        grad = param.grad
+        assert grad is not None
         if grad.is_sparse:
             raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
         step_count = self._steps[param_index]
@@ -278,7 +282,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             grad = grad.add(param, alpha=hyperparameters.weight_decay)
         layout = self._layouts[param_index]
         compute_dtype = torch.promote_types(param.dtype, torch.float32)
-        for position, grad_block, param_block in zip(layout.block_positions, layout.split(grad), layout.split(param)):
+        for position, grad_block, param_block in zip(layout.block_positions, layout.split(grad), param_blocks):
             block_state = self._block_states.get(position)
             if block_state is not None:
                 directions[position] = self._block_direction(
@@ -369,12 +373,11 @@ class DistributedShampoo(torch.optim.Optimizer):
         names = self._named_params(key_to_param)
         result: dict[str, object] = {"state": {name: self._param_state(index) for index, name in enumerate(names)}}
         if save_param_groups:
-            param_groups: dict[str, object] = {}
-            params = iter(names)
-            for group in self.param_groups:
-                for name, _ in zip(params, group["params"]):
-                    param_groups[name] = {hyperparameter: group[hyperparameter] for hyperparameter in HYPERPARAMETERS}
-            result["param_groups"] = param_groups
+            groups = [group for group in self.param_groups for _ in group["params"]]  # each parameter's group
+            result["param_groups"] = {
+                name: {hyperparameter: group[hyperparameter] for hyperparameter in HYPERPARAMETERS}
+                for name, group in zip(names, groups)
+            }
         return result
 
     def load_distributed_state_dict(
@@ -403,7 +406,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         """
         names = self._named_params(key_to_param)
         if save_param_groups:
-            self._load_hyperparameters(state_dict, names)
+            saved_groups = _mapping(state_dict, "param_groups")
+            # Parameters of a group share its hyperparameters: read them from its first parameter.
+            firsts = accumulate((len(group["params"]) for group in self.param_groups[:-1]), initial=0)
+            self._load_hyperparameters([(repr(names[first]), _mapping(saved_groups, names[first])) for first in firsts])
         state = _mapping(state_dict, "state")
         for index, name in enumerate(names):
             if name not in state:
@@ -412,21 +418,20 @@ class DistributedShampoo(torch.optim.Optimizer):
                 continue
             update_param_state_dict_object(self._param_state(index), _mapping(state, name), enable_missing_key_check)
 
-    def _load_hyperparameters(self, state_dict: Mapping[str, object], names: list[str]) -> None:
-        """Validates every group's saved hyperparameters, then sets them (all or nothing)."""
-        saved_groups = _mapping(state_dict, "param_groups")
-        params = iter(names)
+    def _load_hyperparameters(self, saved_per_group: list[tuple[str, Mapping[Key, object]]]) -> None:
+        """Validates every group's saved hyperparameters, then sets them (all or nothing).
+
+        Args:
+            saved_per_group: For each parameter group, a label for messages and its saved values.
+        """
         updates: list[tuple[dict[str, object], dict[str, object]]] = []
-        for group in self.param_groups:
-            group_names = [name for name, _ in zip(params, group["params"])]
-            saved = _mapping(saved_groups, group_names[0])
+        for group, (label, saved) in zip(self.param_groups, saved_per_group):
             loaded = {**group, **{key: saved[key] for key in HYPERPARAMETERS if key in saved}}
             new = ShampooHyperparameters.from_group(loaded)
             if new.max_preconditioner_dim != group["max_preconditioner_dim"]:
                 raise ValueError(
-                    f"load_distributed_state_dict: max_preconditioner_dim {new.max_preconditioner_dim} of "
-                    f"{group_names[0]!r} differs from the optimizer's {group['max_preconditioner_dim']}; "
-                    "the blocks would not match"
+                    f"max_preconditioner_dim {new.max_preconditioner_dim} of {label} differs from the "
+                    f"optimizer's {group['max_preconditioner_dim']}; the blocks would not match"
                 )
             updates.append((group, loaded))
         for group, loaded in updates:
@@ -445,17 +450,11 @@ class DistributedShampoo(torch.optim.Optimizer):
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
             raise ValueError("load_state_dict: the state dict has a different number of parameter groups")
-        names = [f"#{index}" for index in range(len(self._params))]
-        ids: list[Key] = []
-        by_name: dict[str, object] = {}
-        for group, saved in zip(self.param_groups, saved_groups):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError("load_state_dict: a parameter group has a different number of parameters")
-            for param_id in saved["params"]:
-                by_name[names[len(ids)]] = {key: saved[key] for key in HYPERPARAMETERS}
-                ids.append(param_id)
-        self._load_hyperparameters({"param_groups": by_name}, names)
+        if any(len(saved["params"]) != len(group["params"]) for group, saved in zip(self.param_groups, saved_groups)):
+            raise ValueError("load_state_dict: a parameter group has a different number of parameters")
+        self._load_hyperparameters([(f"parameter group {index}", saved) for index, saved in enumerate(saved_groups)])
         saved_state = _mapping(state_dict, "state")
+        ids: list[Key] = [param_id for saved in saved_groups for param_id in saved["params"]]
         for index, param_id in enumerate(ids):
             if param_id not in saved_state:
                 raise KeyError(f"load_state_dict: no state for parameter #{index}")

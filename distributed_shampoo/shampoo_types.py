@@ -6,14 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Keys of the optimizer state, as they appear in ``state_dict()`` and ``distributed_state_dict()``.
+# A parameter's step count in ``state_dict()`` and ``distributed_state_dict()``; the keys of a
+# block's state are ``BlockState``'s attribute names.
 STEP = "step"
-SHAMPOO = "shampoo"
-FACTOR_MATRICES = "factor_matrices"
-INV_FACTOR_MATRICES = "inv_factor_matrices"
-GRAFTING_STATE = "adagrad"  # the reference implementation's name for the grafting accumulator
-FILTERED_GRAD = "filtered_grad"
-MOMENTUM = "momentum"
 
 # The dtypes the all-gather of updates may use.
 COMMUNICATION_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
@@ -168,19 +163,19 @@ class ShampooHyperparameters:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"Invalid betas: {betas!r}. Must be a pair (beta1, beta2).")
         values = cls(
-            lr=_number(group, "lr"),
-            beta1=_number({"betas[0]": betas[0]}, "betas[0]"),
-            beta2=_number({"betas[1]": betas[1]}, "betas[1]"),
-            epsilon=_number(group, "epsilon"),
-            momentum=_number(group, "momentum"),
-            dampening=_number(group, "dampening"),
-            weight_decay=_number(group, "weight_decay"),
-            max_preconditioner_dim=_integer(group, "max_preconditioner_dim"),
-            precondition_frequency=_integer(group, "precondition_frequency"),
-            start_preconditioning_step=_integer(group, "start_preconditioning_step"),
-            use_nesterov=_flag(group, "use_nesterov"),
-            use_bias_correction=_flag(group, "use_bias_correction"),
-            use_decoupled_weight_decay=_flag(group, "use_decoupled_weight_decay"),
+            lr=_number("lr", group["lr"]),
+            beta1=_number("betas[0]", betas[0]),
+            beta2=_number("betas[1]", betas[1]),
+            epsilon=_number("epsilon", group["epsilon"]),
+            momentum=_number("momentum", group["momentum"]),
+            dampening=_number("dampening", group["dampening"]),
+            weight_decay=_number("weight_decay", group["weight_decay"]),
+            max_preconditioner_dim=_integer("max_preconditioner_dim", group["max_preconditioner_dim"]),
+            precondition_frequency=_integer("precondition_frequency", group["precondition_frequency"]),
+            start_preconditioning_step=_integer("start_preconditioning_step", group["start_preconditioning_step"]),
+            use_nesterov=_flag("use_nesterov", group["use_nesterov"]),
+            use_bias_correction=_flag("use_bias_correction", group["use_bias_correction"]),
+            use_decoupled_weight_decay=_flag("use_decoupled_weight_decay", group["use_decoupled_weight_decay"]),
         )
         checks = (
             (values.lr >= 0.0, f"Invalid lr: {values.lr}. Must be >= 0."),
@@ -216,22 +211,19 @@ class ShampooHyperparameters:
         return values
 
 
-def _number(group: Mapping[str, object], name: str) -> float:
-    value = group[name]
+def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name}: {value!r}. Must be a number.")
     return float(value)
 
 
-def _integer(group: Mapping[str, object], name: str) -> int:
-    value = group[name]
+def _integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"Invalid {name}: {value!r}. Must be an int.")
     return value
 
 
-def _flag(group: Mapping[str, object], name: str) -> bool:
-    value = group[name]
+def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}: {value!r}. Must be a bool.")
     return value

@@ -26,12 +26,12 @@ from distributed_shampoo.checkpoint.format import (
     check_header_entry,
     CheckpointIndex,
     DEFAULT_PREFIX,
-    FORMAT_VERSION,
     index_file_name,
     index_to_json,
     read_header,
     read_index,
     shard_file_name,
+    shard_header_metadata,
 )
 from distributed_shampoo.checkpoint.load import fill_template, KeySelection, template_from_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
@@ -180,8 +180,7 @@ def finish_save(staged: StagedSave, group: Group, failed: Exception | None = Non
         checksums = write_safetensors(
             staged.staging / shard_file_name(staged.prefix, group.rank, group.world_size),
             staged.writes,
-            {"format": "pt", "distributed_shampoo.format_version": str(FORMAT_VERSION),
-             "rank": str(group.rank), "world_size": str(group.world_size)},
+            shard_header_metadata(group.rank, group.world_size),
         )
         written = _Written(checksums, None)
     except Exception as error:  # reported to every rank so that none waits forever
@@ -246,8 +245,11 @@ def _check_metadata(metadata: Mapping[str, object] | None) -> None:
         raise UnsupportedValueError(f"metadata must be JSON-serialisable without NaN/inf: {error}") from None
 
 
-def commit_index(staged: StagedSave, world_size: int, checksums_per_rank: list[dict[str, str]]) -> None:
+def commit_index(staged: StagedSave, world_size: int, checksums_per_rank: list[dict[str, str]]) -> CheckpointIndex:
     """Writes the index of a staged save whose files are all written, then publishes it.
+
+    Returns:
+        The index written.
 
     Raises:
         CheckpointExistsError: The target appeared meanwhile and ``overwrite`` is false.
@@ -275,6 +277,7 @@ def commit_index(staged: StagedSave, world_size: int, checksums_per_rank: list[d
     if target.exists() and not staged.overwrite:
         raise CheckpointExistsError(f"{target} appeared while saving; the new checkpoint was discarded")
     publish(staged.staging, target)
+    return index
 
 
 _Template = TypeVar("_Template", bound=StateDict)

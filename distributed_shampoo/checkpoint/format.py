@@ -61,6 +61,16 @@ def shard_file_name(prefix: str, rank: int, world_size: int) -> str:
     return f"{prefix}-{rank + 1:05d}-of-{world_size:05d}.safetensors"
 
 
+def shard_header_metadata(rank: int, world_size: int) -> dict[str, str]:
+    """The ``__metadata__`` of a shard file's safetensors header."""
+    return {
+        "format": "pt",
+        "distributed_shampoo.format_version": str(FORMAT_VERSION),
+        "rank": str(rank),
+        "world_size": str(world_size),
+    }
+
+
 def index_file_name(prefix: str) -> str:
     """``<prefix>.safetensors.index.json``; its presence marks a complete checkpoint."""
     return f"{prefix}.safetensors.index.json"

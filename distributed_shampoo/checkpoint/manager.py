@@ -7,6 +7,7 @@ atomically with the checkpoint. Half-written saves are hidden staging directorie
 never listed; the next save removes the leftovers of crashed ones.
 """
 
+import math
 import os
 import re
 import shutil
@@ -317,7 +318,7 @@ class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
 def _check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     checked: dict[str, float] = {}
     for name, value in (metrics or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UnsupportedValueError(f"metric {name!r} must be a finite number, got {value!r}")
         checked[str(name)] = float(value)
     return checked

@@ -26,6 +26,7 @@ from distributed_shampoo.checkpoint.format import (
     FORMAT_VERSION,
     read_index,
     shard_file_name,
+    shard_header_metadata,
     TensorLayout,
 )
 from distributed_shampoo.checkpoint.load import read_whole_tensors
@@ -62,14 +63,19 @@ def _report(progress: Progress | None, done: int, total: int) -> None:
         progress(done, total)
 
 
+def _param_path(path: Sequence[Key]) -> tuple[Key, ...] | None:
+    """The key path up to the parameter name that follows the first ``"state"`` key, or None."""
+    for position, key in enumerate(path[:-1]):
+        if key == "state":
+            return tuple(path[: position + 2])
+    return None
+
+
 def parameter_of(name: str) -> str:
     """The parameter a logical tensor belongs to, for summaries: the key path up to the name that
     follows a ``"state"`` key (``optimizer/state/fc.weight``), or the whole path otherwise."""
     path = decode_key(name)
-    for position, key in enumerate(path[:-1]):
-        if key == "state":
-            return "/".join(str(k) for k in path[: position + 2])
-    return "/".join(str(k) for k in path)
+    return "/".join(str(key) for key in _param_path(path) or path)
 
 
 def summarize(index: CheckpointIndex) -> dict[str, object]:
@@ -152,20 +158,18 @@ def _block_owned_state(index: CheckpointIndex, param_dtype: torch.dtype) -> tupl
     the optimizer's order (every rank saves every parameter's ``step``, rank 0's first).
     """
     blocks: dict[tuple[tuple[Key, ...], int], _Block] = {}
-    params: list[tuple[Key, ...]] = []
+    param_order: dict[tuple[Key, ...], int] = {}
     for name in index.tensors:
         path = decode_key(name)
-        for position in range(len(path) - 2):
-            if path[position] == "state":
-                param = tuple(path[: position + 2])
-                if param not in params:
-                    params.append(param)
-                match = _BLOCK_KEY.fullmatch(str(path[position + 2]))
-                if match is not None:
-                    key = (param, int(match.group(1)))
-                    blocks.setdefault(key, _Block(param, key[1], [])).names.append(name)
-                break
-    ordered = sorted(blocks.values(), key=lambda block: (params.index(block.param), block.index))
+        param = _param_path(path)
+        if param is None or len(path) == len(param):
+            continue
+        param_order.setdefault(param, len(param_order))
+        match = _BLOCK_KEY.fullmatch(str(path[len(param)]))
+        if match is not None:
+            block_index = int(match.group(1))
+            blocks.setdefault((param, block_index), _Block(param, block_index, [])).names.append(name)
+    ordered = sorted(blocks.values(), key=lambda block: (param_order[block.param], block.index))
     return ordered, [_block_nbytes(index, block, param_dtype) for block in ordered]
 
 
@@ -246,17 +250,16 @@ def reshard_checkpoint(
                 write_safetensors(
                     staging / shard_file_name(index.prefix, rank, world_size),
                     tensors,
-                    {"format": "pt", "distributed_shampoo.format_version": str(FORMAT_VERSION),
-                     "rank": str(rank), "world_size": str(world_size)},
+                    shard_header_metadata(rank, world_size),
                 )
             )
             _report(progress, rank + 1, world_size)
         plan = GlobalPlan(tuple(tuple(w) for w in writes), layouts, index.objects, index.containers)
-        commit_index(StagedSave(target, staging, index.prefix, plan, [], index.user_metadata, False), world_size, checksums)
+        staged = StagedSave(target, staging, index.prefix, plan, [], index.user_metadata, False)
+        return commit_index(staged, world_size, checksums)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return read_index(target)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from distributed_shampoo.checkpoint import api as checkpoint_api
+from distributed_shampoo.checkpoint import api as checkpoint_api, DistributedSaveError
 
 DISK_FULL_REPORT = "rank 1: OSError: [Errno 28] No space left on device"
 
@@ -48,3 +48,22 @@ def flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def expect_failure_on_every_rank(
+    rank: int, failing_rank: int, action: Callable[[], object], failing_error: Callable[[Exception], bool], report: str
+) -> None:
+    """Runs ``action`` on this rank and checks that a failure on one rank reached every rank.
+
+    ``failing_rank`` must raise an error that ``failing_error`` accepts; every other rank must raise
+    a ``DistributedSaveError`` whose message contains ``report``.
+    """
+    try:
+        action()
+    except Exception as error:
+        if rank == failing_rank:
+            assert failing_error(error), error
+        else:
+            assert isinstance(error, DistributedSaveError) and report in str(error), error
+    else:
+        raise AssertionError(f"rank {rank}: the save did not fail")

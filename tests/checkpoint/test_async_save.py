@@ -3,7 +3,9 @@
 
 import errno
 import tempfile
+import threading
 import unittest
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,19 +15,27 @@ from distributed_shampoo.checkpoint import (
     AsyncCheckpointer,
     AsyncSaveError,
     CheckpointFuture,
-    DistributedSaveError,
     load_checkpoint,
     save_checkpoint,
     UnsupportedValueError,
     verify_checkpoint,
 )
 from distributed_shampoo.launch import run_on_ranks
-from tests.checkpoint.faults import DISK_FULL_REPORT, fill_disk_of_this_rank
+from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fill_disk_of_this_rank
 
 
 def _big_state(value: float) -> dict[str, torch.Tensor]:
     """128 MiB in 32 tensors: long enough to write that the caller runs ahead of the writer."""
     return {f"t{i}": torch.full((1024, 1024), value + i) for i in range(32)}
+
+
+def _held_until(release: threading.Event) -> Callable[[Path], None]:
+    """An ``after_commit`` that keeps the save unfinished until ``release`` is set."""
+
+    def hold(published: Path) -> None:
+        release.wait(60)
+
+    return hold
 
 
 class AsyncSaveTest(unittest.TestCase):
@@ -61,7 +71,10 @@ class AsyncSaveTest(unittest.TestCase):
             self.assertTrue(torch.equal(loaded[f"t{i}"], torch.full((1024, 1024), float(i))), f"t{i}")  # pyre-ignore[6]
 
     def test_a_second_save_waits_for_the_first(self) -> None:
-        first = self.checkpointer.save_async(self.root / "a", _big_state(0.0))
+        release = threading.Event()
+        first = self.checkpointer.save_async(self.root / "a", {"x": torch.zeros(2)}, after_commit=_held_until(release))
+        self.assertFalse(first.done())
+        threading.Timer(0.2, release.set).start()
         second = self.checkpointer.save_async(self.root / "b", {"x": torch.ones(2)})
         self.assertTrue(first.done())
         self.assertEqual(first.wait(), self.root / "a")
@@ -105,11 +118,13 @@ class AsyncSaveTest(unittest.TestCase):
         self.assertEqual(list(self.root.iterdir()), [])
 
     def test_wait_with_a_timeout(self) -> None:
-        future = self.checkpointer.save_async(self.root / "a", _big_state(0.0))
-        try:
+        release = threading.Event()
+        future = self.checkpointer.save_async(self.root / "a", {"x": torch.ones(2)}, after_commit=_held_until(release))
+        with self.assertRaises(TimeoutError) as raised:
             future.wait(timeout=0.0)
-        except TimeoutError as error:
-            self.assertEqual(str(error), f"saving {self.root / 'a'} is still running after 0.0s")
+        self.assertEqual(str(raised.exception), f"saving {self.root / 'a'} is still running after 0.0s")
+        self.assertFalse(future.done())
+        release.set()
         self.assertEqual(future.wait(timeout=60.0), self.root / "a")
 
 
@@ -145,14 +160,12 @@ def _async_save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: 
         fill_disk_of_this_rank()
     with AsyncCheckpointer() as checkpointer:
         future = checkpointer.save_async(directory, {f"r{rank}": torch.ones(3)}, overwrite=True)
-        try:
-            future.wait()
-        except AsyncSaveError as error:
-            assert rank == 1 and isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.ENOSPC, error
-        except DistributedSaveError as error:
-            assert rank == 0 and DISK_FULL_REPORT in str(error), error
-        else:
-            raise AssertionError("the save did not fail")
+        expect_failure_on_every_rank(
+            rank, 1, future.wait,
+            lambda error: isinstance(error, AsyncSaveError) and isinstance(error.__cause__, OSError)
+            and error.__cause__.errno == errno.ENOSPC,
+            DISK_FULL_REPORT,
+        )
 
 
 def _staging_copy_fails_on_rank_1(rank: int, world_size: int, directory: str) -> None:
@@ -160,14 +173,11 @@ def _staging_copy_fails_on_rank_1(rank: int, world_size: int, directory: str) ->
     state = {f"r{rank}": torch.empty(3, device="meta") if rank == 1 else torch.ones(3)}
     with AsyncCheckpointer() as checkpointer:
         future = checkpointer.save_async(directory, state)
-        try:
-            future.wait(timeout=60)
-        except AsyncSaveError as error:
-            assert rank == 1 and isinstance(error.__cause__, NotImplementedError), error
-        except DistributedSaveError as error:
-            assert rank == 0 and "rank 1: NotImplementedError" in str(error), error
-        else:
-            raise AssertionError("the save did not fail")
+        expect_failure_on_every_rank(
+            rank, 1, lambda: future.wait(timeout=60),
+            lambda error: isinstance(error, AsyncSaveError) and isinstance(error.__cause__, NotImplementedError),
+            "rank 1: NotImplementedError",
+        )
 
 
 class DistributedAsyncSaveTest(unittest.TestCase):

@@ -14,7 +14,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor, DTensor, Replicate, Shard
 
 from distributed_shampoo.checkpoint import (
-    DistributedSaveError,
     InconsistentStateError,
     load_checkpoint,
     save_checkpoint,
@@ -23,7 +22,7 @@ from distributed_shampoo.checkpoint import (
 )
 from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
 from distributed_shampoo.launch import run_on_ranks
-from tests.checkpoint.faults import DISK_FULL_REPORT, fill_disk_of_this_rank
+from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fill_disk_of_this_rank
 
 # (name, global shape): uneven for 3 and 4 ranks along both dimensions.
 _SHARDED: list[tuple[str, tuple[int, ...]]] = [("a", (7, 5)), ("b", (10, 9)), ("c", (3, 11))]
@@ -138,25 +137,17 @@ def _save_unsupported_on_one_rank(rank: int, world_size: int, directory: str) ->
 def _save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -> None:
     if rank == 1:
         fill_disk_of_this_rank()
-    try:
-        save_checkpoint(directory, {f"r{rank}": torch.ones(3)}, overwrite=True)
-    except OSError as error:
-        assert rank == 1 and error.errno == errno.ENOSPC, error
-    except DistributedSaveError as error:
-        assert rank == 0 and DISK_FULL_REPORT in str(error), error
-    else:
-        raise AssertionError("the save did not fail")
+    expect_failure_on_every_rank(
+        rank, 1, lambda: save_checkpoint(directory, {f"r{rank}": torch.ones(3)}, overwrite=True),
+        lambda error: isinstance(error, OSError) and error.errno == errno.ENOSPC, DISK_FULL_REPORT,
+    )
 
 
 def _save_under_a_file(rank: int, world_size: int, directory: str) -> None:
-    try:
-        save_checkpoint(directory, {"x": torch.ones(1)})
-    except FileExistsError:  # mkdir of a path whose parent is a file
-        assert rank == 0
-    except DistributedSaveError as error:
-        assert rank == 1 and "failed on rank 0: FileExistsError" in str(error), error
-    else:
-        raise AssertionError("the save did not fail")
+    expect_failure_on_every_rank(  # rank 0 cannot mkdir under a file
+        rank, 0, lambda: save_checkpoint(directory, {"x": torch.ones(1)}),
+        lambda error: isinstance(error, FileExistsError), "failed on rank 0: FileExistsError",
+    )
 
 
 class DistributedCheckpointTest(unittest.TestCase):

@@ -187,8 +187,8 @@ class DistributedTrainingTest(unittest.TestCase):
         run_on_ranks(2, train_with_ddp, out)
         _, params = _result(out)
         # The all-reduce rounds differently from one process's sum, and Shampoo's inverse roots
-        # (epsilon 1e-8) amplify that: after 8 steps the runs differ by up to 0.12% of how far
-        # training moved a tensor; allow 1%.
+        # (epsilon 1e-8) amplify that: when this test was written, the runs differed by up to 0.12%
+        # of how far training moved a tensor; allow 1%.
         initial = _model().state_dict()
         for name, value in self.reference[1].items():
             moved = float((value - initial[name]).abs().max())

@@ -4,6 +4,7 @@
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,32 +13,48 @@ from typing import overload, TypeVar
 import torch
 import torch.distributed as dist
 
-from distributed_shampoo.checkpoint.collectives import Group
-from distributed_shampoo.checkpoint.commit import new_token, publish, staging_dir
+from distributed_shampoo.checkpoint.collectives import DEFAULT_COLLECTIVE_TIMEOUT_S, Group
+from distributed_shampoo.checkpoint.commit import (
+    check_replaceable,
+    check_target_name,
+    new_save_id,
+    publish,
+    recover_interrupted_publish,
+    staging_dir,
+)
 from distributed_shampoo.checkpoint.errors import (
     CheckpointError,
     CheckpointExistsError,
+    CheckpointReplacedError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
     DistributedSaveError,
-    IndexMismatchError,
+    InconsistentStateError,
+    MissingShardFileError,
     UnsupportedValueError,
 )
 from distributed_shampoo.checkpoint.format import (
-    check_checksum,
-    check_header_entry,
+    check_prefix,
+    checksum,
     CheckpointIndex,
     DEFAULT_PREFIX,
     index_file_name,
     index_to_json,
-    read_header,
-    read_index,
     shard_file_name,
     shard_header_metadata,
 )
-from distributed_shampoo.checkpoint.load import fill_template, KeySelection, template_from_index
+from distributed_shampoo.checkpoint.integrity import check_units, page_units, whole_unit
+from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare
+from distributed_shampoo.checkpoint.parse import check_header_matches, read_header, read_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
-from distributed_shampoo.checkpoint.reader import open_shard, read_ranges, ReadRequest
-from distributed_shampoo.checkpoint.writer import write_json, write_safetensors
+from distributed_shampoo.checkpoint.reader import open_regular
+from distributed_shampoo.checkpoint.writer import tensor_bytes, write_json, write_safetensors, WrittenFile
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
+
+# A load that finds the checkpoint replaced under it (another job's overwrite) starts again this
+# many times, reading the new index, before it gives up.
+_REPLACED_RETRIES = 3
+
 
 @dataclass(frozen=True)
 class _Prepared:
@@ -45,15 +62,16 @@ class _Prepared:
 
     plan: LocalPlan | None
     error: CheckpointError | None
-    token: str | None  # rank 0: the staging directory's token
+    save_id: str | None  # rank 0: the new save's identity (it also names the staging directory)
 
 
 @dataclass(frozen=True)
 class _Written:
-    """What a rank reports after writing its file: checksums, or why it failed."""
+    """What a rank reports after writing its file, or why it failed."""
 
-    checksums: dict[str, str] | None
-    error: str | None
+    file: WrittenFile | None
+    replicas: dict[str, str]  # checksums of the replicated tensors it holds but does not write
+    error: CheckpointError | None
 
 
 def save_checkpoint(
@@ -64,6 +82,7 @@ def save_checkpoint(
     metadata: Mapping[str, object] | None = None,
     prefix: str = DEFAULT_PREFIX,
     overwrite: bool = False,
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
 ) -> Path:
     """Saves a (possibly distributed) state dict as per-rank safetensors files plus an index.
 
@@ -78,24 +97,30 @@ def save_checkpoint(
             ranks).
         state_dict: Nested dicts (str/int keys), lists and tuples of tensors, DTensors and
             ``int``/``float``/``bool``/``str``/``None``. A plain tensor under the same key on
-            several ranks is replicated state and written once (by the lowest rank).
+            several ranks is replicated state: it must be identical on all of them and is written
+            once (by the lowest rank).
         process_group: The ranks saving together.
         metadata: JSON-serialisable values stored in the index under ``metadata.user``.
-        prefix: The file name prefix.
+        prefix: The file name prefix: a plain file name (no separator, no leading dot).
         overwrite: Replace an existing checkpoint at ``checkpoint_dir``; it stays intact until the
-            new one is complete.
+            new one is complete. Only a checkpoint is replaced.
+        timeout_s: How long a rank waits for the others at each collective step.
 
     Returns:
         The checkpoint directory.
 
     Raises:
         UnsupportedValueError: A leaf or key cannot be saved without pickling (names the key).
-        CheckpointExistsError: ``checkpoint_dir`` exists and ``overwrite`` is false.
+        InvalidArgumentError: The prefix or the directory's name cannot be used.
+        CheckpointExistsError: ``checkpoint_dir`` exists and ``overwrite`` is false (also when
+            another save created it first), or it is not a checkpoint.
         InconsistentStateError: Ranks disagree on a key (names it and the ranks).
-        DistributedSaveError: Another rank failed; this rank raises the same outcome.
-        OSError: Writing failed on this rank (others raise ``DistributedSaveError``).
+        CheckpointWriteError: Writing failed on this rank.
+        DistributedSaveError: Another rank failed or died.
+        Every rank raises (the same error, or ``DistributedSaveError`` naming the rank that failed)
+        and nothing is published.
     """
-    group = Group.resolve(process_group)
+    group = Group.resolve(process_group, timeout_s)
     return finish_save(stage_save(group, checkpoint_dir, state_dict, metadata, prefix, overwrite), group)
 
 
@@ -106,20 +131,44 @@ class StagedSave:
     Attributes:
         target: The checkpoint directory to publish.
         staging: The hidden directory the files go to first.
+        save_id: The save's identity, in the index and in every shard header.
         prefix: The file name prefix.
         plan: Every rank's writes and the index's layouts.
         writes: This rank's ``(stored name, tensor)`` pairs, in write order.
+        replicas: Checksums of the replicated tensors this rank holds but another rank writes.
         metadata: The user metadata for the index.
         overwrite: Whether an existing ``target`` may be replaced.
     """
 
     target: Path
     staging: Path
+    save_id: str
     prefix: str
     plan: GlobalPlan
     writes: list[tuple[str, torch.Tensor]]
+    replicas: dict[str, str]
     metadata: Mapping[str, object] | None
     overwrite: bool
+
+
+def _shared(error: BaseException, rank: int, target: Path) -> CheckpointError:
+    """The form of a rank's failure that the other ranks raise."""
+    if isinstance(error, CheckpointError):
+        return error
+    return DistributedSaveError(f"saving {target} failed, nothing was published: rank {rank}: {type(error).__name__}: {error}")
+
+
+def _local(error: BaseException, rank: int, target: Path) -> BaseException:
+    """The form of this rank's own failure that it raises: a ``CheckpointError`` (the original is
+    its ``__cause__``), or an interrupt as it was."""
+    if isinstance(error, CheckpointError) or not isinstance(error, Exception):
+        return error
+    if isinstance(error, OSError):
+        typed: CheckpointError = CheckpointWriteError(error.errno, f"saving {target} failed on rank {rank}: {error}")
+    else:
+        typed = DistributedSaveError(f"saving {target} failed on rank {rank}: {type(error).__name__}: {error}")
+    typed.__cause__ = error
+    return typed
 
 
 def stage_save(
@@ -136,30 +185,33 @@ def stage_save(
     every rank (the same error class), and the staging directory is removed.
     """
     target = Path(checkpoint_dir).absolute()
-    prepared, local_plan_data, own_prepare_error = _prepare(group, target, state_dict, metadata, overwrite)
-    everyone = group.all_gather(prepared)
-    failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
-    token = everyone[0].token
-    staging = staging_dir(target, token) if token is not None else None
+    prepared, local_plan_data, own_prepare_error = _prepare(group, target, state_dict, metadata, prefix, overwrite)
+    save_id = prepared.save_id
+    staging = staging_dir(target, save_id[:16]) if save_id is not None else None
     try:
+        everyone = group.all_gather(prepared)
+        save_id = everyone[0].save_id
+        failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
         if failure is not None:
             rank, error = failure
             raise own_prepare_error if rank == group.rank and own_prepare_error is not None else error
         global_plan = plan_global([p.plan for p in everyone if p.plan is not None])
-    except BaseException:
+        if save_id is None:
+            raise DistributedSaveError(f"saving {target}: rank 0 reported no save identity")
+        replicas = {name: checksum(tensor_bytes(local_plan_data[name])) for name in global_plan.replicas[group.rank]}
+    except BaseException as error:
         if group.rank == 0 and staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        raise
-    assert staging is not None
+        raise _local(error, group.rank, target)
     writes = [(name, local_plan_data[name]) for name in global_plan.writes[group.rank]]
-    return StagedSave(target, staging, prefix, global_plan, writes, metadata, overwrite)
+    return StagedSave(target, staging_dir(target, save_id[:16]), save_id, prefix, global_plan, writes, replicas, metadata, overwrite)
 
 
-def finish_save(staged: StagedSave, group: Group, failed: Exception | None = None) -> Path:
+def finish_save(staged: StagedSave, group: Group, failed: BaseException | None = None) -> Path:
     """The second half of a save: write this rank's file, then rank 0 commits the index.
 
     Two collectives on ``group`` (which must hold the same ranks, in the same order, as the group
-    that staged the save): gather the written files' checksums, broadcast the outcome.
+    that staged the save): gather the written files' records, broadcast the outcome.
 
     Args:
         staged: What ``stage_save`` returned.
@@ -171,38 +223,61 @@ def finish_save(staged: StagedSave, group: Group, failed: Exception | None = Non
         The published checkpoint directory.
 
     Raises:
-        OSError or CheckpointError: This rank failed; DistributedSaveError: another rank did.
+        CheckpointError: This rank failed (its own error), or another rank did (the same
+            ``CheckpointError``, or ``DistributedSaveError`` naming it); nothing was published.
     """
     own_error: BaseException | None = None
     try:
         if failed is not None:
             raise failed
-        checksums = write_safetensors(
+        written = write_safetensors(
             staged.staging / shard_file_name(staged.prefix, group.rank, group.world_size),
             staged.writes,
-            shard_header_metadata(group.rank, group.world_size),
+            shard_header_metadata(group.rank, group.world_size, staged.save_id),
         )
-        written = _Written(checksums, None)
-    except Exception as error:  # reported to every rank so that none waits forever
+        mine = _Written(written, staged.replicas, None)
+    except BaseException as error:  # reported to every rank so that none waits for this one
         own_error = error
-        written = _Written(None, f"rank {group.rank}: {type(error).__name__}: {error}")
-    results = group.all_gather(written)
-    commit_error: str | None = next((r.error for r in results if r.error is not None), None)
-    if group.rank == 0:
-        if commit_error is None:
+        mine = _Written(None, {}, _shared(error, group.rank, staged.target))
+    try:
+        results = group.all_gather(mine)
+        failure = next((r.error for r in results if r.error is not None), None)
+        if group.rank == 0 and failure is None:
             try:
-                commit_index(staged, group.world_size, [r.checksums or {} for r in results])
-            except Exception as error:
-                own_error = own_error or error
-                commit_error = f"rank 0: committing failed: {type(error).__name__}: {error}"
-        if commit_error is not None:
-            shutil.rmtree(staged.staging, ignore_errors=True)
-    commit_error = group.broadcast_from_first(commit_error)
+                _check_replicas(results)
+                commit_index(staged, group.world_size, [r.file for r in results if r.file is not None])
+            except BaseException as error:
+                own_error, failure = error, _shared(error, 0, staged.target)
+        failure = group.broadcast_from_first(failure)
+    except DistributedSaveError as error:  # a rank died or hung: nothing is published
+        failure = own_error = own_error or error
+    if group.rank == 0 and failure is not None:
+        shutil.rmtree(staged.staging, ignore_errors=True)
     if own_error is not None:
-        raise own_error
-    if commit_error is not None:
-        raise DistributedSaveError(f"saving {staged.target} failed, nothing was published: {commit_error}")
+        raise _local(own_error, group.rank, staged.target)
+    if failure is not None:
+        raise failure
     return staged.target
+
+
+def _check_replicas(results: list[_Written]) -> None:
+    """Replicated plain tensors must be identical on every rank that holds them.
+
+    Raises:
+        InconsistentStateError: Names the key, the writing rank and the rank that differs.
+    """
+    writer: dict[str, tuple[int, str]] = {}
+    for rank, result in enumerate(results):
+        if result.file is not None:
+            writer.update((name, (rank, digest)) for name, digest in result.file.checksums.items())
+    for rank, result in enumerate(results):
+        for name, digest in result.replicas.items():
+            writer_rank, writer_digest = writer[name]
+            if digest != writer_digest:
+                raise InconsistentStateError(
+                    f"{name}: rank {writer_rank} and rank {rank} hold different values (checksums {writer_digest} "
+                    f"and {digest}); a plain tensor saved under one key on several ranks must be identical on all"
+                )
 
 
 def _prepare(
@@ -210,56 +285,64 @@ def _prepare(
     target: Path,
     state_dict: StateDict,
     metadata: Mapping[str, object] | None,
+    prefix: str,
     overwrite: bool,
-) -> tuple[_Prepared, dict[str, torch.Tensor], Exception | None]:
+) -> tuple[_Prepared, dict[str, torch.Tensor], BaseException | None]:
     """Plans this rank's part; rank 0 also checks the target and creates the staging directory.
 
     Never raises: a failure is reported to every rank (so none waits in the collective) and
     returned as the third element, to be raised on this rank.
     """
     try:
+        check_prefix(prefix)
+        check_target_name(target)
         _check_metadata(metadata)
         plan, data = plan_local(state_dict)
-        token = None
+        save_id = None
         if group.rank == 0:
-            if target.exists() and not overwrite:
-                raise CheckpointExistsError(
-                    f"{target} already exists; pass overwrite=True to replace it (it stays intact "
-                    "until the new checkpoint is complete)"
-                )
-            token = new_token()
+            for done in recover_interrupted_publish(target):
+                warnings.warn(f"save_checkpoint: {done}", stacklevel=4)
+            if os.path.lexists(target):
+                if not overwrite:
+                    raise CheckpointExistsError(
+                        f"{target} already exists; pass overwrite=True to replace it (it stays intact "
+                        "until the new checkpoint is complete)"
+                    )
+                check_replaceable(target)
+            save_id = new_save_id()
             target.parent.mkdir(parents=True, exist_ok=True)
-            staging_dir(target, token).mkdir()
-        return _Prepared(plan, None, token), data, None
-    except Exception as error:
-        shared = error if isinstance(error, CheckpointError) else DistributedSaveError(
-            f"saving {target} failed on rank {group.rank}: {type(error).__name__}: {error}"
-        )
-        return _Prepared(None, shared, None), {}, error
+            staging_dir(target, save_id[:16]).mkdir()
+        return _Prepared(plan, None, save_id), data, None
+    except BaseException as error:
+        return _Prepared(None, _shared(error, group.rank, target), None), {}, error
 
 
 def _check_metadata(metadata: Mapping[str, object] | None) -> None:
     try:
         json.dumps(dict(metadata or {}), allow_nan=False)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise UnsupportedValueError(f"metadata must be JSON-serialisable without NaN/inf: {error}") from None
 
 
-def commit_index(staged: StagedSave, world_size: int, checksums_per_rank: list[dict[str, str]]) -> CheckpointIndex:
-    """Writes the index of a staged save whose files are all written, then publishes it.
+def commit_index(staged: StagedSave, world_size: int, files: list[WrittenFile]) -> CheckpointIndex:
+    """Writes the index of a staged save whose files are all written (``files``, rank order),
+    then publishes it.
 
     Returns:
         The index written.
 
     Raises:
-        CheckpointExistsError: The target appeared meanwhile and ``overwrite`` is false.
+        CheckpointExistsError: The target appeared meanwhile and ``overwrite`` is false, or it is
+            no longer a checkpoint.
     """
     weight_map: dict[str, str] = {}
     checksums: dict[str, str] = {}
-    for rank, rank_checksums in enumerate(checksums_per_rank):
-        for name, digest in rank_checksums.items():
-            weight_map[name] = shard_file_name(staged.prefix, rank, world_size)
-            checksums[name] = digest
+    pages: dict[str, tuple[str, ...]] = {}
+    for rank, written in enumerate(files):
+        file_name = shard_file_name(staged.prefix, rank, world_size)
+        weight_map.update((name, file_name) for name in written.checksums)
+        checksums.update(written.checksums)
+        pages.update(written.pages)
     plan, target = staged.plan, staged.target
     index = CheckpointIndex(
         directory=target,
@@ -272,11 +355,12 @@ def commit_index(staged: StagedSave, world_size: int, checksums_per_rank: list[d
         objects=plan.objects,
         containers=plan.containers,
         user_metadata=dict(staged.metadata or {}),
+        save_id=staged.save_id,
+        pages=pages,
+        files={shard_file_name(staged.prefix, rank, world_size): w.record for rank, w in enumerate(files)},
     )
     write_json(staged.staging / index_file_name(staged.prefix), index_to_json(index))
-    if target.exists() and not staged.overwrite:
-        raise CheckpointExistsError(f"{target} appeared while saving; the new checkpoint was discarded")
-    publish(staged.staging, target)
+    publish(staged.staging, target, staged.save_id[:16], staged.overwrite)
     return index
 
 
@@ -325,29 +409,57 @@ def load_checkpoint(
     Without a template, returns the whole checkpoint (or the ``keys`` selected) as CPU tensors
     and plain values, nested as saved.
 
+    **All or nothing**: every file is checked (and with ``verify`` every byte to be copied is
+    checked against its checksum) before the template changes, so a load that raises leaves the
+    template as it was. A checkpoint replaced while it is read (another job's ``overwrite=True``)
+    is read again from its new index.
+
     Args:
         checkpoint_dir: The checkpoint directory.
         state_dict: The template to fill, or ``None``.
-        keys: Restricts loading to these top-level keys or key paths (prefixes of leaf paths).
-        strict: Raise for template keys the checkpoint does not hold; when false they keep their
-            values.
-        verify: Check every stored tensor read whole against its checksum (partial reads of a
-            resharded piece cannot be; ``verify_checkpoint`` checks everything).
+        keys: Restricts loading to this top-level key, or to these top-level keys or key paths
+            (prefixes of leaf paths).
+        strict: Raise for template keys the checkpoint does not hold, and for selected ``keys``
+            that match nothing; when false they are skipped (template values stay).
+        verify: Check the checksum of every byte read (a piece read only in part: the pages it
+            touches, or for a format 1 checkpoint the whole piece).
 
     Returns:
         The filled template, or the loaded state.
 
     Raises:
         CheckpointNotFoundError, IncompatibleFormatError, CorruptCheckpointError,
-        ChecksumMismatchError, IndexMismatchError, MissingShardFileError: the checkpoint is
-            missing or damaged.
-        MissingKeyError: ``strict`` and the template asks for keys the checkpoint lacks.
-        TemplateMismatchError: A template leaf has another shape, dtype or kind of value.
+        ChecksumMismatchError, IndexMismatchError, MissingShardFileError, CheckpointReadError:
+            the checkpoint is missing, damaged or unreadable.
+        CheckpointReplacedError: It was replaced while reading, again and again.
+        MissingKeyError: ``strict`` and the template or ``keys`` asks for keys the checkpoint lacks.
+        TemplateMismatchError: A template leaf has another shape, dtype or kind of value, or
+            cannot be filled (meta device, ``Partial`` DTensor, memory shared with another leaf).
+        InvalidArgumentError: ``keys`` is not a key selection.
     """
-    index = read_index(checkpoint_dir)
-    template = template_from_index(index, keys) if state_dict is None else state_dict
-    fill_template(index, template, keys, strict, verify)
+    plan, template = prepare_load(checkpoint_dir, state_dict, keys, strict, verify)
+    plan.apply()
     return template
+
+
+def prepare_load(
+    checkpoint_dir: str | os.PathLike[str],
+    state_dict: StateDict | None,
+    keys: KeySelection | None,
+    strict: bool,
+    verify: bool,
+) -> tuple[LoadPlan, StateDict]:
+    """Phase 1 of ``load_checkpoint``: everything but changing the template (see
+    ``load.prepare``), starting again from the index if the checkpoint is replaced meanwhile."""
+    attempts = 0
+    while True:
+        index = read_index(checkpoint_dir)
+        try:
+            return prepare(index, state_dict, keys, strict, verify)
+        except CheckpointReplacedError:
+            attempts += 1
+            if attempts == _REPLACED_RETRIES:
+                raise
 
 
 def read_checkpoint_index(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex:
@@ -383,74 +495,53 @@ def check_checkpoint(
 ) -> VerificationReport:
     """Checks a whole checkpoint and reports every problem instead of stopping at the first.
 
-    Checks that every shard file exists and is well formed, agrees with the index (names, shapes,
-    dtypes, total size), and that every stored tensor matches its checksum. Reads every file once,
-    each tensor into one scratch buffer the size of the largest tensor.
+    Checks the index (schema, digest), that every shard file exists, is a regular file, is the
+    one this save wrote and agrees with the index, and that every stored tensor and every page
+    matches its checksum. Reads each file once, through one bounded scratch buffer.
 
     Args:
         checkpoint_dir: The checkpoint directory.
         progress: Called with ``(files checked, files)`` after each file.
 
     Returns:
-        The report; it never raises for a damaged checkpoint.
+        The report. It never raises: whatever goes wrong is a problem in the report.
     """
     try:
         index = read_index(checkpoint_dir)
-    except CheckpointError as error:
-        return VerificationReport(None, (error,), 0)
-    pieces = {
-        piece.name: (layout.dtype, piece.shape)
-        for name, layout in index.tensors.items()
-        for piece in layout.stored_pieces(name)
-    }
+    except Exception as error:
+        return VerificationReport(None, (_as_problem(error, Path(checkpoint_dir)),), 0)
     problems: list[CheckpointError] = []
-    stored_bytes = 0
     files = index.shard_files()
-    for done, file_name in enumerate(files, start=1):
+    for rank, file_name in enumerate(files):
+        path = index.directory / file_name
         try:
-            stored_bytes += _check_file(index, file_name, pieces, problems)
-        except CheckpointError as error:
-            problems.append(error)
+            _check_file(index, path, rank, problems)
+        except Exception as error:
+            problems.append(_as_problem(error, path))
         if progress is not None:
-            progress(done, len(files))
-    if not problems and stored_bytes != index.total_size:
-        problems.append(
-            IndexMismatchError(
-                f"{index.directory}: files hold {stored_bytes} bytes of tensor data, the index's total_size "
-                f"says {index.total_size}"
-            )
-        )
+            progress(rank + 1, len(files))
     return VerificationReport(index, tuple(problems), len(files))
 
 
-def _check_file(
-    index: CheckpointIndex,
-    file_name: str,
-    pieces: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-    problems: list[CheckpointError],
-) -> int:
+def _as_problem(error: Exception, path: Path) -> CheckpointError:
+    if isinstance(error, CheckpointError):
+        return error
+    return CorruptCheckpointError(f"{path}: cannot be checked: {type(error).__name__}: {error}")
+
+
+def _check_file(index: CheckpointIndex, path: Path, rank: int, problems: list[CheckpointError]) -> None:
     """Checks one shard file; appends checksum mismatches to ``problems`` and raises for a file
-    that cannot be checked further. Returns the bytes of tensor data read."""
-    path = index.directory / file_name
-    fd = open_shard(path)
+    that cannot be checked further."""
+    fd = open_regular(path, "shard file", MissingShardFileError)
     try:
-        header = read_header(fd, path)
-        expected = [name for name, file in index.weight_map.items() if file == file_name]
-        entries = [check_header_entry(path, name, header.get(name), *pieces[name]) for name in expected]
-        if len(header) != len(expected):
-            extra = sorted(set(header) - set(expected))
-            raise IndexMismatchError(f"{path}: holds tensors the index does not map to it: {extra[:3]}")
-        scratch = memoryview(bytearray(max((e.end - e.begin for e in entries), default=0)))
-        stored_bytes = 0
-        for name, entry in zip(expected, entries):
-            data = scratch[: entry.end - entry.begin]
-            read_ranges(fd, path, [ReadRequest(entry.begin, data)])
-            try:
-                check_checksum(path, name, data, index.checksums[name])
-            except CheckpointError as error:
-                problems.append(error)
-            stored_bytes += data.nbytes
-        return stored_bytes
+        header = read_header(fd, path, index, rank)
+        check_header_matches(path, index, header)
+        units = []
+        for name, entry in header.items():
+            units.append(whole_unit(name, entry, index))
+            if name in index.pages:
+                units += page_units(name, entry, index)
+        check_units(fd, path, units, problems.append)
     finally:
         os.close(fd)
 
@@ -462,11 +553,11 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex
         The index, when everything checks out.
 
     Raises:
-        CheckpointNotFoundError, IncompatibleFormatError, CorruptCheckpointError,
-        MissingShardFileError, IndexMismatchError, ChecksumMismatchError: the first problem found.
+        CheckpointError: The first problem found (``CheckpointNotFoundError``,
+            ``IncompatibleFormatError``, ``CorruptCheckpointError``, ``MissingShardFileError``,
+            ``IndexMismatchError``, ``ChecksumMismatchError``, ...).
     """
     report = check_checkpoint(checkpoint_dir)
-    if report.problems:
+    if report.problems or report.index is None:
         raise report.problems[0]
-    assert report.index is not None
     return report.index

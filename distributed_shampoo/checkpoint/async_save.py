@@ -10,6 +10,7 @@ never issues a collective on the training process group.
 """
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from distributed_shampoo.checkpoint.api import finish_save, stage_save, StagedSave
-from distributed_shampoo.checkpoint.collectives import Group
+from distributed_shampoo.checkpoint.collectives import DEFAULT_COLLECTIVE_TIMEOUT_S, Group
 from distributed_shampoo.checkpoint.errors import AsyncSaveError, CheckpointError
 from distributed_shampoo.checkpoint.format import DEFAULT_PREFIX
 from distributed_shampoo.checkpoint.plan import StateDict
@@ -27,11 +28,14 @@ from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
 
 
 def _finish_and_notify(
-    staged: StagedSave, group: Group, after_commit: Callable[[Path], None] | None, failed: Exception | None
+    staged: StagedSave, group: Group, after_commit: Callable[[Path], None] | None, failed: BaseException | None
 ) -> Path:
     published = finish_save(staged, group, failed)
     if after_commit is not None:
-        after_commit(published)
+        try:
+            after_commit(published)
+        except Exception as error:  # the checkpoint is published: the save has succeeded
+            warnings.warn(f"after_commit of {published} failed: {type(error).__name__}: {error}", stacklevel=1)
     return published
 
 
@@ -94,15 +98,19 @@ class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
 
     Args:
         process_group: The ranks that save together (default: the world).
+        timeout_s: How long a rank waits for the others at each collective step of a save.
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, process_group: dist.ProcessGroup | None = None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    ) -> None:
         super().__init__(self, lambda _: None, AsyncCheckpointer.close)  # ``with`` closes it
-        self._group: Group = Group.resolve(process_group)
+        self._group: Group = Group.resolve(process_group, timeout_s)
         self._background_group: Group = self._group
         if self._group.distributed:
             ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
-            self._background_group = Group.resolve(dist.new_group(ranks=ranks, backend="gloo"))
+            self._background_group = Group.resolve(dist.new_group(ranks=ranks, backend="gloo"), timeout_s)
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distributed_shampoo-checkpoint")
         self._in_flight: CheckpointFuture | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -126,7 +134,7 @@ class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
             checkpoint_dir, state_dict, metadata, prefix, overwrite: As for ``save_checkpoint``.
             after_commit: Called in the background thread with the published directory, on every
                 rank, once the save succeeded (e.g. to rotate old checkpoints); it must not issue
-                collectives, and its failure fails the future.
+                collectives. Its failure is a warning: the checkpoint is already published.
 
         Returns:
             A future whose ``wait()`` returns the published directory.
@@ -135,13 +143,16 @@ class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
             Whatever ``save_checkpoint`` raises while planning (invalid values, an existing target,
             ranks that disagree), on every rank and before anything is written. A failure while
             copying to the staging buffers (e.g. out of memory) fails the future on every rank.
+            AsyncSaveError: The checkpointer is closed (nothing is written).
         """
+        if self._closed:
+            raise AsyncSaveError(f"cannot save {checkpoint_dir}: this AsyncCheckpointer is closed")
         self.wait()
         staged = stage_save(self._group, checkpoint_dir, state_dict, metadata, prefix, overwrite)
-        failed: Exception | None = None
+        failed: BaseException | None = None
         try:
             staged = self._copy_to_staging_buffers(staged)
-        except Exception as error:  # the other ranks are committed to the save: fail it everywhere
+        except BaseException as error:  # the other ranks are committed to the save: fail it everywhere
             failed = error
         future = CheckpointFuture(
             self._executor.submit(_finish_and_notify, staged, self._background_group, after_commit, failed),
@@ -177,6 +188,7 @@ class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
                 pass
 
     def close(self) -> None:
-        """Waits for the save in flight and stops the background thread."""
+        """Waits for the save in flight and stops the background thread; later saves raise."""
+        self._closed = True
         self.wait()
         self._executor.shutdown(wait=True)

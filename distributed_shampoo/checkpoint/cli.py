@@ -15,7 +15,8 @@ from typing import TextIO
 
 from distributed_shampoo.checkpoint.api import check_checkpoint
 from distributed_shampoo.checkpoint.errors import CheckpointError
-from distributed_shampoo.checkpoint.format import NAME_TO_DTYPE, read_index
+from distributed_shampoo.checkpoint.format import NAME_TO_DTYPE
+from distributed_shampoo.checkpoint.parse import read_index
 from distributed_shampoo.checkpoint.offline import (
     consolidate_checkpoint,
     diff_checkpoints,
@@ -173,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except (CheckpointError, ValueError, OSError) as error:
+    except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
+        return int(args.error_status)
+    except Exception as error:  # one line, no traceback, whatever went wrong
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return int(args.error_status)
 

@@ -1,54 +1,113 @@
 # pyre-strict
-"""The two collectives a save needs, over ``torch.distributed`` or a single process."""
+"""The collectives of the checkpoint layer, with a bounded timeout and typed failures.
 
+Every collective exchanges small pickled metadata (plans, outcomes), never tensor data. A rank
+that dies or stops answering makes the others raise ``DistributedSaveError`` within
+``timeout_s`` (a dead peer is usually noticed at once: its connection closes), never hang until
+the process group's own timeout.
+"""
+
+import pickle
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
+from distributed_shampoo.checkpoint.errors import DistributedSaveError
+
 T = TypeVar("T")
+
+# How long a rank waits for the others at one of the layer's collectives. Ranks reach a collective
+# at different times (one writes more bytes than another), so this bounds a hang, not a save.
+DEFAULT_COLLECTIVE_TIMEOUT_S: float = 900.0
 
 
 @dataclass(frozen=True)
 class Group:
-    """The ranks that save one checkpoint together.
+    """The ranks that save (or load, with the manager) one checkpoint together.
 
-    ``process_group`` is ``None`` for a single-process save (``torch.distributed`` not
-    initialised); otherwise the group whose ranks all call ``save_checkpoint``.
+    Attributes:
+        rank: This rank's position in the group.
+        world_size: The number of ranks.
+        process_group: The group (``None``: the default group, or a single process when
+            ``distributed`` is false).
+        distributed: Whether ``torch.distributed`` is initialised.
+        timeout_s: How long a collective waits for the other ranks.
     """
 
     rank: int
     world_size: int
     process_group: dist.ProcessGroup | None
     distributed: bool
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
 
     @staticmethod
-    def resolve(process_group: dist.ProcessGroup | None) -> "Group":
+    def resolve(process_group: dist.ProcessGroup | None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> "Group":
         """The group a save runs on: ``process_group``, the default group, or a single process."""
         if not (dist.is_available() and dist.is_initialized()):
-            return Group(rank=0, world_size=1, process_group=None, distributed=False)
+            return Group(rank=0, world_size=1, process_group=None, distributed=False, timeout_s=timeout_s)
         return Group(
             rank=dist.get_rank(process_group),
             world_size=dist.get_world_size(process_group),
             process_group=process_group,
             distributed=True,
+            timeout_s=timeout_s,
         )
 
     def all_gather(self, value: T) -> list[T]:
-        """Every rank's ``value``, in rank order (pickled small metadata, never tensor data)."""
+        """Every rank's ``value``, in rank order.
+
+        Raises:
+            DistributedSaveError: Another rank died or did not arrive within ``timeout_s``.
+        """
         if not self.distributed:
             return [value]
-        gathered: list[T | None] = [None for _ in range(self.world_size)]
-        dist.all_gather_object(gathered, value, group=self.process_group)
-        # pyre-ignore[7]: all_gather_object filled every slot.
-        return gathered
+        device = self._device()
+        payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(device)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
+        self._run(dist.all_gather, sizes, torch.tensor([payload.numel()], dtype=torch.int64, device=device))
+        longest = max(int(size.item()) for size in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[: payload.numel()] = payload
+        gathered = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(self.world_size)]
+        self._run(dist.all_gather, gathered, padded)
+        return [
+            pickle.loads(data[: int(size.item())].cpu().numpy().tobytes())  # our own ranks' metadata
+            for data, size in zip(gathered, sizes)
+        ]
 
     def broadcast_from_first(self, value: T) -> T:
-        """Rank 0's ``value`` on every rank."""
+        """Rank 0's ``value`` on every rank.
+
+        Raises:
+            DistributedSaveError: As ``all_gather``.
+        """
         if not self.distributed:
             return value
-        box: list[T | None] = [value]
+        device = self._device()
         src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
-        dist.broadcast_object_list(box, src=src, group=self.process_group)
-        # pyre-ignore[7]: the broadcast filled the slot.
-        return box[0]
+        payload = pickle.dumps(value) if self.rank == 0 else b""
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        self._run(dist.broadcast, size, src)
+        data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+        if self.rank == 0:
+            data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        self._run(dist.broadcast, data, src)
+        return pickle.loads(data.cpu().numpy().tobytes())
+
+    def _device(self) -> torch.device:
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _run(self, collective, *args: object) -> None:  # pyre-ignore[2]: a torch.distributed collective
+        try:
+            work = collective(*args, group=self.process_group, async_op=True)
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as error:
+            raise DistributedSaveError(
+                f"rank {self.rank}: another rank died or did not reach the checkpoint collective within "
+                f"{self.timeout_s:.0f}s ({str(error).splitlines()[0][:200]})"
+            ) from None

@@ -1,36 +1,46 @@
 # pyre-strict
-"""The on-disk contract: file names, dtype names, the index schema and safetensors headers.
+"""The on-disk contract: file names, dtype names, the index schema, integrity fields and the
+rules a set of chunks must satisfy.
 
-``docs/checkpoint-format.md`` specifies the same thing for readers written without this code.
+``docs/checkpoint-format.md`` specifies the same thing for readers written without this code;
+``parse.py`` reads it back as hostile input.
 """
 
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
 
+import functools
 import json
 import math
 import os
-import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import xxhash
 
-from distributed_shampoo.checkpoint.errors import (
-    CheckpointNotFoundError,
-    ChecksumMismatchError,
-    CorruptCheckpointError,
-    IncompatibleFormatError,
-    IndexMismatchError,
-)
+from distributed_shampoo.checkpoint.errors import ChecksumMismatchError, InvalidArgumentError
 
 FORMAT_NAME = "distributed_shampoo.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 CHECKSUM_ALGORITHM = "xxh3_64"
 DEFAULT_PREFIX = "optimizer"
 
+# Stored tensors larger than this also get one checksum per page, so a reader that needs only
+# part of a tensor (resharding) verifies the pages it touches instead of reading it whole.
+PAGE_BYTES: int = 1 << 20
+
 # The safetensors reader refuses larger headers; so do we, before allocating anything.
 MAX_HEADER_BYTES = 100_000_000
+# An index larger than this is refused before it is read (a 70B-parameter state needs ~1/10 of it).
+MAX_INDEX_BYTES: int = 256 << 20
+
+# Longest file name most filesystems allow (Linux NAME_MAX).
+NAME_MAX = 255
+# The longest file name a prefix makes: "<prefix>-00001-of-00004.safetensors" (29 more characters;
+# world sizes of 100,000 or more add digits, checked when the names are made).
+_SHARD_SUFFIX_LENGTH: int = len("-00001-of-00001.safetensors")
 
 # safetensors dtype names of the torch dtypes that the safetensors library itself loads.
 DTYPE_TO_NAME: dict[torch.dtype, str] = {
@@ -56,16 +66,40 @@ DTYPE_TO_NAME: dict[torch.dtype, str] = {
 NAME_TO_DTYPE: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_TO_NAME.items()}
 
 
+def check_prefix(prefix: object) -> str:
+    """Returns ``prefix`` if it can name this checkpoint's files inside its directory.
+
+    Raises:
+        InvalidArgumentError: Not a non-empty str, holds a path separator or NUL, is ``.`` or
+            ``..``, starts with a dot (hidden names are the layer's own staging names), or is so
+            long that a shard file name would exceed ``NAME_MAX``.
+    """
+    if not isinstance(prefix, str) or not prefix:
+        raise InvalidArgumentError(f"prefix must be a non-empty str, got {prefix!r}")
+    if "/" in prefix or "\0" in prefix or (os.altsep and os.altsep in prefix) or prefix.startswith("."):
+        raise InvalidArgumentError(
+            f"prefix {prefix!r} must be a plain file name: no path separator, no NUL, no leading '.'"
+        )
+    if len(os.fsencode(prefix)) + _SHARD_SUFFIX_LENGTH > NAME_MAX:
+        raise InvalidArgumentError(
+            f"prefix {prefix[:40]!r}... is {len(prefix)} characters; shard file names must fit in "
+            f"{NAME_MAX} bytes, so at most {NAME_MAX - _SHARD_SUFFIX_LENGTH} are allowed"
+        )
+    return prefix
+
+
 def shard_file_name(prefix: str, rank: int, world_size: int) -> str:
     """``<prefix>-<rank+1:05d>-of-<world_size:05d>.safetensors`` (HF numbering is 1-based)."""
     return f"{prefix}-{rank + 1:05d}-of-{world_size:05d}.safetensors"
 
 
-def shard_header_metadata(rank: int, world_size: int) -> dict[str, str]:
-    """The ``__metadata__`` of a shard file's safetensors header."""
+def shard_header_metadata(rank: int, world_size: int, save_id: str) -> dict[str, str]:
+    """The ``__metadata__`` of a shard file's safetensors header; ``save_id`` ties the file to the
+    index of the save that wrote it."""
     return {
         "format": "pt",
         "distributed_shampoo.format_version": str(FORMAT_VERSION),
+        "distributed_shampoo.save_id": save_id,
         "rank": str(rank),
         "world_size": str(world_size),
     }
@@ -113,6 +147,47 @@ class TensorLayout:
         return (ChunkLayout(logical_name, (0,) * len(self.shape), self.shape),)
 
 
+def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> str | None:
+    """Why ``boxes`` (``(offsets, shape)`` pairs) do not tile a tensor of ``shape`` exactly, or None.
+
+    Chunks of a sharded tensor (every DTensor placement) are the cells of one grid: along each
+    dimension the chunks' edges cut the tensor into intervals, and every chunk is one interval in
+    every dimension. Requiring that, once per cell, is an exact tiling check in O(n log n).
+    """
+    if not boxes:
+        return "no chunks"
+    if not shape:
+        return "a 0-dim tensor cannot be split into chunks"
+    cuts: list[dict[int, int]] = []
+    for dim, size in enumerate(shape):
+        edges = sorted({offsets[dim] for offsets, _ in boxes} | {offsets[dim] + extent[dim] for offsets, extent in boxes})
+        if edges[0] != 0 or edges[-1] != size:
+            return f"the chunks span [{edges[0]}, {edges[-1]}) of dimension {dim}, which has {size} elements"
+        cuts.append({edge: position for position, edge in enumerate(edges)})
+    seen: set[tuple[int, ...]] = set()
+    for offsets, extent in boxes:
+        if len(offsets) != len(shape) or len(extent) != len(shape):
+            return f"chunk at {list(offsets)} has {len(offsets)} offsets and {len(extent)} sizes for a {len(shape)}-dim tensor"
+        cell = tuple(cuts[dim][offsets[dim]] for dim in range(len(shape)))
+        if any(extent[dim] <= 0 or cuts[dim][offsets[dim] + extent[dim]] != cell[dim] + 1 for dim in range(len(shape))):
+            return f"chunk at {list(offsets)} of shape {list(extent)} is empty or overlaps another chunk"
+        if cell in seen:
+            return f"two chunks start at {list(offsets)}"
+        seen.add(cell)
+    cells = math.prod(len(dim_cuts) - 1 for dim_cuts in cuts)
+    if len(seen) != cells:
+        return f"the chunks cover {len(seen)} of the {cells} cells their edges define: a hole"
+    return None
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the index records of one shard file: its size and the digest of its header bytes."""
+
+    size: int
+    header_digest: str
+
+
 @dataclass(frozen=True)
 class CheckpointIndex:
     """The parsed ``<prefix>.safetensors.index.json`` of a checkpoint.
@@ -124,11 +199,18 @@ class CheckpointIndex:
         total_size: Bytes of stored tensor data.
         weight_map: Stored tensor name -> shard file name.
         tensors: Logical tensor name -> layout.
-        checksums: Stored tensor name -> hex digest (``CHECKSUM_ALGORITHM``).
+        checksums: Stored tensor name -> hex digest (``CHECKSUM_ALGORITHM``) of its bytes.
         objects: Logical name -> non-tensor leaf value.
         containers: Key path -> ``"list"``, ``"tuple"`` or ``"dict"`` for lists, tuples and empty
             dicts, so the nesting can be rebuilt without a template.
         user_metadata: The ``metadata`` the caller passed to the save.
+        format_version: The version it was written in (version 1 has none of the fields below:
+            they are empty).
+        save_id: The identity of the save, also written in every shard file's header.
+        page_bytes: The page size of ``pages``.
+        pages: Stored name -> the checksum of each ``page_bytes`` page of its bytes (only tensors
+            larger than one page).
+        files: Shard file name -> its size and header digest.
     """
 
     directory: Path
@@ -141,6 +223,20 @@ class CheckpointIndex:
     objects: dict[str, object]
     containers: dict[str, str]
     user_metadata: dict[str, object]
+    format_version: int = FORMAT_VERSION
+    save_id: str = ""
+    page_bytes: int = PAGE_BYTES
+    pages: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+
+    @functools.cached_property
+    def piece_layouts(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Stored name -> dtype and shape of every stored piece."""
+        return {
+            piece.name: (layout.dtype, piece.shape)
+            for name, layout in self.tensors.items()
+            for piece in layout.stored_pieces(name)
+        }
 
     def shard_files(self) -> list[str]:
         """The names of all ``world_size`` shard files, rank 0's first."""
@@ -155,15 +251,20 @@ def encode_object(value: object) -> object:
     return value
 
 
-def decode_object(value: object) -> object:
-    """Inverse of ``encode_object``."""
-    if isinstance(value, dict):
-        return float(value["float"])
-    return value
+def canonical_json(document: object) -> str:
+    """The canonical text of a JSON document (sorted keys, no spaces, ASCII): what the index
+    digest covers, so any change of content changes it while the layout of the file does not."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def index_digest(document: object) -> str:
+    """xxh3_128 of ``canonical_json(document)``, 32 hex digits."""
+    return xxhash.xxh3_128_hexdigest(canonical_json(document).encode())
 
 
 def index_to_json(index: CheckpointIndex) -> str:
-    """Serialises an index in the HF sharded-index layout (``metadata`` + ``weight_map``)."""
+    """Serialises an index (current format version) in the HF sharded-index layout
+    (``metadata`` + ``weight_map``), with its digest."""
     tensors: dict[str, object] = {}
     for name, layout in index.tensors.items():
         entry: dict[str, object] = {"dtype": DTYPE_TO_NAME[layout.dtype], "shape": list(layout.shape)}
@@ -172,131 +273,27 @@ def index_to_json(index: CheckpointIndex) -> str:
                 {"name": c.name, "offsets": list(c.offsets), "shape": list(c.shape)} for c in layout.chunks
             ]
         tensors[name] = entry
-    document = {
-        "metadata": {
-            "total_size": index.total_size,
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "prefix": index.prefix,
-            "world_size": index.world_size,
-            "checksum_algorithm": CHECKSUM_ALGORITHM,
-            "tensors": tensors,
-            "checksums": index.checksums,
-            "objects": {name: encode_object(value) for name, value in index.objects.items()},
-            "containers": index.containers,
-            "user": index.user_metadata,
-        },
-        "weight_map": index.weight_map,
+    metadata: dict[str, object] = {
+        "total_size": index.total_size,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "prefix": index.prefix,
+        "world_size": index.world_size,
+        "checksum_algorithm": CHECKSUM_ALGORITHM,
+        "save_id": index.save_id,
+        "page_bytes": index.page_bytes,
+        "files": {name: {"size": f.size, "header_digest": f.header_digest} for name, f in index.files.items()},
+        "tensors": tensors,
+        "checksums": index.checksums,
+        "pages": {name: "".join(digests) for name, digests in index.pages.items()},
+        "objects": {name: encode_object(value) for name, value in index.objects.items()},
+        "containers": index.containers,
+        "user": index.user_metadata,
     }
+    document = {"metadata": metadata, "weight_map": index.weight_map}
+    metadata["index_digest"] = index_digest(document)
     # Compact: with ``indent`` json falls back to its pure-Python encoder (~20 us per tensor).
     return json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n"
-
-
-def find_index_file(directory: Path) -> Path:
-    """Returns the only ``*.safetensors.index.json`` in ``directory``.
-
-    Raises:
-        CheckpointNotFoundError: If there is none (the directory is missing or was never
-            completed), or if there are several.
-    """
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(f"no checkpoint at {directory}: not a directory")
-    candidates = sorted(directory.glob("*.safetensors.index.json"))
-    if len(candidates) != 1:
-        what = "no index file" if not candidates else f"several index files {[c.name for c in candidates]}"
-        raise CheckpointNotFoundError(f"no complete checkpoint in {directory}: {what}")
-    return candidates[0]
-
-
-def read_index(directory: str | os.PathLike[str]) -> CheckpointIndex:
-    """Reads and validates the index of the checkpoint in ``directory``.
-
-    Raises:
-        CheckpointNotFoundError: No complete checkpoint there.
-        IncompatibleFormatError: Another format, or a newer format version.
-        CorruptCheckpointError: The index is not valid JSON or breaks the schema; the message
-            names the file and the field.
-    """
-    path = find_index_file(Path(directory))
-    try:
-        document = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CorruptCheckpointError(f"{path}: not a valid JSON index ({error})") from None
-    return _parse_index(path, document)
-
-
-def _parse_index(path: Path, document: object) -> CheckpointIndex:
-    def fail(what: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{path}: {what}")
-
-    if not isinstance(document, dict) or not isinstance(document.get("weight_map"), dict):
-        raise fail('expected an object with "weight_map" and "metadata"')
-    metadata = document.get("metadata")
-    if not isinstance(metadata, dict):
-        raise fail('missing "metadata" object')
-    if metadata.get("format") != FORMAT_NAME:
-        raise IncompatibleFormatError(
-            f"{path}: format {metadata.get('format')!r} is not {FORMAT_NAME!r}; "
-            "this is not a distributed_shampoo checkpoint"
-        )
-    version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise IncompatibleFormatError(
-            f"{path}: format_version {version!r} is not supported (this library reads 1..{FORMAT_VERSION})"
-        )
-    if metadata.get("checksum_algorithm") != CHECKSUM_ALGORITHM:
-        raise IncompatibleFormatError(
-            f"{path}: checksum_algorithm {metadata.get('checksum_algorithm')!r} is not {CHECKSUM_ALGORITHM!r}"
-        )
-    try:
-        tensors = {name: _parse_layout(entry) for name, entry in metadata["tensors"].items()}
-        index = CheckpointIndex(
-            directory=path.parent,
-            prefix=str(metadata["prefix"]),
-            world_size=int(metadata["world_size"]),
-            total_size=int(metadata["total_size"]),
-            weight_map={str(k): str(v) for k, v in document["weight_map"].items()},
-            tensors=tensors,
-            checksums={str(k): str(v) for k, v in metadata["checksums"].items()},
-            objects={str(k): decode_object(v) for k, v in metadata["objects"].items()},
-            containers={str(k): str(v) for k, v in metadata["containers"].items()},
-            user_metadata=dict(metadata["user"]),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise fail(f"index breaks the schema ({type(error).__name__}: {error})") from None
-    if index.world_size < 1 or path.name != index_file_name(index.prefix):
-        raise fail(f"world_size {index.world_size} or prefix {index.prefix!r} does not match the file name")
-    expected_files = set(index.shard_files())
-    stored_names = {piece.name for name, layout in tensors.items() for piece in layout.stored_pieces(name)}
-    if set(index.weight_map) != stored_names or set(index.checksums) != stored_names:
-        raise fail('"weight_map", "checksums" and "tensors" list different stored tensors')
-    unknown_files = set(index.weight_map.values()) - expected_files
-    if unknown_files:
-        raise fail(f"weight_map names files outside this checkpoint: {sorted(unknown_files)}")
-    return index
-
-
-def _parse_layout(entry: dict[str, object]) -> TensorLayout:
-    dtype_name = entry["dtype"]
-    if dtype_name not in NAME_TO_DTYPE:
-        raise ValueError(f"unknown dtype {dtype_name!r}")
-    chunks = entry.get("chunks", [])
-    assert isinstance(chunks, list)
-    raw_shape = entry["shape"]
-    assert isinstance(raw_shape, list)
-    shape = tuple(int(d) for d in raw_shape)
-    return TensorLayout(
-        shape=shape,
-        dtype=NAME_TO_DTYPE[str(dtype_name)],
-        chunks=tuple(
-            ChunkLayout(
-                name=str(c["name"]),
-                offsets=tuple(int(o) for o in c["offsets"]),
-                shape=tuple(int(d) for d in c["shape"]),
-            )
-            for c in chunks
-        ),
-    )
 
 
 @dataclass(frozen=True)
@@ -309,91 +306,23 @@ class HeaderEntry:
     end: int
 
 
-def check_header_entry(
-    path: Path, name: str, entry: HeaderEntry | None, dtype: torch.dtype, shape: tuple[int, ...]
-) -> HeaderEntry:
-    """Returns ``entry`` if it is the tensor the index describes.
-
-    Raises:
-        IndexMismatchError: The file lacks the tensor or stores another dtype or shape.
-    """
-    if entry is None or entry.dtype != dtype or entry.shape != shape:
-        found = "absent" if entry is None else f"{DTYPE_TO_NAME[entry.dtype]} {list(entry.shape)}"
-        raise IndexMismatchError(
-            f"{path}: {name} is {found} in the file but the index says {DTYPE_TO_NAME[dtype]} {list(shape)}"
-        )
-    return entry
-
-
 def checksum(data: memoryview[int] | bytes) -> str:
     """The index's checksum of a stored tensor: xxh3_64 of its bytes, 16 hex digits."""
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def check_checksum(path: Path, name: str, data: memoryview[int], expected: str) -> None:
-    """Raises ``ChecksumMismatchError`` unless ``data`` (the stored bytes of ``name``) hashes to
-    ``expected``."""
-    actual = checksum(data)
+def page_checksums(data: memoryview[int], page_bytes: int = PAGE_BYTES) -> tuple[str, ...]:
+    """The checksum of each ``page_bytes`` page of ``data`` (the last one may be shorter); empty
+    for data of at most one page, which its whole checksum covers."""
+    if data.nbytes <= page_bytes:
+        return ()
+    return tuple(checksum(data[start : start + page_bytes]) for start in range(0, data.nbytes, page_bytes))
+
+
+def check_checksum(path: Path, name: str, actual: str, expected: str, what: str = "") -> None:
+    """Raises ``ChecksumMismatchError`` unless the stored bytes of ``name`` (or the part ``what``
+    of them) hash to ``expected``."""
     if actual != expected:
         raise ChecksumMismatchError(
-            f"{path}: {name} has checksum {actual}, the index records {expected} (corrupted data)"
+            f"{path}: {name}{what} has checksum {actual}, the index records {expected} (corrupted data)"
         )
-
-
-def read_header(fd: int, path: Path) -> dict[str, HeaderEntry]:
-    """Reads and validates the header of the safetensors file open as ``fd`` (named ``path`` in
-    messages), with the same rules as the safetensors library.
-
-    Returns:
-        Stored name -> entry with absolute file offsets.
-
-    Raises:
-        CorruptCheckpointError: Truncated file, bad JSON, unknown dtype, entries that do not tile
-            the data section, or bytes past its end.
-    """
-    size = os.fstat(fd).st_size
-    prefix = os.pread(fd, 8, 0)
-    if len(prefix) < 8:
-        raise CorruptCheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
-    (header_size,) = struct.unpack("<Q", prefix)
-    if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
-        raise CorruptCheckpointError(
-            f"{path}: header length {header_size} does not fit the file's {size} bytes (truncated?)"
-        )
-    raw = os.pread(fd, header_size, 8)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CorruptCheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
-    data_start = 8 + header_size
-    entries: dict[str, HeaderEntry] = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = NAME_TO_DTYPE[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise CorruptCheckpointError(f"{path}: bad header entry for {name!r} ({error!r})") from None
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CorruptCheckpointError(
-                f"{path}: {name!r} spans {end - begin} bytes but shape {shape} of {dtype} needs "
-                f"{math.prod(shape) * dtype.itemsize}"
-            )
-        entries[name] = HeaderEntry(dtype, shape, data_start + begin, data_start + end)
-        spans.append((begin, end, name))
-    position = 0
-    for begin, end, name in sorted(spans):
-        if begin != position:
-            raise CorruptCheckpointError(f"{path}: data of {name!r} starts at {begin}, expected {position}")
-        position = end
-    if data_start + position != size:
-        state = "truncated" if data_start + position > size else "has trailing bytes"
-        raise CorruptCheckpointError(
-            f"{path}: {state}: {size} bytes on disk, header describes {data_start + position}"
-        )
-    return entries

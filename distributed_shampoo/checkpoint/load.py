@@ -3,150 +3,368 @@
 
 A plain tensor gets the whole logical tensor; a ``Shard`` DTensor gets its local region assembled
 from the saved pieces that overlap it. Only the overlapping byte ranges are read.
+
+A load runs in two phases so that a failure leaves the template as it was:
+
+1. ``LoadPlan(...)`` walks the template and plans every read; ``check()`` opens the files (kept
+   open, so both phases read the same files), validates their headers against the index and the
+   save, and with ``verify`` checks the checksum of every byte it will copy, through one bounded
+   scratch buffer. Nothing in the template changes.
+2. ``apply()`` reads the bytes into the template and assigns the non-tensor values.
 """
 
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import product
+from itertools import accumulate
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from distributed_shampoo.checkpoint.errors import MissingKeyError, TemplateMismatchError
-from distributed_shampoo.checkpoint.format import (
-    check_checksum,
-    check_header_entry,
-    CheckpointIndex,
-    ChunkLayout,
-    DTYPE_TO_NAME,
-    read_header,
+from distributed_shampoo.checkpoint.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    MissingKeyError,
+    MissingShardFileError,
+    TemplateMismatchError,
 )
-from distributed_shampoo.checkpoint.plan import local_data, local_region, SCALAR_TYPES, StateDict
-from distributed_shampoo.checkpoint.reader import open_shard, read_ranges, ReadRequest
+from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, DTYPE_TO_NAME, HeaderEntry
+from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
+from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
+from distributed_shampoo.checkpoint.plan import check_placements, local_data, local_region, SCALAR_TYPES, StateDict
+from distributed_shampoo.checkpoint.reader import open_regular, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
 
-# What ``keys=`` accepts: top-level keys, or key paths (prefixes of leaf paths).
-KeySelection = Iterable[Key | Sequence[Key]]
+# What ``keys=`` accepts: one top-level key, or several top-level keys or key paths (prefixes of
+# leaf paths).
+KeySelection = Key | Iterable[Key | Sequence[Key]]
+
+# Temporary buffers (for regions that are not contiguous in the template, or not on the CPU) are
+# filled and copied in batches of at most this many bytes (a larger piece goes alone).
+_TEMPORARY_BYTES: int = 64 << 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class _PieceRead:
-    """One saved piece's overlap with one destination region."""
+    """One saved piece's overlap with one template tensor's region."""
 
+    name: str  # the logical tensor
     piece: ChunkLayout
     box_start: tuple[int, ...]  # in the piece's coordinates
     box_shape: tuple[int, ...]
-    buffer: torch.Tensor  # CPU, contiguous, box-shaped: the destination itself or a temporary
-    destination: torch.Tensor | None  # where to copy ``buffer`` afterwards (None: read in place)
+    target: torch.Tensor  # the template's memory for the box (a view of its local tensor)
 
 
-def fill_template(
-    index: CheckpointIndex,
-    template: StateDict,
-    keys: KeySelection | None,
-    strict: bool,
-    verify: bool,
-) -> None:
-    """Fills ``template`` from the checkpoint; see ``load_checkpoint`` for the contract."""
-    selection: list[tuple[Key, ...]] | None = _normalise_keys(keys)
-    reads: list[_PieceRead] = []
-    missing: list[str] = []
+class OpenFiles:
+    """The shard files a load reads, open for the whole load, with their validated headers."""
 
-    def fill(node: object, path: tuple[Key, ...]) -> object:
-        if isinstance(node, Mapping):
-            for key in list(node):
-                # pyre-ignore[16]: templates hold mutable dicts.
-                node[key] = fill(node[key], path + (key,))
-            return node
-        if isinstance(node, (list, tuple)):
-            filled = [fill(item, path + (position,)) for position, item in enumerate(node)]
-            if isinstance(node, list):
-                node[:] = filled
-                return node
-            return type(node)(filled)
-        if not _selected(path, selection):
-            return node
-        name = encode_key(path)
-        if isinstance(node, torch.Tensor):
-            if name in index.tensors:
-                reads.extend(_plan_tensor(index, name, node))
-            elif name in index.objects:
-                raise TemplateMismatchError(
-                    f"{name}: the template holds a tensor but {index.directory} saved the value "
-                    f"{index.objects[name]!r}"
-                )
-            else:
-                missing.append(name)
-            return node
-        if isinstance(node, SCALAR_TYPES):
-            if name in index.objects:
-                return _convert(name, index.objects[name], node)
-            if name in index.tensors:
-                raise TemplateMismatchError(
-                    f"{name}: the template holds {node!r} but {index.directory} saved a tensor there"
-                )
-            missing.append(name)
-            return node
-        raise TemplateMismatchError(f"{name}: cannot load into a {type(node).__name__}")
+    def __init__(self, index: CheckpointIndex, file_names: Iterable[str]) -> None:
+        self.index = index
+        self.fds: dict[str, int] = {}
+        self.headers: dict[str, dict[str, HeaderEntry]] = {}
+        try:
+            for file_name in sorted(set(file_names)):
+                path = index.directory / file_name
+                self.fds[file_name] = fd = open_regular(path, "shard file", MissingShardFileError)
+                # "<prefix>-<rank + 1>-of-<world>.safetensors", as parse_index checked.
+                rank = int(file_name[len(index.prefix) + 1 : file_name.rindex("-of-")]) - 1
+                self.headers[file_name] = read_header(fd, path, index, rank)
+        except BaseException:
+            self.close()
+            raise
 
-    fill(template, ())
-    if missing and strict:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise MissingKeyError(f"{index.directory} holds no value for {len(missing)} template keys: {shown}")
-    _execute(index, reads, verify)
+    def entry(self, stored_name: str) -> HeaderEntry:
+        """The header entry of a stored piece, checked against the index.
+
+        Raises:
+            IndexMismatchError: The file lacks it or stores another dtype or shape.
+        """
+        file_name = self.index.weight_map[stored_name]
+        return check_header_entry(
+            self.index.directory / file_name,
+            stored_name,
+            self.headers[file_name].get(stored_name),
+            *self.index.piece_layouts[stored_name],
+        )
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
-def template_from_index(index: CheckpointIndex, keys: KeySelection | None) -> dict[Key, object]:
-    """A template holding every selected leaf: empty CPU tensors and the saved values, nested as
-    saved (lists and tuples restored)."""
-    selection = _normalise_keys(keys)
-    root: dict[Key, object] = {}
-    leaves: list[tuple[list[Key], object]] = [
-        (decode_key(name), torch.empty(layout.shape, dtype=layout.dtype)) for name, layout in index.tensors.items()
-    ]
-    leaves += [(decode_key(name), value) for name, value in index.objects.items()]
-    for path, leaf in leaves:
-        if not _selected(tuple(path), selection):
-            continue
-        node = root
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-            assert isinstance(node, dict)
-        node[path[-1]] = leaf
-    # Deepest first, so that every ancestor of a container is still a dict when it is reached.
-    for name in sorted(index.containers, key=lambda n: -len(decode_key(n))):
-        path = decode_key(name)
-        if not _selected(tuple(path), selection) and not _holds_selection(tuple(path), selection):
-            continue
-        parent = root
-        for key in path[:-1]:
-            child = parent.setdefault(key, {})
-            assert isinstance(child, dict)
-            parent = child
-        children = parent.get(path[-1], {})
-        assert isinstance(children, dict)
-        ordered = [children[position] for position in sorted(children)]
-        kind = index.containers[name]
-        parent[path[-1]] = ordered if kind == "list" else tuple(ordered) if kind == "tuple" else children
-    return root
+def normalise_keys(keys: KeySelection | None) -> list[tuple[Key, ...]] | None:
+    """``keys=`` as a list of key paths; a bare ``str`` or ``int`` is one top-level key.
 
-
-def _normalise_keys(keys: KeySelection | None) -> list[tuple[Key, ...]] | None:
+    Raises:
+        InvalidArgumentError: Not a key, or an iterable of keys and key paths.
+    """
     if keys is None:
         return None
-    return [(key,) if isinstance(key, (str, int)) else tuple(key) for key in keys]
+    if isinstance(keys, (str, int)) and not isinstance(keys, bool):
+        return [(keys,)]
+    if not isinstance(keys, Iterable):
+        raise InvalidArgumentError(f"keys= must be a key or an iterable of keys and key paths, got {keys!r}")
+    selection: list[tuple[Key, ...]] = []
+    for key in keys:
+        path = (key,) if isinstance(key, (str, int)) else tuple(key) if isinstance(key, Sequence) else None
+        if not path or any(isinstance(k, bool) or not isinstance(k, (str, int)) for k in path):
+            raise InvalidArgumentError(f"keys=: {key!r} is not a str or int key or a non-empty sequence of them")
+        selection.append(path)
+    return selection
 
 
-def _selected(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | None) -> bool:
+def selected(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | None) -> bool:
     """Whether ``path`` lies under one of the selected key paths (or nothing was selected)."""
     return selection is None or any(path[: len(prefix)] == prefix for prefix in selection)
 
 
-def _holds_selection(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | None) -> bool:
+def holds_selection(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | None) -> bool:
     """Whether a selected key path lies under ``path``."""
     return selection is not None and any(prefix[: len(path)] == path for prefix in selection)
+
+
+class LoadPlan:
+    """Everything a load will do to a template, planned without changing it.
+
+    Args:
+        index: The checkpoint's index.
+        template: The state dict to fill.
+        keys: The selection (``normalise_keys``' result).
+        strict: Template leaves the checkpoint lacks, and selected keys that match nothing, are
+            errors.
+        verify: ``check()`` verifies checksums.
+
+    Raises:
+        MissingKeyError, TemplateMismatchError: The template cannot receive the checkpoint.
+    """
+
+    def __init__(
+        self, index: CheckpointIndex, template: StateDict, keys: list[tuple[Key, ...]] | None, strict: bool, verify: bool
+    ) -> None:
+        self.index = index
+        self.verify = verify
+        self.reads: list[_PieceRead] = []
+        self.assignments: list[tuple[object, Key, object]] = []  # (container, key, new value)
+        self._missing: list[str] = []
+        self._destinations: list[tuple[str, torch.Tensor]] = []  # (logical name, local tensor)
+        self._matched: set[tuple[Key, ...]] = set()
+        self._selection = keys
+        self._walk(template, ())
+        if strict:
+            self._check_complete(keys)
+        self._check_aliasing()
+        self.files: OpenFiles | None = None
+
+    def _walk(self, node: object, path: tuple[Key, ...]) -> object:
+        """Plans the load of ``node``; returns what should replace it (itself, unless a value)."""
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                replacement = self._walk(child, path + (key,))
+                if replacement is not child:
+                    self.assignments.append((node, key, replacement))
+            return node
+        if isinstance(node, (list, tuple)):
+            replacements = [self._walk(child, path + (position,)) for position, child in enumerate(node)]
+            if isinstance(node, list):
+                self.assignments += [(node, p, new) for p, (new, old) in enumerate(zip(replacements, node)) if new is not old]
+                return node
+            changed = any(new is not old for new, old in zip(replacements, node))
+            return type(node)(replacements) if changed else node
+        if not selected(path, self._selection):
+            return node
+        self._matched.update(prefix for prefix in self._selection or () if path[: len(prefix)] == prefix)
+        name = encode_key(path)
+        if isinstance(node, torch.Tensor):
+            if name in self.index.tensors:
+                self._plan_tensor(name, node)
+            elif name in self.index.objects:
+                raise TemplateMismatchError(
+                    f"{name}: the template holds a tensor but {self.index.directory} saved the value "
+                    f"{self.index.objects[name]!r}"
+                )
+            else:
+                self._missing.append(name)
+            return node
+        if isinstance(node, SCALAR_TYPES):
+            if name in self.index.objects:
+                return _convert(name, self.index.objects[name], node)
+            if name in self.index.tensors:
+                raise TemplateMismatchError(f"{name}: the template holds {node!r} but {self.index.directory} saved a tensor there")
+            self._missing.append(name)
+            return node
+        raise TemplateMismatchError(f"{name}: cannot load into a {type(node).__name__}")
+
+    def _check_complete(self, keys: list[tuple[Key, ...]] | None) -> None:
+        if self._missing:
+            shown = ", ".join(self._missing[:5]) + (f" and {len(self._missing) - 5} more" if len(self._missing) > 5 else "")
+            raise MissingKeyError(f"{self.index.directory} holds no value for {len(self._missing)} template keys: {shown}")
+        unmatched = [encode_key(prefix) for prefix in keys or () if prefix not in self._matched]
+        if unmatched:
+            raise MissingKeyError(f"keys= selects {', '.join(unmatched[:5])} but the template holds nothing there")
+
+    def _plan_tensor(self, name: str, leaf: torch.Tensor) -> None:
+        layout = self.index.tensors[name]
+        if leaf.dtype != layout.dtype or tuple(leaf.shape) != layout.shape:
+            raise TemplateMismatchError(
+                f"{name}: the template has a {DTYPE_TO_NAME.get(leaf.dtype, str(leaf.dtype))} tensor of shape "
+                f"{list(leaf.shape)} but {self.index.directory} saved {DTYPE_TO_NAME[layout.dtype]} {list(layout.shape)}"
+            )
+        if leaf.device.type == "meta" or leaf.layout != torch.strided or leaf.is_conj() or leaf.is_neg():
+            what = "on the meta device (it holds no memory)" if leaf.device.type == "meta" else "not a plain strided tensor"
+            raise TemplateMismatchError(f"{name}: the template tensor is {what} and cannot be filled")
+        if isinstance(leaf, DTensor):
+            check_placements(name, leaf, TemplateMismatchError)
+        region_offsets, region_shape = local_region(leaf)
+        destination = local_data(leaf)
+        if tuple(destination.shape) != region_shape:
+            raise TemplateMismatchError(
+                f"{name}: the template DTensor's local tensor has shape {list(destination.shape)} but its placements "
+                f"give this rank a {list(region_shape)} region"
+            )
+        if math.prod(region_shape) == 0:
+            return  # an empty shard (uneven split) or an empty tensor: nothing to fill
+        self._destinations.append((name, destination))
+        for piece in layout.stored_pieces(name):
+            low = [max(p, r) for p, r in zip(piece.offsets, region_offsets)]
+            high = [min(p + ps, r + rs) for p, ps, r, rs in zip(piece.offsets, piece.shape, region_offsets, region_shape)]
+            box_shape = tuple(h - lo for lo, h in zip(low, high))
+            if any(size <= 0 for size in box_shape):
+                continue
+            box_start = tuple(lo - p for lo, p in zip(low, piece.offsets))
+            target = destination[tuple(slice(lo - r, h - r) for lo, h, r in zip(low, high, region_offsets))]
+            self.reads.append(_PieceRead(name, piece, box_start, box_shape, target))
+
+    def _check_aliasing(self) -> None:
+        """Template tensors that share memory would receive two values in one place; an exact
+        alias (e.g. tied weights) is allowed when the checkpoint stores the same bytes for both
+        (equal checksums of whole tensors), and is then read once."""
+        spans: list[tuple[int, int, str, torch.Tensor]] = []
+        for name, local in self._destinations:
+            start = local.untyped_storage().data_ptr() + int(local.storage_offset()) * local.element_size()
+            extent = (1 + sum((int(size) - 1) * int(stride) for size, stride in zip(local.shape, local.stride()))) * local.element_size()
+            spans.append((start, start + extent, name, local))
+        spans.sort(key=lambda span: (span[0], span[1]))
+        duplicates: set[str] = set()
+        reach: tuple[int, str, torch.Tensor] | None = None
+        for start, end, name, local in spans:
+            if reach is not None and start < reach[0]:
+                if not self._same_bytes(reach[1], reach[2], name, local):
+                    raise TemplateMismatchError(
+                        f"{name} and {reach[1]}: the template's tensors share memory, so one would overwrite "
+                        "the other; give each key its own tensor"
+                    )
+                duplicates.add(name)
+            if reach is None or end > reach[0]:
+                reach = (end, name, local)
+        self.reads = [read for read in self.reads if read.name not in duplicates]
+
+    def _same_bytes(self, a: str, a_local: torch.Tensor, b: str, b_local: torch.Tensor) -> bool:
+        index = self.index
+        return (
+            not index.tensors[a].chunks
+            and index.tensors[a] == index.tensors[b]
+            and index.checksums[a] == index.checksums[b]
+            and a_local.data_ptr() == b_local.data_ptr()
+            and a_local.shape == b_local.shape
+            and a_local.stride() == b_local.stride()
+        )
+
+    def file_names(self) -> set[str]:
+        """The shard files this load reads."""
+        return {self.index.weight_map[read.piece.name] for read in self.reads}
+
+    def check(self, files: OpenFiles | None = None) -> None:
+        """Phase 1: opens the files (or takes ``files``), validates headers, verifies checksums.
+
+        Raises:
+            CheckpointError: The files are missing, damaged, or belong to another save.
+        """
+        self.files = opened = files or OpenFiles(self.index, self.file_names())
+        try:
+            entries = [opened.entry(read.piece.name) for read in self.reads]
+            if not self.verify:
+                return
+            units: dict[str, list[Unit]] = {}
+            for read, entry in zip(self.reads, entries):
+                file_units = units.setdefault(self.index.weight_map[read.piece.name], [])
+                if read.box_shape == read.piece.shape:
+                    file_units.append(whole_unit(read.piece.name, entry, self.index))
+                else:
+                    runs = box_runs(read.piece.shape, read.box_start, read.box_shape, self.index.tensors[read.name].dtype.itemsize)
+                    file_units += units_for_ranges(read.piece.name, entry, self.index, runs)
+            for file_name, file_units in units.items():
+                check_units(opened.fds[file_name], self.index.directory / file_name, file_units)
+        except BaseException:
+            self.close()
+            raise
+
+    def apply(self) -> None:
+        """Phase 2: fills the template (``check()`` first). Closes the files.
+
+        Raises:
+            CorruptCheckpointError, CheckpointReadError: Reading failed midway (the disk failed or
+                a file was truncated in place since ``check()``); the template is then partly
+                filled.
+        """
+        files = self.files
+        if files is None:
+            raise CheckpointError("LoadPlan.apply() needs check() first")
+        try:
+            temporaries: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]] = []
+            direct: dict[str, list[ReadRequest]] = {}
+            for read in self.reads:
+                entry = files.entry(read.piece.name)
+                target = read.target
+                if target.device.type == "cpu" and target.is_contiguous():
+                    direct.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, target))
+                else:
+                    temporaries.append((read, entry, target))
+            for file_name, requests in direct.items():
+                read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
+            self._apply_temporaries(files, temporaries)
+        finally:
+            self.close()
+        for container, key, value in self.assignments:
+            container[key] = value  # pyre-ignore[16]: templates hold mutable dicts and lists
+
+    def _apply_temporaries(self, files: OpenFiles, pending: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]]) -> None:
+        """Reads boxes that are not contiguous CPU memory in the template into temporary buffers
+        (batches of at most ``_TEMPORARY_BYTES``), then copies them in."""
+        sizes = [math.prod(read.box_shape) * target.element_size() for read, _, target in pending]
+        batch_ends = [0]
+        for end, total in enumerate(accumulate(sizes), start=1):
+            if total - sum(sizes[: batch_ends[-1]]) > _TEMPORARY_BYTES and end - 1 > batch_ends[-1]:
+                batch_ends.append(end - 1)
+        batch_ends.append(len(pending))
+        for begin, end in zip(batch_ends, batch_ends[1:]):
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            by_file: dict[str, list[ReadRequest]] = {}
+            for read, entry, target in pending[begin:end]:
+                buffer = torch.empty(read.box_shape, dtype=target.dtype)
+                by_file.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, buffer))
+                copies.append((target, buffer))
+            for file_name, requests in by_file.items():
+                read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
+            for target, buffer in copies:
+                target.copy_(buffer)
+
+    def close(self) -> None:
+        if self.files is not None:
+            self.files.close()
+
+
+def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> list[ReadRequest]:
+    """Requests that fill ``buffer`` (contiguous, box-shaped) from the piece stored at ``entry``."""
+    data = tensor_bytes(buffer)
+    requests: list[ReadRequest] = []
+    position = 0
+    for offset, length in box_runs(read.piece.shape, read.box_start, read.box_shape, buffer.element_size()):
+        requests.append(ReadRequest(entry.begin + offset, data[position : position + length]))
+        position += length
+    return requests
 
 
 def _convert(name: str, saved: object, template_value: object) -> object:
@@ -165,91 +383,104 @@ def _convert(name: str, saved: object, template_value: object) -> object:
     )
 
 
-def _plan_tensor(index: CheckpointIndex, name: str, leaf: torch.Tensor) -> list[_PieceRead]:
-    layout = index.tensors[name]
-    if leaf.dtype != layout.dtype or tuple(leaf.shape) != layout.shape:
-        raise TemplateMismatchError(
-            f"{name}: the template has a {DTYPE_TO_NAME.get(leaf.dtype, str(leaf.dtype))} tensor of shape "
-            f"{list(leaf.shape)} but {index.directory} saved {DTYPE_TO_NAME[layout.dtype]} {list(layout.shape)}"
-        )
-    region_offsets, region_shape = local_region(leaf)
-    destination = local_data(leaf)
-    reads: list[_PieceRead] = []
-    if math.prod(region_shape) == 0:
-        return reads  # an empty shard (uneven split) or an empty tensor: nothing to fill
-    for piece in layout.stored_pieces(name):
-        low = [max(p, r) for p, r in zip(piece.offsets, region_offsets)]
-        high = [min(p + ps, r + rs) for p, ps, r, rs in zip(piece.offsets, piece.shape, region_offsets, region_shape)]
-        box_shape = tuple(h - lo for lo, h in zip(low, high))
-        if any(size <= 0 for size in box_shape):
-            continue
-        box_start = tuple(lo - p for lo, p in zip(low, piece.offsets))
-        if box_shape == tuple(destination.shape) and destination.device.type == "cpu" and destination.is_contiguous():
-            reads.append(_PieceRead(piece, box_start, box_shape, destination, None))  # read in place
-            continue
-        target = destination[tuple(slice(lo - r, h - r) for lo, h, r in zip(low, high, region_offsets))]
-        reads.append(_PieceRead(piece, box_start, box_shape, torch.empty(box_shape, dtype=layout.dtype), target))
-    return reads
+def selected_leaves(index: CheckpointIndex, selection: list[tuple[Key, ...]] | None, strict: bool) -> tuple[list[str], list[str]]:
+    """The logical tensor names and value names that ``selection`` picks from the checkpoint.
 
-
-def _execute(index: CheckpointIndex, reads: list[_PieceRead], verify: bool) -> None:
-    by_file: dict[str, list[_PieceRead]] = {}
-    for read in reads:
-        by_file.setdefault(index.weight_map[read.piece.name], []).append(read)
-    for file_name, file_reads in by_file.items():
-        path = index.directory / file_name
-        fd = open_shard(path)
-        try:
-            header = read_header(fd, path)
-            requests: list[ReadRequest] = []
-            for read in file_reads:
-                entry = check_header_entry(
-                    path, read.piece.name, header.get(read.piece.name), read.buffer.dtype, read.piece.shape
-                )
-                requests.extend(_box_requests(entry.begin, read))
-            read_ranges(fd, path, requests)
-        finally:
-            os.close(fd)
-        for read in file_reads:
-            if verify and read.box_shape == read.piece.shape:  # a piece read whole can be checked
-                check_checksum(path, read.piece.name, tensor_bytes(read.buffer), index.checksums[read.piece.name])
-            if read.destination is not None:
-                read.destination.copy_(read.buffer)
-
-
-def _box_requests(piece_begin: int, read: _PieceRead) -> list[ReadRequest]:
-    """Requests that fill ``read.buffer`` (row-major box) from the piece stored at ``piece_begin``.
-
-    The box is cut into maximal runs that are contiguous in the piece: the trailing dimensions
-    the box covers fully, plus the first one it covers partially.
+    Raises:
+        MissingKeyError: ``strict`` and a selected key path matches nothing in the checkpoint.
     """
-    shape, start, box = read.piece.shape, read.box_start, read.box_shape
-    data = tensor_bytes(read.buffer)
-    # Dimensions [full, ...) are covered fully, so a run spans dimension full - 1 and all after it.
-    full = len(shape)
-    while full > 0 and box[full - 1] == shape[full - 1]:
-        full -= 1
-    run_dim = max(full - 1, 0)
-    run_bytes = math.prod(box[run_dim:]) * read.buffer.element_size()
-    strides = [math.prod(shape[d + 1 :]) * read.buffer.element_size() for d in range(len(shape))]
-    padding = (0,) * (len(shape) - run_dim)  # a run starts at the box's start along these dims
-    return [
-        ReadRequest(
-            piece_begin + sum((s + i) * stride for s, i, stride in zip(start, outer + padding, strides)),
-            data[run * run_bytes : (run + 1) * run_bytes],
-        )
-        for run, outer in enumerate(product(*(range(size) for size in box[:run_dim])))
+    tensors = [name for name in index.tensors if selected(tuple(decode_key(name)), selection)]
+    values = [name for name in index.objects if selected(tuple(decode_key(name)), selection)]
+    if strict and selection is not None:
+        paths = [tuple(decode_key(name)) for name in [*tensors, *values, *index.containers]]
+        unmatched = [encode_key(p) for p in selection if not any(path[: len(p)] == p for path in paths)]
+        if unmatched:
+            raise MissingKeyError(f"keys= selects {', '.join(unmatched[:5])} but {index.directory} holds nothing there")
+    return tensors, values
+
+
+def template_from_index(index: CheckpointIndex, selection: list[tuple[Key, ...]] | None, tensors: Sequence[str]) -> dict[Key, object]:
+    """A template holding the selected leaves: new CPU tensors (allocated only now: call it after
+    the files' headers showed that they hold these tensors) and the saved values, nested as saved
+    (lists and tuples restored)."""
+    root: dict[Key, object] = {}
+    leaves: list[tuple[list[Key], object]] = [
+        (decode_key(name), torch.empty(index.tensors[name].shape, dtype=index.tensors[name].dtype)) for name in tensors
     ]
+    leaves += [(decode_key(name), value) for name, value in index.objects.items() if selected(tuple(decode_key(name)), selection)]
+    for path, leaf in leaves:
+        node = root
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):  # parse_index rejects a leaf that is also a container
+                raise TemplateMismatchError(f"{encode_key(path)}: {key!r} is both a value and a container")
+            node = child
+        node[path[-1]] = leaf
+    # Deepest first, so that every ancestor of a container is still a dict when it is reached.
+    for name in sorted(index.containers, key=lambda n: -len(decode_key(n))):
+        path = decode_key(name)
+        if not selected(tuple(path), selection) and not holds_selection(tuple(path), selection):
+            continue
+        parent = root
+        for key in path[:-1]:
+            child = parent.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise TemplateMismatchError(f"{name}: {key!r} is both a value and a container")
+            parent = child
+        children = parent.get(path[-1], {})
+        if not isinstance(children, dict):
+            raise TemplateMismatchError(f"{name}: is both a value and a container")
+        ordered = [children[position] for position in sorted(children)]
+        kind = index.containers[name]
+        parent[path[-1]] = ordered if kind == "list" else tuple(ordered) if kind == "tuple" else children
+    return root
+
+
+def prepare(
+    index: CheckpointIndex, template: StateDict | None, keys: KeySelection | None, strict: bool, verify: bool
+) -> tuple[LoadPlan, StateDict]:
+    """Plans and checks a load (phase 1, see the module docstring); ``plan.apply()`` then fills
+    the returned template (``template``, or a new one holding the selection when it is None).
+
+    Raises:
+        CheckpointError: The template does not fit, or the files are missing, damaged or belong to
+            another save; nothing was changed.
+    """
+    selection = normalise_keys(keys)
+    if template is not None:
+        plan = LoadPlan(index, template, selection, strict, verify)
+        plan.check()
+        return plan, template
+    names, _ = selected_leaves(index, selection, strict)
+    files = OpenFiles(index, {index.weight_map[p.name] for name in names for p in index.tensors[name].stored_pieces(name)})
+    try:
+        for name in names:
+            for piece in index.tensors[name].stored_pieces(name):
+                files.entry(piece.name)  # the files hold what is about to be allocated
+        fresh = template_from_index(index, selection, names)
+        plan = LoadPlan(index, fresh, selection, strict=False, verify=verify)
+    except BaseException:
+        files.close()
+        raise
+    plan.check(files)
+    return plan, fresh
 
 
 def read_whole_tensors(index: CheckpointIndex, names: Sequence[str], verify: bool = True) -> dict[str, torch.Tensor]:
     """Reads the named logical tensors whole, as new CPU tensors (sharded ones assembled).
 
     Raises:
-        KeyError: A name is not a tensor of the checkpoint.
         CorruptCheckpointError, ChecksumMismatchError, MissingShardFileError, IndexMismatchError:
             the files are damaged.
     """
-    tensors = {name: torch.empty(index.tensors[name].shape, dtype=index.tensors[name].dtype) for name in names}
-    _execute(index, [read for name, tensor in tensors.items() for read in _plan_tensor(index, name, tensor)], verify)
-    return tensors
+    plan, loaded = prepare(index, None, [tuple(decode_key(name)) for name in names], strict=True, verify=verify)
+    plan.apply()
+    result: dict[str, torch.Tensor] = {}
+    for name in names:
+        node: object = loaded
+        for key in decode_key(name):
+            node = node[key]
+        if not isinstance(node, torch.Tensor):
+            raise TemplateMismatchError(f"{name}: loaded a {type(node).__name__}, not a tensor")
+        result[name] = node
+    return result

@@ -18,20 +18,19 @@ from pathlib import Path
 import torch
 
 from distributed_shampoo.checkpoint.api import commit_index, StagedSave
-from distributed_shampoo.checkpoint.commit import new_token, staging_dir
-from distributed_shampoo.checkpoint.errors import CheckpointExistsError
+from distributed_shampoo.checkpoint.commit import new_save_id, new_token, staging_dir
+from distributed_shampoo.checkpoint.errors import CheckpointExistsError, InvalidArgumentError
 from distributed_shampoo.checkpoint.format import (
     CheckpointIndex,
     DTYPE_TO_NAME,
-    FORMAT_VERSION,
-    read_index,
     shard_file_name,
     shard_header_metadata,
     TensorLayout,
 )
 from distributed_shampoo.checkpoint.load import read_whole_tensors
+from distributed_shampoo.checkpoint.parse import read_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan
-from distributed_shampoo.checkpoint.writer import write_safetensors
+from distributed_shampoo.checkpoint.writer import write_safetensors, WrittenFile
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, Key
 from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
 
@@ -97,7 +96,7 @@ def summarize(index: CheckpointIndex) -> dict[str, object]:
         files[file]["bytes"] += stored_bytes[stored]
     return {
         "path": str(index.directory),
-        "format_version": FORMAT_VERSION,
+        "format_version": index.format_version,
         "world_size": index.world_size,
         "total_size": index.total_size,
         "tensors": len(index.tensors),
@@ -214,19 +213,19 @@ def reshard_checkpoint(
         The new checkpoint's index.
 
     Raises:
-        ValueError: ``world_size < 1``, or the checkpoint holds no Shampoo blocks.
+        InvalidArgumentError: ``world_size < 1``, or the checkpoint holds no Shampoo blocks.
         CheckpointExistsError: ``out_dir`` exists.
         CheckpointError: The checkpoint is missing or damaged.
     """
     if world_size < 1:
-        raise ValueError(f"reshard: world_size must be >= 1, got {world_size}")
+        raise InvalidArgumentError(f"reshard: world_size must be >= 1, got {world_size}")
     index = read_index(checkpoint_dir)
     target = Path(out_dir).absolute()
     if target.exists():
         raise CheckpointExistsError(f"{target} already exists")
     blocks, sizes = _block_owned_state(index, param_dtype)
     if not blocks:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{index.directory} holds no Shampoo blocks (keys [..., \"state\", <param>, \"block_<i>\", ...]); "
             "nothing to reshard: load_checkpoint already reads any other state at any world size"
         )
@@ -237,26 +236,27 @@ def reshard_checkpoint(
         block_names.update(block.names)
     writes[0][:0] = [name for name in index.tensors if name not in block_names]
     layouts = {name: TensorLayout(layout.shape, layout.dtype) for name, layout in index.tensors.items()}
-    staging = staging_dir(target, new_token())
+    save_id = new_save_id()
+    staging = staging_dir(target, save_id[:16])
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()
     try:
-        checksums: list[dict[str, str]] = []
+        written: list[WrittenFile] = []
         for rank, names in enumerate(writes):
             tensors: list[tuple[str, torch.Tensor]] = []
             for batch in _batches(index, names):
                 tensors.extend(read_whole_tensors(index, batch).items())
-            checksums.append(
+            written.append(
                 write_safetensors(
                     staging / shard_file_name(index.prefix, rank, world_size),
                     tensors,
-                    shard_header_metadata(rank, world_size),
+                    shard_header_metadata(rank, world_size, save_id),
                 )
             )
             _report(progress, rank + 1, world_size)
-        plan = GlobalPlan(tuple(tuple(w) for w in writes), layouts, index.objects, index.containers)
-        staged = StagedSave(target, staging, index.prefix, plan, [], index.user_metadata, False)
-        return commit_index(staged, world_size, checksums)
+        plan = GlobalPlan(tuple(tuple(w) for w in writes), tuple(() for _ in writes), layouts, index.objects, index.containers)
+        staged = StagedSave(target, staging, save_id, index.prefix, plan, [], {}, index.user_metadata, False)
+        return commit_index(staged, world_size, written)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

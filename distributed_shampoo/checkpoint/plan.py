@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from distributed_shampoo.checkpoint.errors import InconsistentStateError, UnsupportedValueError
@@ -24,10 +24,13 @@ from distributed_shampoo.checkpoint.format import (
     encode_object,
     NAME_TO_DTYPE,
     TensorLayout,
+    tiling_problem,
 )
 from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, Key
 
 SCALAR_TYPES: tuple[type[object], ...] = (bool, int, float, str, type(None))
+# How a local plan marks a dict that is empty on that rank (the index records it as "dict").
+EMPTY_DICT = "empty dict"
 
 Path = tuple[Key, ...]
 
@@ -41,7 +44,8 @@ def iter_leaves(state: StateDict, containers: dict[str, str] | None = None) -> I
     Args:
         state: The nested state.
         containers: If given, receives ``encode_key(path) -> "list" | "tuple" | "dict"`` for every
-            list, tuple and empty dict, which is what rebuilding the nesting needs.
+            list, tuple and dict below the root (an empty dict as ``"empty dict"``): the index
+            keeps what rebuilding the nesting needs, and ranks are checked to agree on the rest.
 
     Raises:
         UnsupportedValueError: For any other value or a key that is not str/int; names the key.
@@ -51,8 +55,8 @@ def iter_leaves(state: StateDict, containers: dict[str, str] | None = None) -> I
         if isinstance(node, torch.Tensor) or isinstance(node, SCALAR_TYPES):
             yield path, node
         elif isinstance(node, Mapping):
-            if not node and containers is not None and path:
-                containers[encode_key(path)] = "dict"
+            if containers is not None and path:
+                containers[encode_key(path)] = "dict" if node else EMPTY_DICT
             for key, value in node.items():
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise UnsupportedValueError(
@@ -107,18 +111,27 @@ def local_data(tensor: torch.Tensor) -> torch.Tensor:
 def _is_writer(name: str, tensor: DTensor) -> bool:
     """Whether this rank writes its local part: it must be the first replica on every
     replicated mesh dimension (so each chunk is written exactly once)."""
+    check_placements(name, tensor, UnsupportedValueError)
     coordinate = tensor.device_mesh.get_coordinate()
     if coordinate is None:
         return False
-    for mesh_dim, placement in enumerate(tensor.placements):
+    return all(
+        coordinate[mesh_dim] == 0 for mesh_dim, placement in enumerate(tensor.placements) if isinstance(placement, Replicate)
+    )
+
+
+def check_placements(name: str, tensor: DTensor, error: type[Exception]) -> None:
+    """Raises ``error`` unless every placement is ``Replicate`` or ``Shard`` (whose local data is a
+    box of the global tensor): a ``Partial`` DTensor holds unreduced values, and other shardings
+    (e.g. strided) are not boxes."""
+    for placement in tensor.placements:
         if isinstance(placement, Partial):
-            raise UnsupportedValueError(
+            raise error(
                 f"{name}: a DTensor with a Partial placement holds unreduced values; reduce it "
-                "(e.g. .redistribute(placements=[Replicate()])) before saving"
+                "(e.g. .redistribute(placements=[Replicate()])) first"
             )
-        if isinstance(placement, Replicate) and coordinate[mesh_dim] != 0:
-            return False
-    return True
+        if not isinstance(placement, Replicate) and type(placement) is not Shard:
+            raise error(f"{name}: DTensor placement {placement} is not supported (only Replicate and Shard)")
 
 
 @dataclass(frozen=True)
@@ -167,23 +180,43 @@ def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor
         if leaf.is_sparse or leaf.layout != torch.strided:
             raise UnsupportedValueError(f"{name}: only strided (dense) tensors can be saved, got {leaf.layout}")
         dtype = dtype_name(name, leaf.dtype)
+        if leaf.device.type == "meta":
+            raise UnsupportedValueError(f"{name}: a tensor on the meta device holds no data to save")
         if isinstance(leaf, DTensor) and not _is_writer(name, leaf):
             continue
         offsets, local_shape = local_region(leaf)
+        local = local_data(leaf)
+        if tuple(local.shape) != local_shape:
+            raise InconsistentStateError(
+                f"{name}: the DTensor's local tensor has shape {list(local.shape)} but its placements give "
+                f"this rank a {list(local_shape)} region of the {list(leaf.shape)} tensor"
+            )
+        if leaf.numel() == 0:  # nothing to shard: every rank offers the empty tensor whole
+            offsets, local_shape, local = (0,) * leaf.dim(), tuple(leaf.shape), torch.empty(leaf.shape, dtype=leaf.dtype)
         chunked = local_shape != tuple(leaf.shape)
-        if chunked and math.prod(local_shape) == 0 and leaf.numel() != 0:
+        if chunked and math.prod(local_shape) == 0:
             continue  # an empty shard of an uneven split holds nothing to write
         entry = PlannedTensor(name, dtype, tuple(leaf.shape), offsets, local_shape, chunked)
         planned.append(entry)
-        data[entry.stored_name] = local_data(leaf)
+        data[entry.stored_name] = local
     return LocalPlan(tuple(planned), objects, containers), data
 
 
 @dataclass(frozen=True)
 class GlobalPlan:
-    """The decisions every rank derives identically from all ranks' ``LocalPlan``s."""
+    """The decisions every rank derives identically from all ranks' ``LocalPlan``s.
 
-    writes: tuple[tuple[str, ...], ...]  # per rank: stored names it writes
+    Attributes:
+        writes: Per rank, the stored names it writes.
+        replicas: Per rank, the whole tensors it holds but another rank writes (their checksums
+            must equal the writer's).
+        tensors: The index's layouts.
+        objects: The non-tensor leaves.
+        containers: The index's containers (lists, tuples, dicts empty on some rank).
+    """
+
+    writes: tuple[tuple[str, ...], ...]
+    replicas: tuple[tuple[str, ...], ...]
     tensors: dict[str, TensorLayout]
     objects: dict[str, object]
     containers: dict[str, str]
@@ -192,13 +225,14 @@ class GlobalPlan:
 def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
     """Decides who writes what and checks that the ranks agree.
 
-    A whole tensor offered by several ranks is replicated state, written by the lowest of them.
-    Chunks of a sharded tensor are written by the rank that holds them and must tile the global
-    tensor exactly.
+    A whole tensor offered by several ranks is replicated state, written by the lowest of them
+    (the others' copies are compared by checksum when the files are written). Chunks of a sharded
+    tensor are written by the rank that holds them and must tile the global tensor exactly.
 
     Raises:
-        InconsistentStateError: Ranks disagree on a key's shape, dtype, kind or value, or the
-            chunks of a sharded tensor do not cover it exactly; names the key and the ranks.
+        InconsistentStateError: Ranks disagree on a key's shape, dtype, kind (tensor, value, list,
+            tuple or dict) or value, or the chunks of a sharded tensor do not tile it exactly;
+            names the key and the ranks.
     """
     first_offer: dict[str, tuple[int, PlannedTensor]] = {}
     chunks: dict[str, dict[tuple[int, ...], tuple[int, PlannedTensor]]] = {}
@@ -215,7 +249,11 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
                 first_offer[offer.name] = (rank, offer)
             if offer.chunked:
                 chunks.setdefault(offer.name, {}).setdefault(offer.offsets, (rank, offer))
+    objects = _merge("value", [plan.objects for plan in local_plans])
+    kinds = _merge_kinds(local_plans)
+    _check_kinds(first_offer, objects, kinds)
     writes: list[list[str]] = [[] for _ in local_plans]
+    replicas: list[list[str]] = [[] for _ in local_plans]
     tensors: dict[str, TensorLayout] = {}
     for name, (rank, offer) in first_offer.items():
         dtype = NAME_TO_DTYPE[offer.dtype]
@@ -224,23 +262,53 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
             tensors[name] = TensorLayout(offer.global_shape, dtype)
             continue
         pieces = sorted(chunks[name].values(), key=lambda item: item[1].offsets)
-        covered = sum(math.prod(piece.local_shape) for _, piece in pieces)
-        if covered != math.prod(offer.global_shape):
+        problem = tiling_problem(offer.global_shape, [(piece.offsets, piece.local_shape) for _, piece in pieces])
+        if problem is not None:
             raise InconsistentStateError(
-                f"{name}: the saved chunks cover {covered} of {math.prod(offer.global_shape)} elements "
-                f"of a {list(offer.global_shape)} tensor; shards must tile it exactly"
+                f"{name}: the ranks' chunks do not tile the {list(offer.global_shape)} tensor exactly: {problem}"
             )
         layout_chunks = []
         for chunk_rank, piece in pieces:
             writes[chunk_rank].append(piece.stored_name)
             layout_chunks.append(ChunkLayout(piece.stored_name, piece.offsets, piece.local_shape))
         tensors[name] = TensorLayout(offer.global_shape, dtype, tuple(layout_chunks))
+    for rank, plan in enumerate(local_plans):
+        replicas[rank] = [t.name for t in plan.tensors if not t.chunked and first_offer[t.name][0] != rank]
     return GlobalPlan(
         writes=tuple(tuple(w) for w in writes),
+        replicas=tuple(tuple(r) for r in replicas),
         tensors=tensors,
-        objects=_merge("value", [plan.objects for plan in local_plans]),
-        containers=_merge("container", [plan.containers for plan in local_plans]),
+        objects=objects,
+        containers={name: kind for name, (kind, empty) in kinds.items() if kind != "dict" or empty},
     )
+
+
+def _merge_kinds(local_plans: Sequence[LocalPlan]) -> dict[str, tuple[str, bool]]:
+    """Container name -> (kind, empty on some rank); the same name as two kinds is an error."""
+    merged: dict[str, tuple[str, int, bool]] = {}
+    for rank, plan in enumerate(local_plans):
+        for name, local_kind in plan.containers.items():
+            kind = "dict" if local_kind == EMPTY_DICT else local_kind
+            if name not in merged:
+                merged[name] = (kind, rank, local_kind == EMPTY_DICT)
+                continue
+            other_kind, other_rank, empty = merged[name]
+            if kind != other_kind:
+                raise InconsistentStateError(f"{name}: rank {other_rank} has a {other_kind} but rank {rank} has a {kind}")
+            merged[name] = (kind, other_rank, empty or local_kind == EMPTY_DICT)
+    return {name: (kind, empty) for name, (kind, _, empty) in merged.items()}
+
+
+def _check_kinds(
+    tensors: dict[str, tuple[int, PlannedTensor]], objects: dict[str, object], kinds: dict[str, tuple[str, bool]]
+) -> None:
+    """A name must be one kind of thing on every rank: a tensor, a value, or a container."""
+    for name in tensors.keys() & objects.keys():
+        raise InconsistentStateError(f"{name}: rank {tensors[name][0]} has a tensor but another rank has a value there")
+    for name in (tensors.keys() | objects.keys()) & kinds.keys():
+        raise InconsistentStateError(
+            f"{name}: one rank has a {kinds[name][0]} but another has a {'tensor' if name in tensors else 'value'} there"
+        )
 
 
 def _describe(offer: PlannedTensor) -> str:
@@ -251,7 +319,7 @@ def _describe(offer: PlannedTensor) -> str:
 _V = TypeVar("_V")
 
 
-def _merge(what: str, per_rank: Sequence[dict[str, _V]]) -> dict[str, _V]:
+def _merge(what: str, per_rank: Sequence[Mapping[str, _V]]) -> dict[str, _V]:
     """The union of every rank's values; the same name with different values is an error."""
     merged: dict[str, _V] = {}
     owner: dict[str, int] = {}

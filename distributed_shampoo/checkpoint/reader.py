@@ -1,13 +1,15 @@
 # pyre-strict
-"""Reads byte ranges of a shard file into destination buffers in few large ``preadv`` calls."""
+"""Opens a checkpoint's files as hostile input (regular files only, never blocking on open) and
+reads byte ranges into destination buffers in few large ``preadv`` calls."""
 
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from distributed_shampoo.checkpoint.errors import CorruptCheckpointError, MissingShardFileError
+from distributed_shampoo.checkpoint.errors import CheckpointError, CheckpointReadError, CorruptCheckpointError
 
 # Ranges closer than this are read in one call, the bytes between them into a scratch buffer:
 # reading a small gap costs less than another request to the disk.
@@ -23,16 +25,76 @@ class ReadRequest:
     buffer: memoryview[int]
 
 
-def open_shard(path: Path) -> int:
-    """Opens a shard file for reading.
+def open_regular(path: Path, what: str, missing: type[CheckpointError]) -> int:
+    """Opens ``path`` for reading if it is a regular file.
+
+    The open does not block (``O_NONBLOCK``: opening a FIFO for reading would wait for a writer);
+    a FIFO, device, socket or directory is refused before a byte is read.
+
+    Args:
+        path: The file.
+        what: What it is, for messages (``"index"``, ``"shard file"``).
+        missing: The error to raise if it does not exist.
 
     Raises:
-        MissingShardFileError: If it does not exist.
+        missing: It does not exist.
+        CorruptCheckpointError: It is not a regular file.
+        CheckpointReadError: It cannot be opened.
     """
     try:
-        return os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise MissingShardFileError(f"shard file {path} named by the index does not exist") from None
+        raise missing(f"{what} {path} does not exist") from None
+    except OSError as error:
+        raise CheckpointReadError(f"{path}: cannot open the {what}: {error.strerror or error}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{path}: the {what} is not a regular file (it is a {_kind(mode)})")
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_small_file(path: Path, what: str, limit: int, missing: type[CheckpointError]) -> bytes:
+    """The whole content of a regular file of at most ``limit`` bytes (checked before reading).
+
+    Raises:
+        missing, CorruptCheckpointError, CheckpointReadError: As ``open_regular``, or the file is
+            larger than ``limit``.
+    """
+    fd = open_regular(path, what, missing)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise CorruptCheckpointError(f"{path}: the {what} holds {size} bytes, more than the {limit} allowed")
+        chunks: list[bytes] = []
+        remaining = limit + 1  # the file may grow while it is read: never read past the limit
+        while remaining > 0:
+            chunk = _os_call(path, os.read, fd, min(remaining, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise CorruptCheckpointError(f"{path}: the {what} grew past the {limit} bytes allowed while it was read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _os_call(path: Path, call, *args):  # pyre-ignore[2, 3]: a pass-through for os.read / os.preadv
+    try:
+        return call(*args)
+    except OSError as error:
+        raise CheckpointReadError(f"{path}: reading failed: {error.strerror or error}") from None
 
 
 def read_ranges(fd: int, path: Path, requests: list[ReadRequest]) -> None:
@@ -43,6 +105,7 @@ def read_ranges(fd: int, path: Path, requests: list[ReadRequest]) -> None:
 
     Raises:
         CorruptCheckpointError: If the file ends before a requested range (truncated).
+        CheckpointReadError: If reading fails.
     """
     scratch = memoryview(bytearray(_MAX_GAP))
     group: list[memoryview[int]] = []
@@ -65,7 +128,7 @@ def read_ranges(fd: int, path: Path, requests: list[ReadRequest]) -> None:
 def _preadv_all(fd: int, path: Path, buffers: list[memoryview[int]], offset: int) -> None:
     views = [b for b in buffers if b.nbytes]
     while views:
-        read = os.preadv(fd, views, offset)
+        read = _os_call(path, os.preadv, fd, views, offset)
         if read == 0:
             raise CorruptCheckpointError(f"{path}: truncated: no data at byte {offset}")
         offset += read

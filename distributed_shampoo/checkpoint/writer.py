@@ -13,11 +13,12 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from distributed_shampoo.checkpoint.format import checksum, DTYPE_TO_NAME
+from distributed_shampoo.checkpoint.format import checksum, DTYPE_TO_NAME, FileRecord, page_checksums
 
 # Flush the pending buffers once they hold this many bytes (bounds the extra memory of staging
 # CUDA or non-contiguous tensors), or once there are as many as one writev takes.
@@ -26,17 +27,33 @@ _IOV_MAX: int = 1024
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview[int]:
-    """The tensor's data as row-major little-endian bytes, without a copy for contiguous CPU tensors."""
-    flat = tensor.detach()
+    """The tensor's values as row-major little-endian bytes, without a copy for contiguous CPU
+    tensors (a conjugate or negative view is materialised: its bytes are not its values)."""
+    flat = tensor.detach().resolve_conj().resolve_neg()
     if flat.device.type != "cpu":
         flat = flat.cpu()
     flat = flat.contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """What the index records of a file just written.
+
+    Attributes:
+        checksums: Stored name -> checksum of its bytes.
+        pages: Stored name -> checksums of its pages (tensors larger than one page).
+        record: The file's size and header digest.
+    """
+
+    checksums: dict[str, str]
+    pages: dict[str, tuple[str, ...]]
+    record: FileRecord
+
+
 def write_safetensors(
     path: Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]
-) -> dict[str, str]:
+) -> WrittenFile:
     """Writes ``tensors`` to a new safetensors file at ``path`` and fsyncs it.
 
     Tensors are laid out by element size, largest first, then in the given order, so every tensor
@@ -49,7 +66,7 @@ def write_safetensors(
         metadata: The header's ``__metadata__`` (string to string).
 
     Returns:
-        Stored name -> checksum of its bytes.
+        The checksums and page checksums of its tensors, its size and header digest.
 
     Raises:
         OSError: If the file exists or writing fails (the partial file is removed).
@@ -70,6 +87,7 @@ def write_safetensors(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     checksums: dict[str, str] = {}
+    pages: dict[str, tuple[str, ...]] = {}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         pending: list[memoryview[int] | bytes] = [len(encoded).to_bytes(8, "little"), encoded]
@@ -77,6 +95,8 @@ def write_safetensors(
         for name, tensor in ordered:
             data = tensor_bytes(tensor)
             checksums[name] = checksum(data)
+            if paged := page_checksums(data):
+                pages[name] = paged
             pending.append(data)
             pending_bytes += data.nbytes
             if pending_bytes >= _FLUSH_BYTES or len(pending) >= _IOV_MAX:
@@ -89,7 +109,7 @@ def write_safetensors(
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    return checksums
+    return WrittenFile(checksums, pages, FileRecord(8 + len(encoded) + position, checksum(encoded)))
 
 
 def _writev_all(fd: int, buffers: list[memoryview[int] | bytes]) -> None:

@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from distributed_shampoo.checkpoint import api as checkpoint_api, DistributedSaveError
+from distributed_shampoo.checkpoint import api as checkpoint_api, AsyncCheckpointer, DistributedSaveError
+from distributed_shampoo.checkpoint.writer import write_safetensors
 
 DISK_FULL_REPORT = "rank 1: OSError: [Errno 28] No space left on device"
 
@@ -17,10 +18,24 @@ DISK_FULL_REPORT = "rank 1: OSError: [Errno 28] No space left on device"
 def fill_disk_of_this_rank() -> None:
     """Makes every shard-file write of this process fail with ENOSPC."""
 
-    def disk_full(*args: object, **kwargs: object) -> dict[str, str]:
+    def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     checkpoint_api.write_safetensors = disk_full  # pyre-ignore[9]: fault injection.
+
+
+def restore_disk_of_this_rank() -> None:
+    """Undoes ``fill_disk_of_this_rank``."""
+    checkpoint_api.write_safetensors = write_safetensors
+
+
+def fail_staging_copies(checkpointer: AsyncCheckpointer) -> None:
+    """Makes every copy into ``checkpointer``'s staging buffers fail with MemoryError."""
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError("out of pinned memory")
+
+    checkpointer._copy_to_staging_buffers = out_of_memory  # pyre-ignore[8]: fault injection.
 
 
 def sigkill_while_staging(target: Callable[..., None], args: tuple[str, ...], started: Path, staging: str) -> int | None:

@@ -15,13 +15,21 @@ from distributed_shampoo.checkpoint import (
     AsyncCheckpointer,
     AsyncSaveError,
     CheckpointFuture,
+    CheckpointWriteError,
+    DistributedSaveError,
     load_checkpoint,
     save_checkpoint,
     UnsupportedValueError,
     verify_checkpoint,
 )
 from distributed_shampoo.launch import run_on_ranks
-from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fill_disk_of_this_rank
+from tests.checkpoint.faults import (
+    DISK_FULL_REPORT,
+    expect_failure_on_every_rank,
+    fail_staging_copies,
+    fill_disk_of_this_rank,
+    restore_disk_of_this_rank,
+)
 
 
 def _big_state(value: float) -> dict[str, torch.Tensor]:
@@ -97,24 +105,43 @@ class AsyncSaveTest(unittest.TestCase):
         self.assertFalse((self.root / "a").exists())
 
     def test_background_failure_surfaces_from_wait_every_time(self) -> None:
+        fill_disk_of_this_rank()
+        try:
+            future = self.checkpointer.save_async(self.root / "a", {"x": torch.ones(1)})
+            for _ in range(2):
+                with self.assertRaises(CheckpointWriteError) as raised:
+                    future.wait()
+                self.assertEqual(raised.exception.errno, errno.ENOSPC)
+                self.assertEqual(str(raised.exception), f"[Errno 28] saving {self.root / 'a'} failed on rank 0: [Errno 28] No space left on device")
+                self.assertIsInstance(raised.exception.__cause__, OSError)
+        finally:
+            restore_disk_of_this_rank()
+        self.assertTrue(future.done())
+        self.assertEqual(list(self.root.iterdir()), [])
+        # The checkpointer goes on saving.
+        self.assertEqual(self.checkpointer.save_async(self.root / "b", {"x": torch.ones(1)}).wait(), self.root / "b")
+
+    def test_a_failing_after_commit_is_a_warning_the_save_succeeded(self) -> None:
         def fail(published: Path) -> None:
             raise OSError(errno.EIO, "rotation failed")
 
         future = self.checkpointer.save_async(self.root / "a", {"x": torch.ones(1)}, after_commit=fail)
-        for _ in range(2):
-            with self.assertRaises(AsyncSaveError) as raised:
-                future.wait()
-            self.assertEqual(str(raised.exception), f"saving {self.root / 'a'} failed in the background: OSError: [Errno 5] rotation failed")
-            self.assertIsInstance(raised.exception.__cause__, OSError)
-        self.assertTrue(future.done())
-        # The checkpointer goes on saving.
-        self.assertEqual(self.checkpointer.save_async(self.root / "b", {"x": torch.ones(1)}).wait(), self.root / "b")
+        with self.assertWarnsRegex(UserWarning, r"after_commit of .*a failed: OSError: \[Errno 5\] rotation failed"):
+            self.assertEqual(future.wait(), self.root / "a")
+        self.assertTrue(torch.equal(load_checkpoint(self.root / "a")["x"], torch.ones(1)))  # pyre-ignore[6]
 
     def test_a_failed_staging_copy_fails_the_future_and_publishes_nothing(self) -> None:
-        future = self.checkpointer.save_async(self.root / "a", {"w": torch.empty(3, device="meta")})
-        with self.assertRaises(AsyncSaveError) as raised:
+        fail_staging_copies(self.checkpointer)
+        future = self.checkpointer.save_async(self.root / "a", {"w": torch.ones(3)})
+        with self.assertRaises(DistributedSaveError) as raised:
             future.wait()
-        self.assertIsInstance(raised.exception.__cause__, NotImplementedError)
+        self.assertIsInstance(raised.exception.__cause__, MemoryError)
+        self.assertEqual(list(self.root.iterdir()), [])
+
+    def test_save_async_after_close_raises_and_writes_nothing(self) -> None:
+        self.checkpointer.close()
+        with self.assertRaisesRegex(AsyncSaveError, r"cannot save .*a: this AsyncCheckpointer is closed"):
+            self.checkpointer.save_async(self.root / "a", {"w": torch.ones(3)})
         self.assertEqual(list(self.root.iterdir()), [])
 
     def test_wait_with_a_timeout(self) -> None:
@@ -162,21 +189,21 @@ def _async_save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: 
         future = checkpointer.save_async(directory, {f"r{rank}": torch.ones(3)}, overwrite=True)
         expect_failure_on_every_rank(
             rank, 1, future.wait,
-            lambda error: isinstance(error, AsyncSaveError) and isinstance(error.__cause__, OSError)
-            and error.__cause__.errno == errno.ENOSPC,
+            lambda error: isinstance(error, CheckpointWriteError) and error.errno == errno.ENOSPC,
             DISK_FULL_REPORT,
         )
 
 
 def _staging_copy_fails_on_rank_1(rank: int, world_size: int, directory: str) -> None:
-    """Rank 1 holds a tensor that cannot be copied (a meta tensor): every rank's future fails."""
-    state = {f"r{rank}": torch.empty(3, device="meta") if rank == 1 else torch.ones(3)}
+    """Rank 1 runs out of memory while copying to its staging buffers: every rank's future fails."""
     with AsyncCheckpointer() as checkpointer:
-        future = checkpointer.save_async(directory, state)
+        if rank == 1:
+            fail_staging_copies(checkpointer)
+        future = checkpointer.save_async(directory, {f"r{rank}": torch.ones(3)})
         expect_failure_on_every_rank(
             rank, 1, lambda: future.wait(timeout=60),
-            lambda error: isinstance(error, AsyncSaveError) and isinstance(error.__cause__, NotImplementedError),
-            "rank 1: NotImplementedError",
+            lambda error: isinstance(error, DistributedSaveError) and isinstance(error.__cause__, MemoryError),
+            "rank 1: MemoryError: out of pinned memory",
         )
 
 

@@ -1,18 +1,19 @@
 # pyre-strict
-"""Damaged checkpoints raise their own CheckpointError; a killed save loses nothing."""
+"""Damaged and hostile checkpoints raise their own CheckpointError, on load and on verify."""
 
-import json
 import os
 import signal
 import tempfile
 import unittest
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from parameterized import parameterized
 
 from distributed_shampoo.checkpoint import (
+    check_checkpoint,
     CheckpointError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -24,14 +25,21 @@ from distributed_shampoo.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from distributed_shampoo.checkpoint.format import MAX_INDEX_BYTES
 from tests.checkpoint.faults import flip_last_byte, sigkill_while_staging
+from tests.checkpoint.tamper import Document, edit_index, INDEX, replace_in_file, reseal, rewrite_header
 
 _SHARD = "optimizer-00001-of-00001.safetensors"
-_INDEX = "optimizer.safetensors.index.json"
 
 
 def _state() -> dict[str | int, object]:
     return {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(10, 10, dtype=torch.float64), "lr": 0.1}
+
+
+def _tensor(document: Document, name: str) -> dict[str, object]:
+    tensors = document["metadata"]["tensors"]
+    assert isinstance(tensors, dict)
+    return tensors[name]
 
 
 def _truncate(directory: Path) -> None:
@@ -39,39 +47,9 @@ def _truncate(directory: Path) -> None:
     os.truncate(path, path.stat().st_size - 7)
 
 
-def _flip_last_byte(directory: Path) -> None:
-    flip_last_byte(directory / _SHARD)
-
-
 def _append_byte(directory: Path) -> None:
     with open(directory / _SHARD, "ab") as file:
         file.write(b"\0")
-
-
-def _delete_shard(directory: Path) -> None:
-    (directory / _SHARD).unlink()
-
-
-def _edit_index(edit: Callable[[dict[str, dict[str, object]]], None]) -> Callable[[Path], None]:
-    def apply(directory: Path) -> None:
-        path = directory / _INDEX
-        document = json.loads(path.read_text())
-        edit(document)
-        path.write_text(json.dumps(document))
-
-    return apply
-
-
-def _set_shape(document: dict[str, dict[str, object]]) -> None:
-    document["metadata"]["tensors"]['["a"]']["shape"] = [999]  # pyre-ignore[16]
-
-
-def _rename_in_header(directory: Path) -> None:
-    path = directory / _SHARD
-    # In the JSON header the stored name ["a"] appears escaped.
-    data = path.read_bytes()
-    assert b'[\\"a\\"]' in data
-    path.write_bytes(data.replace(b'[\\"a\\"]', b'[\\"z\\"]', 1))
 
 
 def _garbage_header(directory: Path) -> None:
@@ -81,22 +59,99 @@ def _garbage_header(directory: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _rename_in_header(sealed: bool) -> Callable[[Path], None]:
+    def apply(directory: Path) -> None:
+        replace_in_file(directory / _SHARD, b'[\\"a\\"]', b'[\\"z\\"]')  # escaped in the JSON header
+        if sealed:
+            reseal(directory)
+
+    return apply
+
+
+def _set_shape(document: Document) -> None:
+    _tensor(document, '["a"]')["shape"] = [999]
+    document["metadata"]["total_size"] = 999 * 4 + 100 * 8
+
+
+def _huge_shape(document: Document) -> None:
+    _tensor(document, '["a"]')["shape"] = [1 << 40]
+    document["metadata"]["total_size"] = (1 << 42) + 100 * 8
+
+
+def _nested(depth: int) -> Callable[[Path], None]:
+    def apply(directory: Path) -> None:
+        text = (directory / INDEX).read_text()
+        (directory / INDEX).write_text(text.replace('"user":{}', '"user":' + "[" * depth + "]" * depth))
+
+    return apply
+
+
+def _text_edit(old: str, new: str) -> Callable[[Path], None]:
+    def apply(directory: Path) -> None:
+        text = (directory / INDEX).read_text()
+        assert old in text, old
+        (directory / INDEX).write_text(text.replace(old, new, 1))
+
+    return apply
+
+
+def _header_metadata_rank(header: dict[str, object]) -> None:
+    metadata = header["__metadata__"]
+    assert isinstance(metadata, dict)
+    metadata["rank"] = "3"
+
+
 _DAMAGES: list[tuple[str, Callable[[Path], None], type[CheckpointError], str]] = [
-    ("truncated", _truncate, CorruptCheckpointError, r"optimizer-00001-of-00001.safetensors: truncated: .* bytes on disk, header describes"),
-    ("trailing_bytes", _append_byte, CorruptCheckpointError, r"has trailing bytes"),
-    ("flipped_byte", _flip_last_byte, ChecksumMismatchError, r'safetensors: \["a"\] has checksum [0-9a-f]{16}, the index records [0-9a-f]{16}'),
-    ("missing_shard", _delete_shard, MissingShardFileError, r"shard file .*optimizer-00001-of-00001.safetensors named by the index does not exist"),
-    ("garbage_header", _garbage_header, CorruptCheckpointError, r"safetensors header is not valid JSON"),
-    ("renamed_in_file", _rename_in_header, IndexMismatchError, r'\["a"\] is absent in the file but the index says F32 \[1000\]'),
-    ("index_shape", _edit_index(_set_shape), IndexMismatchError, r'\["a"\] is F32 \[1000\] in the file but the index says F32 \[999\]'),
-    ("index_version", _edit_index(lambda d: d["metadata"].update(format_version=2)), IncompatibleFormatError, r"format_version 2 is not supported \(this library reads 1..1\)"),
-    ("index_format", _edit_index(lambda d: d["metadata"].update(format="other")), IncompatibleFormatError, r"format 'other' is not 'distributed_shampoo.checkpoint'"),
-    ("index_no_metadata", _edit_index(lambda d: d.pop("metadata")), CorruptCheckpointError, r'missing "metadata" object'),
-    ("index_weight_map", _edit_index(lambda d: d["weight_map"].pop('["a"]')), CorruptCheckpointError, r'"weight_map", "checksums" and "tensors" list different stored tensors'),
-    ("index_invalid_rank", _edit_index(lambda d: d["weight_map"].update({'["a"]': "optimizer-00003-of-00001.safetensors"})), CorruptCheckpointError, r"weight_map names files outside this checkpoint: \['optimizer-00003-of-00001.safetensors'\]"),
-    ("index_garbage", lambda d: (d / _INDEX).write_bytes(b"\x00not json"), CorruptCheckpointError, r"not a valid JSON index"),
-    ("index_missing", lambda d: (d / _INDEX).unlink(), CheckpointNotFoundError, r"no complete checkpoint in .*: no index file"),
+    ("truncated", _truncate, CorruptCheckpointError, rf"{_SHARD}: truncated: \d+ bytes on disk, the index records \d+"),
+    ("trailing_bytes", _append_byte, CorruptCheckpointError, r"has trailing bytes: \d+ bytes on disk, the index records"),
+    ("flipped_byte", lambda d: flip_last_byte(d / _SHARD), ChecksumMismatchError, r'safetensors: \["a"\] has checksum [0-9a-f]{16}, the index records [0-9a-f]{16} \(corrupted data\)'),
+    ("missing_shard", lambda d: (d / _SHARD).unlink(), MissingShardFileError, rf"shard file .*{_SHARD} does not exist"),
+    ("garbage_header", _garbage_header, CorruptCheckpointError, r"the safetensors header is not valid JSON"),
+    ("renamed_in_header", _rename_in_header(False), CorruptCheckpointError, r"the header does not match the index's digest [0-9a-f]{16}: it was modified or damaged"),
+    ("renamed_in_header_resealed", _rename_in_header(True), IndexMismatchError, r'\["a"\] is absent in the file but the index says F32 \[1000\]'),
+    ("header_rank_resealed", lambda d: (rewrite_header(d / _SHARD, _header_metadata_rank), reseal(d))[0], CorruptCheckpointError, r"the header's __metadata__ .* is not rank 0's of this save"),
+    ("index_edited", edit_index(lambda d: d["metadata"].update(total_size=1), sealed=False), CorruptCheckpointError, r'"index_digest": the index content hashes to [0-9a-f]{32} but records [0-9a-f]{32}: the index was modified or damaged'),
+    ("index_object_edited", _text_edit('\\"lr\\"]":0.1', '\\"lr\\"]":0.2'), CorruptCheckpointError, r"the index was modified or damaged"),
+    ("index_version", edit_index(lambda d: d["metadata"].update(format_version=3)), IncompatibleFormatError, r"format_version 3 is not supported \(this library reads 1, 2\)"),
+    ("index_format", edit_index(lambda d: d["metadata"].update(format="other")), IncompatibleFormatError, r"format 'other' is not 'distributed_shampoo.checkpoint'"),
+    ("index_no_metadata", edit_index(lambda d: d.pop("metadata"), sealed=False), CorruptCheckpointError, r'"metadata": expected an object, got None'),
+    ("index_weight_map", edit_index(lambda d: d["weight_map"].pop('["a"]')), CorruptCheckpointError, r'"weight_map": lists other stored tensors than "tensors": extra \[\], missing \[\'\["a"\]\'\]'),
+    ("index_invalid_rank", edit_index(lambda d: d["weight_map"].update({'["a"]': "optimizer-00003-of-00001.safetensors"})), CorruptCheckpointError, r"weight_map\": names files outside this checkpoint: \['optimizer-00003-of-00001.safetensors'\]"),
+    ("index_garbage", lambda d: (d / INDEX).write_bytes(b"\x00not json"), CorruptCheckpointError, r"the index is not valid JSON"),
+    ("index_missing", lambda d: (d / INDEX).unlink(), CheckpointNotFoundError, r"no complete checkpoint in .*: no index file"),
+    ("index_duplicate_key", _text_edit('"weight_map":{', '"weight_map":{"x":"y",'.replace('"x":"y",', '"[\\"a\\"]":"z",')), CorruptCheckpointError, r"duplicate key '\[\"a\"\]'"),
+    ("index_shape_not_a_list", edit_index(lambda d: _tensor(d, '["a"]').update(shape=5)), CorruptCheckpointError, r'"tensors" \'\["a"\]\' "shape": expected a list of sizes, got 5'),
+    ("index_chunks_not_a_list", edit_index(lambda d: _tensor(d, '["a"]').update(chunks={})), CorruptCheckpointError, r'"tensors" \'\["a"\]\' "chunks": expected a list, got \{\}'),
+    ("index_negative_dim", edit_index(lambda d: _tensor(d, '["a"]').update(shape=[-1000])), CorruptCheckpointError, r'"shape": expected an integer >= 0, got -1000'),
+    ("index_float_out_of_range", _text_edit('"total_size":', '"total_size":1e400,"x":'), CorruptCheckpointError, r"number 1e400 is out of range"),
+    ("index_nan_literal", _text_edit('"total_size":', '"total_size":NaN,"x":'), CorruptCheckpointError, r"NaN is not a JSON number"),
+    ("index_deep_nesting", _nested(100_000), CorruptCheckpointError, r"the index is nested too deeply"),
+    ("index_name_not_json", edit_index(lambda d: d["metadata"]["tensors"].update({"not json": {"dtype": "F32", "shape": []}})), CorruptCheckpointError, r"'not json' is not a JSON-list key"),  # pyre-ignore[16]
+    ("index_world_size_huge", edit_index(lambda d: d["metadata"].update(world_size=10**7)), CorruptCheckpointError, r'"files": must list exactly the 10000000 shard files of 10000000 ranks'),
+    ("index_shape_huge", edit_index(_huge_shape), CorruptCheckpointError, r'"size": is \d+ bytes but the tensors mapped to it hold 4398046511904'),
+    ("index_too_large", lambda d: os.truncate(d / INDEX, MAX_INDEX_BYTES + 1), CorruptCheckpointError, rf"the index holds {MAX_INDEX_BYTES + 1} bytes, more than the {MAX_INDEX_BYTES} allowed"),
+    ("index_dev_zero", lambda d: ((d / INDEX).unlink(), (d / INDEX).symlink_to("/dev/zero"))[0], CorruptCheckpointError, r"the index is not a regular file \(it is a character device\)"),
+    ("index_fifo", lambda d: ((d / INDEX).unlink(), os.mkfifo(d / INDEX))[0], CorruptCheckpointError, r"the index is not a regular file \(it is a FIFO\)"),
+    ("shard_fifo", lambda d: ((d / _SHARD).unlink(), os.mkfifo(d / _SHARD))[0], CorruptCheckpointError, rf"{_SHARD}: the shard file is not a regular file \(it is a FIFO\)"),
+    ("shard_directory", lambda d: ((d / _SHARD).unlink(), (d / _SHARD).mkdir())[0], CorruptCheckpointError, rf"{_SHARD}: the shard file is not a regular file \(it is a directory\)"),
+    ("shard_dev_zero", lambda d: ((d / _SHARD).unlink(), (d / _SHARD).symlink_to("/dev/zero"))[0], CorruptCheckpointError, r"the shard file is not a regular file \(it is a character device\)"),
 ]
+
+
+@contextmanager
+def _deadline(seconds: int) -> Iterator[None]:
+    """Fails the test instead of hanging (a FIFO opened without O_NONBLOCK blocks for ever)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds}s: the call blocked")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class BadInputTest(unittest.TestCase):
@@ -113,20 +168,40 @@ class BadInputTest(unittest.TestCase):
         self, _name: str, damage: Callable[[Path], None], error: type[CheckpointError], message: str
     ) -> None:
         damage(self.directory)
-        with self.assertRaisesRegex(error, message):
+        template = {"a": torch.zeros(1000), "b": torch.zeros(10, 10, dtype=torch.float64), "lr": 0.0}
+        with _deadline(20):
+            with self.assertRaisesRegex(error, message):
+                load_checkpoint(self.directory)
+            with self.assertRaisesRegex(error, message):
+                load_checkpoint(self.directory, template)
+            with self.assertRaisesRegex(error, message):
+                verify_checkpoint(self.directory)
+            report = check_checkpoint(self.directory)  # never raises
+        self.assertFalse(report.ok)
+        self.assertRegex(str(report.problems[0]), message)
+        # A load that raised left the template as it was.
+        self.assertTrue(torch.equal(template["a"], torch.zeros(1000)))  # pyre-ignore[6]
+        self.assertEqual(template["lr"], 0.0)
+
+    def test_index_and_header_that_disagree(self) -> None:
+        edit_index(_set_shape)(self.directory)
+        message = r'\["a"\] is F32 \[1000\] in the file but the index says F32 \[999\]'
+        with self.assertRaisesRegex(IndexMismatchError, message):
             load_checkpoint(self.directory)
-        with self.assertRaisesRegex(error, message):
+        with self.assertRaisesRegex(IndexMismatchError, message):
+            load_checkpoint(self.directory, {"a": torch.zeros(999)}, strict=False)
+        with self.assertRaisesRegex(IndexMismatchError, message):
             verify_checkpoint(self.directory)
 
     def test_flipped_byte_in_partially_read_key_still_caught_by_verify(self) -> None:
-        _flip_last_byte(self.directory)
+        flip_last_byte(self.directory / _SHARD)
         loaded = load_checkpoint(self.directory, keys=["lr"])  # reads no tensor: nothing to notice
         self.assertEqual(loaded, {"lr": 0.1})
         with self.assertRaises(ChecksumMismatchError):
             verify_checkpoint(self.directory)
 
     def test_load_without_verification_skips_checksums(self) -> None:
-        _flip_last_byte(self.directory)
+        flip_last_byte(self.directory / _SHARD)
         loaded = load_checkpoint(self.directory, verify=False)
         # Tensors are laid out largest element first, so the last byte belongs to "a".
         self.assertFalse(torch.equal(loaded["a"], torch.arange(1000, dtype=torch.float32)))  # pyre-ignore[6]

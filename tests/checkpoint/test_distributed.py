@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor, DTensor, Replicate, Shard
 
 from distributed_shampoo.checkpoint import (
+    CheckpointWriteError,
     InconsistentStateError,
     load_checkpoint,
     save_checkpoint,
@@ -139,14 +140,15 @@ def _save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -
         fill_disk_of_this_rank()
     expect_failure_on_every_rank(
         rank, 1, lambda: save_checkpoint(directory, {f"r{rank}": torch.ones(3)}, overwrite=True),
-        lambda error: isinstance(error, OSError) and error.errno == errno.ENOSPC, DISK_FULL_REPORT,
+        lambda error: isinstance(error, CheckpointWriteError) and error.errno == errno.ENOSPC, DISK_FULL_REPORT,
     )
 
 
 def _save_under_a_file(rank: int, world_size: int, directory: str) -> None:
     expect_failure_on_every_rank(  # rank 0 cannot mkdir under a file
         rank, 0, lambda: save_checkpoint(directory, {"x": torch.ones(1)}),
-        lambda error: isinstance(error, FileExistsError), "failed on rank 0: FileExistsError",
+        lambda error: isinstance(error, CheckpointWriteError) and error.errno == errno.EEXIST,
+        "nothing was published: rank 0: FileExistsError",
     )
 
 

@@ -112,7 +112,8 @@ class ManagerTest(unittest.TestCase):
     def test_next_save_removes_leftovers_of_crashed_saves_only(self) -> None:
         manager = CheckpointManager(self.root)
         manager.save(1, _state(1))
-        leftovers = [".step-00000002.incomplete-0123abcd", ".step-00000001.deleting-89ab", ".step-00000003.replaced-ff00"]
+        # A parked copy whose checkpoint exists is the leftover of a publish that completed.
+        leftovers = [".step-00000002.incomplete-0123abcd", ".step-00000001.deleting-89ab", ".step-00000001.replaced-ff00"]
         unrelated = [".step-00000002.incomplete-notes.txt", "notes", ".cache"]
         for name in leftovers + unrelated[1:]:
             (self.root / name).mkdir()
@@ -124,7 +125,7 @@ class ManagerTest(unittest.TestCase):
 
     def test_invalid_arguments(self) -> None:
         manager = CheckpointManager(self.root)
-        with self.assertRaisesRegex(ValueError, "^CheckpointManager.save: step must be >= 0, got -1$"):
+        with self.assertRaisesRegex(ValueError, "^CheckpointManager.save: step must be an int >= 0, got -1$"):
             manager.save(-1, _state(0))
         with self.assertRaisesRegex(UnsupportedValueError, r"^metric 'loss' must be a finite number, got nan$"):
             manager.save(1, _state(1), metrics={"loss": float("nan")})

@@ -206,7 +206,7 @@ class FormatTest(unittest.TestCase):
                 {'["a"]': "model-00001-of-00001.safetensors", '["b"]': "model-00001-of-00001.safetensors"},
             )
             self.assertEqual(index["metadata"]["total_size"], 6 * 4 + 2 * 2)
-            self.assertEqual(index["metadata"]["format_version"], 1)
+            self.assertEqual(index["metadata"]["format_version"], 2)
             self.assertEqual(index["metadata"]["objects"], {'["n"]': 1})
             shard = directory / "model-00001-of-00001.safetensors"
             self.assertEqual(stat.S_IMODE(shard.stat().st_mode), 0o644)

@@ -1,0 +1,153 @@
+# pyre-strict
+"""Checks stored bytes against the index's checksums, through one bounded scratch buffer.
+
+A *unit* is a byte range with a recorded checksum: a whole stored tensor, or one page of a large
+one (format version 2). Loading checks the units it is about to copy into the template before it
+copies anything; verifying checks every unit of every file.
+"""
+
+from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from distributed_shampoo.checkpoint.errors import ChecksumMismatchError
+from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry
+from distributed_shampoo.checkpoint.reader import read_ranges, ReadRequest
+
+# Units are read into a buffer of this size; a larger unit is read and hashed in segments of it.
+SCRATCH_BYTES: int = 8 << 20
+
+
+@dataclass(frozen=True)
+class Unit:
+    """``nbytes`` bytes at absolute file ``offset`` whose checksum must be ``expected``.
+
+    ``name`` and ``what`` (e.g. ``" page 3"``) name it in a mismatch message.
+    """
+
+    name: str
+    what: str
+    offset: int
+    nbytes: int
+    expected: str
+
+
+def whole_unit(name: str, entry: HeaderEntry, index: CheckpointIndex) -> Unit:
+    """The unit of a whole stored tensor."""
+    return Unit(name, "", entry.begin, entry.end - entry.begin, index.checksums[name])
+
+
+def page_units(name: str, entry: HeaderEntry, index: CheckpointIndex, pages: Iterable[int] | None = None) -> list[Unit]:
+    """The units of the given pages (default: all) of a stored tensor that has page checksums."""
+    digests = index.pages[name]
+    size, page = entry.end - entry.begin, index.page_bytes
+    return [
+        Unit(name, f" page {k}", entry.begin + k * page, min(page, size - k * page), digests[k])
+        for k in (range(len(digests)) if pages is None else pages)
+    ]
+
+
+def units_for_ranges(
+    name: str, entry: HeaderEntry, index: CheckpointIndex, ranges: Iterable[tuple[int, int]]
+) -> list[Unit]:
+    """The units that cover the byte ``ranges`` (``(offset in the tensor, length)``) of a stored
+    tensor: the pages they touch where the tensor has page checksums, else the whole tensor."""
+    if name not in index.pages:
+        return [whole_unit(name, entry, index)]
+    page = index.page_bytes
+    touched: set[int] = set()
+    for start, length in ranges:
+        touched.update(range(start // page, (start + length - 1) // page + 1))
+    return page_units(name, entry, index, sorted(touched))
+
+
+def check_units(
+    fd: int, path: Path, units: Iterable[Unit], on_mismatch: Callable[[ChecksumMismatchError], None] | None = None
+) -> int:
+    """Reads every unit once and compares its checksum.
+
+    Args:
+        fd: The open shard file.
+        path: Its path, for messages.
+        units: What to check (duplicates are checked once).
+        on_mismatch: Receives each mismatch; None raises the first.
+
+    Returns:
+        The bytes checked.
+
+    Raises:
+        ChecksumMismatchError: A unit does not match (without ``on_mismatch``).
+        CorruptCheckpointError, CheckpointReadError: The file cannot be read.
+    """
+    scratch = memoryview(bytearray(SCRATCH_BYTES))
+    checked = 0
+    for batch in _batches(sorted(set(units), key=lambda u: u.offset)):
+        views: list[memoryview[int]] = []
+        requests: list[ReadRequest] = []
+        position = 0
+        for unit in batch:
+            if unit.nbytes > SCRATCH_BYTES:
+                continue
+            view = scratch[position : position + unit.nbytes]
+            requests.append(ReadRequest(unit.offset, view))
+            views.append(view)
+            position += unit.nbytes
+        read_ranges(fd, path, requests)
+        small = iter(views)
+        for unit in batch:
+            actual = _streamed_digest(fd, path, unit, scratch) if unit.nbytes > SCRATCH_BYTES else xxhash.xxh3_64_hexdigest(next(small))
+            try:
+                check_checksum(path, unit.name, actual, unit.expected, unit.what)
+            except ChecksumMismatchError as error:
+                if on_mismatch is None:
+                    raise
+                on_mismatch(error)
+            checked += unit.nbytes
+    return checked
+
+
+def _batches(units: list[Unit]) -> Iterator[list[Unit]]:
+    """Consecutive units that fit in the scratch buffer together (a large unit goes alone)."""
+    batch: list[Unit] = []
+    size = 0
+    for unit in units:
+        if batch and size + unit.nbytes > SCRATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(unit)
+        size += unit.nbytes
+    if batch:
+        yield batch
+
+
+def _streamed_digest(fd: int, path: Path, unit: Unit, scratch: memoryview[int]) -> str:
+    state = xxhash.xxh3_64()
+    for start in range(0, unit.nbytes, SCRATCH_BYTES):
+        view = scratch[: min(SCRATCH_BYTES, unit.nbytes - start)]
+        read_ranges(fd, path, [ReadRequest(unit.offset + start, view)])
+        state.update(view)
+    return state.hexdigest()
+
+
+def box_runs(
+    piece_shape: tuple[int, ...], box_start: tuple[int, ...], box_shape: tuple[int, ...], itemsize: int
+) -> list[tuple[int, int]]:
+    """The byte ranges ``(offset in the piece, length)`` of a row-major box of a stored piece, in
+    the box's row-major order: maximal runs that are contiguous in the piece (the trailing
+    dimensions the box covers fully, plus the first one it covers partially)."""
+    full = len(piece_shape)
+    while full > 0 and box_shape[full - 1] == piece_shape[full - 1]:
+        full -= 1
+    run_dim = max(full - 1, 0)
+    run_bytes = math.prod(box_shape[run_dim:]) * itemsize
+    strides = [math.prod(piece_shape[d + 1 :]) * itemsize for d in range(len(piece_shape))]
+    base = sum(s * stride for s, stride in zip(box_start, strides))
+    runs = [(base, run_bytes)]
+    for dim in reversed(range(run_dim)):  # extend the list of run starts dimension by dimension
+        runs = [(offset + i * strides[dim], run_bytes) for i in range(box_shape[dim]) for offset, _ in runs]
+    return runs if run_bytes else []

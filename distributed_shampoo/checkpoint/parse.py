@@ -1,0 +1,566 @@
+# pyre-strict
+"""Reads the index and the shard headers as hostile input.
+
+Every field is type-checked before it is used, every size is checked against what the files hold
+before anything is allocated for it, and (format version 2) the index's digest and each header's
+digest must match, so a changed byte either loads nothing or is reported as a typed error.
+"""
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from distributed_shampoo.checkpoint.errors import (
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CheckpointReplacedError,
+    CorruptCheckpointError,
+    IncompatibleFormatError,
+    IndexMismatchError,
+    InvalidArgumentError,
+)
+from distributed_shampoo.checkpoint.format import (
+    CHECKSUM_ALGORITHM,
+    check_prefix,
+    CheckpointIndex,
+    checksum,
+    chunk_name,
+    ChunkLayout,
+    DTYPE_TO_NAME,
+    FileRecord,
+    FORMAT_NAME,
+    HeaderEntry,
+    index_digest,
+    index_file_name,
+    MAX_HEADER_BYTES,
+    MAX_INDEX_BYTES,
+    NAME_TO_DTYPE,
+    READABLE_VERSIONS,
+    shard_header_metadata,
+    TensorLayout,
+    tiling_problem,
+)
+from distributed_shampoo.checkpoint.reader import read_small_file
+from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, Key
+
+_HEX: frozenset[str] = frozenset("0123456789abcdef")
+_FLOAT_WORDS: tuple[str, ...] = ("inf", "-inf", "nan")
+_CONTAINER_KINDS: tuple[str, ...] = ("list", "tuple", "dict")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    document: dict[str, object] = {}
+    for key, value in pairs:
+        if key in document:
+            raise _DuplicateKey(f"duplicate key {key!r}")
+        document[key] = value
+    return document
+
+
+def _no_constant(word: str) -> object:
+    raise ValueError(f"{word} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def strict_json(data: bytes, path: Path, what: str) -> object:
+    """Parses JSON that must be exactly what this layer writes: duplicate keys, ``NaN`` and
+    ``Infinity`` literals and numbers out of float range are errors.
+
+    Raises:
+        CorruptCheckpointError: Names ``path`` and what is wrong.
+    """
+    try:
+        return json.loads(
+            data, object_pairs_hook=_object_without_duplicates, parse_constant=_no_constant, parse_float=_finite_float
+        )
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path}: the {what} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptCheckpointError(f"{path}: the {what} is not valid JSON ({error})") from None
+
+
+class _Fields:
+    """Typed access to fields of a parsed JSON document; every failure names file and field."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, field: str, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.path}: {field}: {problem}")
+
+    def obj(self, value: object, field: str) -> dict[str, object]:
+        if not isinstance(value, dict):
+            raise self.fail(field, f"expected an object, got {_short(value)}")
+        return value
+
+    def integer(self, value: object, field: str, minimum: int = 0) -> int:
+        if type(value) is not int or value < minimum:
+            raise self.fail(field, f"expected an integer >= {minimum}, got {_short(value)}")
+        return value
+
+    def text(self, value: object, field: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(field, f"expected a string, got {_short(value)}")
+        return value
+
+    def hex(self, value: object, field: str, digits: int) -> str:
+        text = self.text(value, field)
+        if len(text) != digits or not _HEX.issuperset(text):
+            raise self.fail(field, f"expected {digits} lowercase hex digits, got {_short(value)}")
+        return text
+
+    def dims(self, value: object, field: str) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise self.fail(field, f"expected a list of sizes, got {_short(value)}")
+        return tuple(self.integer(d, field) for d in value)
+
+    def name(self, value: str, field: str) -> tuple[Key, ...]:
+        """The key path a logical name encodes; it must be in the canonical form ``encode_key``
+        writes, so one key cannot appear under two spellings."""
+        try:
+            path = json.loads(value)
+        except (ValueError, RecursionError):
+            raise self.fail(field, f"{_short(value)} is not a JSON-list key") from None
+        if (
+            not isinstance(path, list)
+            or not path
+            or any(isinstance(key, bool) or not isinstance(key, (str, int)) for key in path)
+            or encode_key(path) != value
+        ):
+            raise self.fail(field, f"{_short(value)} is not a key path written by this library")
+        return tuple(path)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def find_index_file(directory: Path) -> Path:
+    """Returns the only ``*.safetensors.index.json`` in ``directory``.
+
+    Raises:
+        CheckpointNotFoundError: If there is none (the directory is missing or was never
+            completed), or if there are several.
+        CheckpointReadError: The directory cannot be listed.
+    """
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"no checkpoint at {directory}: not a directory")
+    try:
+        candidates = sorted(e.name for e in os.scandir(directory) if e.name.endswith(".safetensors.index.json"))
+    except OSError as error:
+        raise CorruptCheckpointError(f"{directory}: cannot list the directory: {error.strerror or error}") from None
+    if len(candidates) != 1:
+        what = "no index file" if not candidates else f"several index files {candidates}"
+        raise CheckpointNotFoundError(f"no complete checkpoint in {directory}: {what}")
+    return directory / candidates[0]
+
+
+def read_index(directory: str | os.PathLike[str]) -> CheckpointIndex:
+    """Reads and validates the index of the checkpoint in ``directory``.
+
+    Raises:
+        CheckpointNotFoundError: No complete checkpoint there.
+        IncompatibleFormatError: Another format, or a newer format version.
+        CorruptCheckpointError: The index is not a regular file, too large, not valid JSON,
+            breaks the schema or fails its digest; the message names the file and the field.
+        CheckpointReadError: It cannot be read.
+    """
+    path = find_index_file(Path(directory))
+    data = read_small_file(path, "index", MAX_INDEX_BYTES, CheckpointNotFoundError)
+    return parse_index(path, strict_json(data, path, "index"))
+
+
+def parse_index(path: Path, document: object) -> CheckpointIndex:
+    """Validates a parsed index document (see ``read_index``)."""
+    fields = _Fields(path)
+    top = fields.obj(document, "the index")
+    metadata = fields.obj(top.get("metadata"), '"metadata"')
+    weight_map = fields.obj(top.get("weight_map"), '"weight_map"')
+    if metadata.get("format") != FORMAT_NAME:
+        raise IncompatibleFormatError(
+            f"{path}: format {_short(metadata.get('format'))} is not {FORMAT_NAME!r}; "
+            "this is not a distributed_shampoo checkpoint"
+        )
+    version = metadata.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise IncompatibleFormatError(
+            f"{path}: format_version {_short(version)} is not supported (this library reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    if metadata.get("checksum_algorithm") != CHECKSUM_ALGORITHM:
+        raise IncompatibleFormatError(
+            f"{path}: checksum_algorithm {_short(metadata.get('checksum_algorithm'))} is not {CHECKSUM_ALGORITHM!r}"
+        )
+    if version >= 2:
+        _check_digest(fields, top, metadata)
+    try:
+        prefix = check_prefix(metadata.get("prefix"))
+    except InvalidArgumentError as error:
+        raise fields.fail('"prefix"', str(error)) from None
+    if path.name != index_file_name(prefix):
+        raise fields.fail('"prefix"', f"{prefix!r} does not match the index's file name")
+    world_size = fields.integer(metadata.get("world_size"), '"world_size"', minimum=1)
+    files = _parse_files(fields, metadata, prefix, world_size) if version >= 2 else {}
+    if version == 1:
+        _check_world_size_v1(fields, path.parent, world_size)
+    shard_files = set(files) if files else None
+    tensors = {
+        name: _parse_layout(fields, name, entry)
+        for name, entry in fields.obj(metadata.get("tensors"), '"tensors"').items()
+    }
+    pieces = {piece.name: (layout.dtype, piece.shape) for name, layout in tensors.items() for piece in layout.stored_pieces(name)}
+    weight_map = {name: fields.text(file, f'"weight_map" {_short(name)}') for name, file in weight_map.items()}
+    if set(weight_map) != set(pieces):
+        raise fields.fail('"weight_map"', f'lists other stored tensors than "tensors": {_difference(weight_map, pieces)}')
+    if shard_files is None:
+        shard_files = {f for f in set(weight_map.values()) if f in _shard_names(prefix, world_size, weight_map.values())}
+    unknown_files = set(weight_map.values()) - shard_files
+    if unknown_files:
+        raise fields.fail('"weight_map"', f"names files outside this checkpoint: {sorted(unknown_files)[:3]}")
+    checksums = {
+        name: fields.hex(digest, f'"checksums" {_short(name)}', 16)
+        for name, digest in fields.obj(metadata.get("checksums"), '"checksums"').items()
+    }
+    if set(checksums) != set(pieces):
+        raise fields.fail('"checksums"', f'lists other stored tensors than "tensors": {_difference(checksums, pieces)}')
+    total_size = fields.integer(metadata.get("total_size"), '"total_size"')
+    stored_bytes = sum(layout.nbytes for layout in tensors.values())
+    if total_size != stored_bytes:
+        raise fields.fail('"total_size"', f"is {total_size} but the tensors hold {stored_bytes} bytes")
+    page_bytes, pages = 0, {}
+    if version >= 2:
+        page_bytes = fields.integer(metadata.get("page_bytes"), '"page_bytes"', minimum=1)
+        piece_bytes = {name: math.prod(shape) * dtype.itemsize for name, (dtype, shape) in pieces.items()}
+        _check_file_sizes(fields, files, weight_map, piece_bytes)
+        pages = _parse_pages(fields, metadata, piece_bytes, page_bytes)
+    objects = {
+        name: _parse_object(fields, name, value)
+        for name, value in fields.obj(metadata.get("objects"), '"objects"').items()
+    }
+    containers = {
+        name: _parse_container(fields, name, kind)
+        for name, kind in fields.obj(metadata.get("containers"), '"containers"').items()
+    }
+    _check_tree(fields, tensors, objects, containers)
+    save_id = fields.hex(metadata.get("save_id"), '"save_id"', 32) if version >= 2 else ""
+    return CheckpointIndex(
+        directory=path.parent,
+        prefix=prefix,
+        world_size=world_size,
+        total_size=total_size,
+        weight_map=weight_map,
+        tensors=tensors,
+        checksums=checksums,
+        objects=objects,
+        containers=containers,
+        user_metadata=fields.obj(metadata.get("user"), '"user"'),
+        format_version=version,
+        save_id=save_id,
+        page_bytes=page_bytes or 1,
+        pages=pages,
+        files=files,
+    )
+
+
+def _check_digest(fields: _Fields, top: dict[str, object], metadata: dict[str, object]) -> None:
+    recorded = fields.hex(metadata.get("index_digest"), '"index_digest"', 32)
+    content = {key: value for key, value in top.items() if key != "metadata"}
+    content["metadata"] = {key: value for key, value in metadata.items() if key != "index_digest"}
+    try:
+        actual = index_digest(content)
+    except (ValueError, RecursionError) as error:
+        raise fields.fail('"index_digest"', f"the content cannot be hashed ({error})") from None
+    if actual != recorded:
+        raise fields.fail(
+            '"index_digest"',
+            f"the index content hashes to {actual} but records {recorded}: the index was modified or damaged",
+        )
+
+
+def _shard_names(prefix: str, world_size: int, wanted: Iterable[str]) -> set[str]:
+    """The names among ``wanted`` that are shard files of a ``world_size``-rank checkpoint, found
+    without listing all ``world_size`` names."""
+    marker = f"-of-{world_size:05d}.safetensors"
+    found: set[str] = set()
+    for name in set(wanted):
+        rank_text = name[len(prefix) + 1 : -len(marker)] if name.startswith(prefix + "-") and name.endswith(marker) else ""
+        if rank_text.isdigit() and rank_text.isascii() and 1 <= int(rank_text) <= world_size and f"{int(rank_text):05d}" == rank_text:
+            found.add(name)
+    return found
+
+
+def _check_world_size_v1(fields: _Fields, directory: Path, world_size: int) -> None:
+    """Version 1 records no file list: a world size cannot exceed the files in the directory."""
+    try:
+        entries = sum(1 for _ in os.scandir(directory))
+    except OSError as error:
+        raise fields.fail('"world_size"', f"cannot list {directory}: {error.strerror or error}") from None
+    if world_size > entries:
+        raise fields.fail('"world_size"', f"is {world_size} but {directory} holds only {entries} files")
+
+
+def _parse_files(fields: _Fields, metadata: dict[str, object], prefix: str, world_size: int) -> dict[str, FileRecord]:
+    raw = fields.obj(metadata.get("files"), '"files"')
+    if len(raw) != world_size or _shard_names(prefix, world_size, raw) != set(raw):
+        raise fields.fail('"files"', f"must list exactly the {world_size} shard files of {world_size} ranks")
+    files: dict[str, FileRecord] = {}
+    for name, entry in raw.items():
+        record = fields.obj(entry, f'"files" {name!r}')
+        files[name] = FileRecord(
+            fields.integer(record.get("size"), f'"files" {name!r} "size"', minimum=8),
+            fields.hex(record.get("header_digest"), f'"files" {name!r} "header_digest"', 16),
+        )
+    return files
+
+
+def _parse_layout(fields: _Fields, name: str, entry: object) -> TensorLayout:
+    where = f'"tensors" {_short(name)}'
+    fields.name(name, where)
+    layout = fields.obj(entry, where)
+    dtype_name = layout.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
+        raise fields.fail(f"{where} \"dtype\"", f"unknown dtype {_short(dtype_name)}")
+    shape = fields.dims(layout.get("shape"), f'{where} "shape"')
+    chunks: list[ChunkLayout] = []
+    if "chunks" in layout:
+        raw_chunks = layout["chunks"]
+        if not isinstance(raw_chunks, list):
+            raise fields.fail(f'{where} "chunks"', f"expected a list, got {_short(raw_chunks)}")
+        for position, raw in enumerate(raw_chunks):
+            chunk_where = f'{where} "chunks" [{position}]'
+            chunk = fields.obj(raw, chunk_where)
+            offsets = fields.dims(chunk.get("offsets"), f'{chunk_where} "offsets"')
+            chunk_shape = fields.dims(chunk.get("shape"), f'{chunk_where} "shape"')
+            if chunk.get("name") != chunk_name(name, offsets):
+                raise fields.fail(f'{chunk_where} "name"', f"must be {chunk_name(name, offsets)!r}, got {_short(chunk.get('name'))}")
+            chunks.append(ChunkLayout(chunk_name(name, offsets), offsets, chunk_shape))
+        problem = tiling_problem(shape, [(c.offsets, c.shape) for c in chunks])
+        if problem is not None:
+            raise fields.fail(f'{where} "chunks"', f"do not tile the {list(shape)} tensor exactly: {problem}")
+    return TensorLayout(shape, NAME_TO_DTYPE[dtype_name], tuple(chunks))
+
+
+def _parse_pages(
+    fields: _Fields, metadata: dict[str, object], piece_bytes: dict[str, int], page_bytes: int
+) -> dict[str, tuple[str, ...]]:
+    raw = fields.obj(metadata.get("pages"), '"pages"')
+    paged = {name for name, nbytes in piece_bytes.items() if nbytes > page_bytes}
+    if set(raw) != paged:
+        raise fields.fail('"pages"', f"must list exactly the stored tensors larger than one page: {_difference(raw, paged)}")
+    pages: dict[str, tuple[str, ...]] = {}
+    for name, text in raw.items():
+        count = -(-piece_bytes[name] // page_bytes)
+        digests = fields.hex(text, f'"pages" {_short(name)}', 16 * count)
+        pages[name] = tuple(digests[start : start + 16] for start in range(0, len(digests), 16))
+    return pages
+
+
+def _check_file_sizes(fields: _Fields, files: dict[str, FileRecord], weight_map: dict[str, str], piece_bytes: dict[str, int]) -> None:
+    """The tensors mapped to a file must fit in the size the index records for it (the file's
+    real size is checked against that record before anything is read from it)."""
+    mapped: dict[str, int] = {}
+    for name, file in weight_map.items():
+        mapped[file] = mapped.get(file, 0) + piece_bytes[name]
+    for file, nbytes in mapped.items():
+        if nbytes + 8 > files[file].size:
+            raise fields.fail(f'"files" {file!r} "size"', f"is {files[file].size} bytes but the tensors mapped to it hold {nbytes}")
+
+
+def _parse_object(fields: _Fields, name: str, value: object) -> object:
+    where = f'"objects" {_short(name)}'
+    fields.name(name, where)
+    if isinstance(value, dict):
+        if list(value) != ["float"] or value["float"] not in _FLOAT_WORDS:
+            raise fields.fail(where, f'expected a JSON scalar or {{"float": "inf"|"-inf"|"nan"}}, got {_short(value)}')
+        return float(str(value["float"]))
+    if value is not None and not isinstance(value, (bool, int, float, str)):
+        raise fields.fail(where, f"expected a JSON scalar, got {_short(value)}")
+    return value
+
+
+def _parse_container(fields: _Fields, name: str, kind: object) -> str:
+    where = f'"containers" {_short(name)}'
+    fields.name(name, where)
+    if kind not in _CONTAINER_KINDS:
+        raise fields.fail(where, f"expected one of {list(_CONTAINER_KINDS)}, got {_short(kind)}")
+    return str(kind)
+
+
+def _check_tree(
+    fields: _Fields, tensors: dict[str, TensorLayout], objects: dict[str, object], containers: dict[str, str]
+) -> None:
+    """The leaves and containers must form one tree: no name is both a value and a container (or
+    two kinds of value), and every list or tuple holds exactly the positions 0..n-1."""
+    both = tensors.keys() & objects.keys()
+    if both:
+        raise fields.fail('"objects"', f"{_short(min(both))} is also a tensor")
+    children: dict[tuple[Key, ...], set[Key]] = {}
+    leaves: set[tuple[Key, ...]] = set()
+    for name in [*tensors, *objects]:
+        leaves.add(path := fields.name(name, "a leaf"))
+        for depth in range(1, len(path) + 1):
+            children.setdefault(path[: depth - 1], set()).add(path[depth - 1])
+    for name, kind in containers.items():
+        path = fields.name(name, '"containers"')
+        if path in leaves:
+            raise fields.fail('"containers"', f"{_short(name)} is both a value and a {kind}")
+        for depth in range(1, len(path) + 1):
+            children.setdefault(path[: depth - 1], set()).add(path[depth - 1])
+    for path in leaves:
+        if path in children:
+            raise fields.fail('"tensors"', f"{_short(encode_key(path))} is both a value and a container")
+    for name, kind in containers.items():
+        if kind == "dict":
+            continue
+        positions = children.get(fields.name(name, '"containers"'), set())
+        if any(isinstance(key, str) for key in positions) or positions != set(range(len(positions))):
+            raise fields.fail('"containers"', f"the {kind} {_short(name)} must hold the positions 0..n-1")
+
+
+def _difference(a: Iterable[str], b: Iterable[str]) -> str:
+    a_set, b_set = set(a), set(b)
+    extra, missing = sorted(a_set - b_set)[:2], sorted(b_set - a_set)[:2]
+    return f"extra {extra}, missing {missing}"
+
+
+def read_header(fd: int, path: Path, index: CheckpointIndex, rank: int) -> dict[str, HeaderEntry]:
+    """Reads and validates the header of shard file ``rank`` of ``index``, open as ``fd``.
+
+    Version 2: the file's size and header digest must be the ones the index records, and the
+    header must name the index's save. Always: the same rules as the safetensors library (the
+    entries tile the data section exactly), with every field type-checked.
+
+    Returns:
+        Stored name -> entry with absolute file offsets.
+
+    Raises:
+        CheckpointReplacedError: The file belongs to another save than the index (the checkpoint
+            was replaced while it was read).
+        CorruptCheckpointError: Truncated file, bad JSON, unknown dtype, entries that do not tile
+            the data section, bytes past its end, a header the index does not describe.
+    """
+    try:
+        return _read_header(fd, path, index, rank)
+    except OSError as error:
+        raise CheckpointReadError(f"{path}: reading the header failed: {error.strerror or error}") from None
+
+
+def _read_header(fd: int, path: Path, index: CheckpointIndex, rank: int) -> dict[str, HeaderEntry]:
+    size = os.fstat(fd).st_size
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) < 8:
+        raise CorruptCheckpointError(f"{path}: truncated ({size} bytes, no safetensors header)")
+    (header_size,) = struct.unpack("<Q", prefix)
+    if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+        raise CorruptCheckpointError(
+            f"{path}: header length {header_size} does not fit the file's {size} bytes (truncated?)"
+        )
+    raw = os.pread(fd, header_size, 8)
+    if len(raw) != header_size:
+        raise CorruptCheckpointError(f"{path}: truncated while reading its header")
+    header = strict_json(raw, path, "safetensors header")
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
+    record = index.files.get(path.name)
+    if record is not None and (size != record.size or checksum(raw) != record.header_digest):
+        _raise_header_mismatch(path, header, index, size, record)
+    metadata = header.get("__metadata__")
+    if index.format_version >= 2 and metadata != shard_header_metadata(rank, index.world_size, index.save_id):
+        raise CorruptCheckpointError(f"{path}: the header's __metadata__ {_short(metadata)} is not rank {rank}'s of this save")
+    return _header_entries(_Fields(path), header, 8 + header_size, size)
+
+
+def _raise_header_mismatch(path: Path, header: dict[str, object], index: CheckpointIndex, size: int, record: FileRecord) -> None:
+    metadata = header.get("__metadata__")
+    other_save = metadata.get("distributed_shampoo.save_id") if isinstance(metadata, dict) else None
+    if isinstance(other_save, str) and other_save != index.save_id:
+        raise CheckpointReplacedError(
+            f"{path} belongs to save {other_save}, the index read before it to save {index.save_id}: "
+            f"the checkpoint at {path.parent} was replaced while loading; load it again"
+        )
+    if size != record.size:
+        state = "truncated" if size < record.size else "has trailing bytes"
+        raise CorruptCheckpointError(f"{path}: {state}: {size} bytes on disk, the index records {record.size}")
+    raise CorruptCheckpointError(
+        f"{path}: the header does not match the index's digest {record.header_digest}: it was modified or damaged"
+    )
+
+
+def _header_entries(fields: _Fields, header: dict[str, object], data_start: int, size: int) -> dict[str, HeaderEntry]:
+    entries: dict[str, HeaderEntry] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, raw in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"header entry {_short(name)}"
+        info = fields.obj(raw, where)
+        dtype_name = info.get("dtype")
+        if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
+            raise fields.fail(where, f"unknown dtype {_short(dtype_name)}")
+        dtype = NAME_TO_DTYPE[dtype_name]
+        shape = fields.dims(info.get("shape"), f'{where} "shape"')
+        offsets = fields.dims(info.get("data_offsets"), f'{where} "data_offsets"')
+        if len(offsets) != 2:
+            raise fields.fail(f'{where} "data_offsets"', f"expected [begin, end], got {list(offsets)}")
+        begin, end = offsets
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise fields.fail(
+                where, f"spans {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {math.prod(shape) * dtype.itemsize}"
+            )
+        entries[name] = HeaderEntry(dtype, shape, data_start + begin, data_start + end)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise fields.fail(f"header entry {_short(name)}", f"data starts at {begin}, expected {position}")
+        position = end
+    if data_start + position != size:
+        state = "truncated" if data_start + position > size else "has trailing bytes"
+        raise CorruptCheckpointError(f"{fields.path}: {state}: {size} bytes on disk, header describes {data_start + position}")
+    return entries
+
+
+def check_header_entry(
+    path: Path, name: str, entry: HeaderEntry | None, dtype: torch.dtype, shape: tuple[int, ...]
+) -> HeaderEntry:
+    """Returns ``entry`` if it is the tensor the index describes.
+
+    Raises:
+        IndexMismatchError: The file lacks the tensor or stores another dtype or shape.
+    """
+    if entry is None or entry.dtype != dtype or entry.shape != shape:
+        found = "absent" if entry is None else f"{DTYPE_TO_NAME[entry.dtype]} {list(entry.shape)}"
+        raise IndexMismatchError(
+            f"{path}: {name} is {found} in the file but the index says {DTYPE_TO_NAME[dtype]} {list(shape)}"
+        )
+    return entry
+
+
+def check_header_matches(path: Path, index: CheckpointIndex, header: dict[str, HeaderEntry]) -> None:
+    """Every tensor the index maps to this file is in the header as described, and no other.
+
+    Raises:
+        IndexMismatchError: Names the first disagreement.
+    """
+    expected = [name for name, file in index.weight_map.items() if file == path.name]
+    for name in expected:
+        check_header_entry(path, name, header.get(name), *index.piece_layouts[name])
+    if len(header) != len(expected):
+        extra = sorted(set(header) - set(expected))
+        raise IndexMismatchError(f"{path}: holds tensors the index does not map to it: {extra[:3]}")

@@ -126,7 +126,7 @@ _DAMAGES: list[tuple[str, Callable[[Path], None], type[CheckpointError], str]] =
     ("index_float_out_of_range", _text_edit('"total_size":', '"total_size":1e400,"x":'), CorruptCheckpointError, r"number 1e400 is out of range"),
     ("index_nan_literal", _text_edit('"total_size":', '"total_size":NaN,"x":'), CorruptCheckpointError, r"NaN is not a JSON number"),
     ("index_deep_nesting", _nested(100_000), CorruptCheckpointError, r"the index is nested too deeply"),
-    ("index_name_not_json", edit_index(lambda d: d["metadata"]["tensors"].update({"not json": {"dtype": "F32", "shape": []}})), CorruptCheckpointError, r"'not json' is not a JSON-list key"),  # pyre-ignore[16]
+    ("index_name_not_json", edit_index(lambda d: d["metadata"]["tensors"].update({"not json": {"dtype": "F32", "shape": []}})), CorruptCheckpointError, r"'not json' is not a JSON-list key"),
     ("index_world_size_huge", edit_index(lambda d: d["metadata"].update(world_size=10**7)), CorruptCheckpointError, r'"files": must list exactly the 10000000 shard files of 10000000 ranks'),
     ("index_shape_huge", edit_index(_huge_shape), CorruptCheckpointError, r'"size": is \d+ bytes but the tensors mapped to it hold 4398046511904'),
     ("index_too_large", lambda d: os.truncate(d / INDEX, MAX_INDEX_BYTES + 1), CorruptCheckpointError, rf"the index holds {MAX_INDEX_BYTES + 1} bytes, more than the {MAX_INDEX_BYTES} allowed"),

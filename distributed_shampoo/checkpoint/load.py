@@ -32,7 +32,7 @@ from distributed_shampoo.checkpoint.errors import (
 from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, DTYPE_TO_NAME, HeaderEntry
 from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
-from distributed_shampoo.checkpoint.plan import check_placements, local_data, local_region, SCALAR_TYPES, StateDict
+from distributed_shampoo.checkpoint.plan import check_placements, local_box, SCALAR_TYPES, StateDict
 from distributed_shampoo.checkpoint.reader import open_regular, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
@@ -152,6 +152,7 @@ class LoadPlan:
         self._destinations: list[tuple[str, torch.Tensor]] = []  # (logical name, local tensor)
         self._matched: set[tuple[Key, ...]] = set()
         self._selection = keys
+        self._entries: list[HeaderEntry] = []  # of ``reads``, found by ``check()``
         self._walk(template, ())
         if strict:
             self._check_complete(keys)
@@ -162,6 +163,8 @@ class LoadPlan:
         """Plans the load of ``node``; returns what should replace it (itself, unless a value)."""
         if isinstance(node, Mapping):
             for key, child in node.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise TemplateMismatchError(f"{list(path)}: template key {key!r} is not a str or int")
                 replacement = self._walk(child, path + (key,))
                 if replacement is not child:
                     self.assignments.append((node, key, replacement))
@@ -217,13 +220,7 @@ class LoadPlan:
             raise TemplateMismatchError(f"{name}: the template tensor is {what} and cannot be filled")
         if isinstance(leaf, DTensor):
             check_placements(name, leaf, TemplateMismatchError)
-        region_offsets, region_shape = local_region(leaf)
-        destination = local_data(leaf)
-        if tuple(destination.shape) != region_shape:
-            raise TemplateMismatchError(
-                f"{name}: the template DTensor's local tensor has shape {list(destination.shape)} but its placements "
-                f"give this rank a {list(region_shape)} region"
-            )
+        region_offsets, region_shape, destination = local_box(name, leaf, TemplateMismatchError)
         if math.prod(region_shape) == 0:
             return  # an empty shard (uneven split) or an empty tensor: nothing to fill
         self._destinations.append((name, destination))
@@ -284,7 +281,7 @@ class LoadPlan:
         """
         self.files = opened = files or OpenFiles(self.index, self.file_names())
         try:
-            entries = [opened.entry(read.piece.name) for read in self.reads]
+            self._entries = entries = [opened.entry(read.piece.name) for read in self.reads]
             if not self.verify:
                 return
             units: dict[str, list[Unit]] = {}
@@ -315,8 +312,7 @@ class LoadPlan:
         try:
             temporaries: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]] = []
             direct: dict[str, list[ReadRequest]] = {}
-            for read in self.reads:
-                entry = files.entry(read.piece.name)
+            for read, entry in zip(self.reads, self._entries):
                 target = read.target
                 if target.device.type == "cpu" and target.is_contiguous():
                     direct.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, target))
@@ -409,24 +405,13 @@ def template_from_index(index: CheckpointIndex, selection: list[tuple[Key, ...]]
     ]
     leaves += [(decode_key(name), value) for name, value in index.objects.items() if selected(tuple(decode_key(name)), selection)]
     for path, leaf in leaves:
-        node = root
-        for key in path[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):  # parse_index rejects a leaf that is also a container
-                raise TemplateMismatchError(f"{encode_key(path)}: {key!r} is both a value and a container")
-            node = child
-        node[path[-1]] = leaf
+        _parent(root, path)[path[-1]] = leaf
     # Deepest first, so that every ancestor of a container is still a dict when it is reached.
     for name in sorted(index.containers, key=lambda n: -len(decode_key(n))):
         path = decode_key(name)
         if not selected(tuple(path), selection) and not holds_selection(tuple(path), selection):
             continue
-        parent = root
-        for key in path[:-1]:
-            child = parent.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise TemplateMismatchError(f"{name}: {key!r} is both a value and a container")
-            parent = child
+        parent = _parent(root, path)
         children = parent.get(path[-1], {})
         if not isinstance(children, dict):
             raise TemplateMismatchError(f"{name}: is both a value and a container")
@@ -434,6 +419,17 @@ def template_from_index(index: CheckpointIndex, selection: list[tuple[Key, ...]]
         kind = index.containers[name]
         parent[path[-1]] = ordered if kind == "list" else tuple(ordered) if kind == "tuple" else children
     return root
+
+
+def _parent(root: dict[Key, object], path: Sequence[Key]) -> dict[Key, object]:
+    """The dict that holds ``path``'s last key, created along the way."""
+    node = root
+    for key in path[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):  # parse_index rejects a leaf that is also a container
+            raise TemplateMismatchError(f"{encode_key(path)}: {key!r} is both a value and a container")
+        node = child
+    return node
 
 
 def prepare(

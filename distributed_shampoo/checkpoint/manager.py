@@ -187,9 +187,10 @@ class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
             raise InvalidArgumentError(f"CheckpointManager.save: step must be an int >= 0, got {step!r}")
         metric_values = _check_metrics(metrics)
         self.wait()
-        existing = self.checkpoints()
+        sequence = 0  # the index records rank 0's metadata: only rank 0 lists the root
         if self._rank == 0:
             self._remove_leftovers()
+            existing = self.checkpoints()
             newest = max((info.step for info in existing), default=-1)
             if step < newest:
                 warnings.warn(
@@ -197,7 +198,7 @@ class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
                     "checkpoint (a rollback); later steps are older saves now and rotate out as such",
                     stacklevel=2,
                 )
-        sequence = 1 + max((info.sequence for info in existing), default=0)
+            sequence = 1 + max((info.sequence for info in existing), default=0)
         metadata = {"step": step, "sequence": sequence, "metrics": metric_values, "preserved": preserve}
         target = self.path_for(step)
         after_commit = functools.partial(self._after_commit, step)

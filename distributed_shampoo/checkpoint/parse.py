@@ -58,11 +58,11 @@ class _DuplicateKey(ValueError):
 
 
 def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    document: dict[str, object] = {}
-    for key, value in pairs:
-        if key in document:
-            raise _DuplicateKey(f"duplicate key {key!r}")
-        document[key] = value
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _DuplicateKey(f"duplicate key {duplicate!r}")
     return document
 
 
@@ -99,8 +99,12 @@ class _Fields:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._names: dict[str, tuple[Key, ...]] = {}  # names already decoded
 
     def fail(self, field: str, problem: str) -> CorruptCheckpointError:
+        """The error for ``field`` (built by concatenation on the hot path, shortened here)."""
+        if len(field) > 160:
+            field = field[:157] + "..."
         return CorruptCheckpointError(f"{self.path}: {field}: {problem}")
 
     def obj(self, value: object, field: str) -> dict[str, object]:
@@ -127,11 +131,17 @@ class _Fields:
     def dims(self, value: object, field: str) -> tuple[int, ...]:
         if not isinstance(value, list):
             raise self.fail(field, f"expected a list of sizes, got {_short(value)}")
-        return tuple(self.integer(d, field) for d in value)
+        if not all(type(d) is int for d in value) or (value and min(value) < 0):
+            bad = next(d for d in value if type(d) is not int or d < 0)
+            raise self.fail(field, f"expected an integer >= 0, got {_short(bad)}")
+        return tuple(value)
 
     def name(self, value: str, field: str) -> tuple[Key, ...]:
         """The key path a logical name encodes; it must be in the canonical form ``encode_key``
         writes, so one key cannot appear under two spellings."""
+        known = self._names.get(value)
+        if known is not None:
+            return known
         try:
             path = json.loads(value)
         except (ValueError, RecursionError):
@@ -143,7 +153,8 @@ class _Fields:
             or encode_key(path) != value
         ):
             raise self.fail(field, f"{_short(value)} is not a key path written by this library")
-        return tuple(path)
+        self._names[value] = decoded = tuple(path)
+        return decoded
 
 
 def _short(value: object) -> str:
@@ -225,7 +236,7 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
         for name, entry in fields.obj(metadata.get("tensors"), '"tensors"').items()
     }
     pieces = {piece.name: (layout.dtype, piece.shape) for name, layout in tensors.items() for piece in layout.stored_pieces(name)}
-    weight_map = {name: fields.text(file, f'"weight_map" {_short(name)}') for name, file in weight_map.items()}
+    weight_map = {name: fields.text(file, '"weight_map" ' + name) for name, file in weight_map.items()}
     if set(weight_map) != set(pieces):
         raise fields.fail('"weight_map"', f'lists other stored tensors than "tensors": {_difference(weight_map, pieces)}')
     if shard_files is None:
@@ -234,7 +245,7 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
     if unknown_files:
         raise fields.fail('"weight_map"', f"names files outside this checkpoint: {sorted(unknown_files)[:3]}")
     checksums = {
-        name: fields.hex(digest, f'"checksums" {_short(name)}', 16)
+        name: fields.hex(digest, '"checksums" ' + name, 16)
         for name, digest in fields.obj(metadata.get("checksums"), '"checksums"').items()
     }
     if set(checksums) != set(pieces):
@@ -330,7 +341,7 @@ def _parse_files(fields: _Fields, metadata: dict[str, object], prefix: str, worl
 
 
 def _parse_layout(fields: _Fields, name: str, entry: object) -> TensorLayout:
-    where = f'"tensors" {_short(name)}'
+    where = '"tensors" ' + name
     fields.name(name, where)
     layout = fields.obj(entry, where)
     dtype_name = layout.get("dtype")
@@ -343,7 +354,7 @@ def _parse_layout(fields: _Fields, name: str, entry: object) -> TensorLayout:
         if not isinstance(raw_chunks, list):
             raise fields.fail(f'{where} "chunks"', f"expected a list, got {_short(raw_chunks)}")
         for position, raw in enumerate(raw_chunks):
-            chunk_where = f'{where} "chunks" [{position}]'
+            chunk_where = where + ' "chunks"'
             chunk = fields.obj(raw, chunk_where)
             offsets = fields.dims(chunk.get("offsets"), f'{chunk_where} "offsets"')
             chunk_shape = fields.dims(chunk.get("shape"), f'{chunk_where} "shape"')
@@ -383,7 +394,7 @@ def _check_file_sizes(fields: _Fields, files: dict[str, FileRecord], weight_map:
 
 
 def _parse_object(fields: _Fields, name: str, value: object) -> object:
-    where = f'"objects" {_short(name)}'
+    where = '"objects" ' + name
     fields.name(name, where)
     if isinstance(value, dict):
         if list(value) != ["float"] or value["float"] not in _FLOAT_WORDS:
@@ -395,7 +406,7 @@ def _parse_object(fields: _Fields, name: str, value: object) -> object:
 
 
 def _parse_container(fields: _Fields, name: str, kind: object) -> str:
-    where = f'"containers" {_short(name)}'
+    where = '"containers" ' + name
     fields.name(name, where)
     if kind not in _CONTAINER_KINDS:
         raise fields.fail(where, f"expected one of {list(_CONTAINER_KINDS)}, got {_short(kind)}")
@@ -508,7 +519,7 @@ def _header_entries(fields: _Fields, header: dict[str, object], data_start: int,
     for name, raw in header.items():
         if name == "__metadata__":
             continue
-        where = f"header entry {_short(name)}"
+        where = "header entry " + name
         info = fields.obj(raw, where)
         dtype_name = info.get("dtype")
         if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:

@@ -108,6 +108,22 @@ def local_data(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def local_box(name: str, tensor: torch.Tensor, error: type[Exception]) -> tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]:
+    """``(global offsets, local shape, local tensor)`` of this rank's region of ``tensor``.
+
+    Raises:
+        error: A DTensor whose local tensor does not have the shape its placements give it.
+    """
+    offsets, shape = local_region(tensor)
+    local = local_data(tensor)
+    if tuple(local.shape) != shape:
+        raise error(
+            f"{name}: the DTensor's local tensor has shape {list(local.shape)} but its placements give "
+            f"this rank a {list(shape)} region of the {list(tensor.shape)} tensor"
+        )
+    return offsets, shape, local
+
+
 def _is_writer(name: str, tensor: DTensor) -> bool:
     """Whether this rank writes its local part: it must be the first replica on every
     replicated mesh dimension (so each chunk is written exactly once)."""
@@ -184,13 +200,7 @@ def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor
             raise UnsupportedValueError(f"{name}: a tensor on the meta device holds no data to save")
         if isinstance(leaf, DTensor) and not _is_writer(name, leaf):
             continue
-        offsets, local_shape = local_region(leaf)
-        local = local_data(leaf)
-        if tuple(local.shape) != local_shape:
-            raise InconsistentStateError(
-                f"{name}: the DTensor's local tensor has shape {list(local.shape)} but its placements give "
-                f"this rank a {list(local_shape)} region of the {list(leaf.shape)} tensor"
-            )
+        offsets, local_shape, local = local_box(name, leaf, InconsistentStateError)
         if leaf.numel() == 0:  # nothing to shard: every rank offers the empty tensor whole
             offsets, local_shape, local = (0,) * leaf.dim(), tuple(leaf.shape), torch.empty(leaf.shape, dtype=leaf.dtype)
         chunked = local_shape != tuple(leaf.shape)

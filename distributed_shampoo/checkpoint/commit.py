@@ -132,18 +132,31 @@ def publish(staging: Path, target: Path, token: str, overwrite: bool) -> None:
     if not overwrite or not os.path.lexists(target):
         if not _create(staging, target):
             raise CheckpointExistsError(f"{target} appeared while saving; the new checkpoint was discarded")
-        fsync_dir(target.parent)
+        _after_publish(target, None)
         return
     check_replaceable(target)
     if _renameat2(staging, target, _RENAME_EXCHANGE):
-        fsync_dir(target.parent)
-        _remove_quietly(staging, "the replaced checkpoint")  # the staging name now holds the old one
+        _after_publish(target, staging)  # the staging name now holds the old checkpoint
         return
     replaced = replaced_dir(target, token)
     os.rename(target, replaced)
-    os.rename(staging, target)
-    fsync_dir(target.parent)
-    _remove_quietly(replaced, "the replaced checkpoint")
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(replaced, target)  # put the old checkpoint back; a crash here leaves it parked
+        raise
+    _after_publish(target, replaced)
+
+
+def _after_publish(target: Path, replaced: Path | None) -> None:
+    """Makes the new name durable and deletes the replaced checkpoint. The checkpoint is published
+    already, so a failure here is a warning, never a failed save."""
+    try:
+        fsync_dir(target.parent)
+    except OSError as error:
+        warnings.warn(f"{target} is published, but syncing its parent directory failed: {error}", stacklevel=3)
+    if replaced is not None:
+        _remove_quietly(replaced, "the replaced checkpoint")
 
 
 def _create(staging: Path, target: Path) -> bool:

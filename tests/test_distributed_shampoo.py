@@ -458,7 +458,7 @@ class StateDictTest(unittest.TestCase):
     def test_missing_block_state(self) -> None:
         model, optimizer, state_dict = self._fresh()
         del _node(state_dict, "state", "0.weight", "block_3")["momentum"]
-        with self.assertRaisesRegex(KeyError, r'missing key \["block_3", "momentum"\]'):
+        with self.assertRaisesRegex(KeyError, r'Key momentum not found in state dict to load. \(at \["block_3", "momentum"\]\)'):
             optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
 
     def test_shape_mismatch(self) -> None:

@@ -20,26 +20,24 @@ def batched(iterable: Iterable[T], n: int) -> Iterator[tuple[T, ...]]:
         ValueError: If ``n < 1``.
     """
     if n < 1:
-        raise ValueError(f"batched: n must be at least 1, got {n}")
+        raise ValueError(f"batched: {n=} must be at least one")
     iterator = iter(iterable)
     while batch := tuple(islice(iterator, n)):
         yield batch
 
 
 def get_all_non_abstract_subclasses(cls: type[T]) -> Iterator[type[T]]:
-    """Yields every non-abstract class deriving from ``cls`` (at any depth), each once.
-
-    ``cls`` itself is not yielded. Order: depth first, in definition order of subclasses.
-    """
-    seen: set[type[T]] = set()
+    """Yields every non-abstract class among ``cls`` and the classes deriving from it (at any
+    depth), each once: ``cls`` itself first when it is concrete, then depth first in definition
+    order of subclasses (as in the reference, which returns them unordered)."""
+    seen: set[type[T]] = {cls}
 
     def visit(parent: type[T]) -> Iterator[type[T]]:
+        if not inspect.isabstract(parent):
+            yield parent
         for subclass in parent.__subclasses__():
-            if subclass in seen:
-                continue
-            seen.add(subclass)
-            if not inspect.isabstract(subclass):
-                yield subclass
-            yield from visit(subclass)
+            if subclass not in seen:
+                seen.add(subclass)
+                yield from visit(subclass)
 
     yield from visit(cls)

@@ -37,6 +37,6 @@ class DictZipIterator(Generic[K, V], Iterator[dict[K, V]]):
             return values
         remaining = [key for key in values if key not in exhausted]
         raise ValueError(
-            f"DictZipIterator: {exhausted} ended after {self._position} items "
-            f"while {remaining} still have more; all iterables must have the same length"
+            f"Iterators have different lengths. Exhausted: {exhausted}, Still active: {remaining} "
+            f"(after {self._position} items; all iterables must have the same length)"
         )

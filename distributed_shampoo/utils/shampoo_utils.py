@@ -19,55 +19,51 @@ ALIGNMENT_BYTES = 64
 def merge_small_dims(
     tensor_shape: Sequence[int],
     threshold: int | float,
-    target_tensor_dimensionality: int = 1,
+    target_tensor_dimensionality: int | float = 1,
 ) -> tuple[int, ...]:
-    """Reshapes a shape into fewer dimensions by merging adjacent small ones.
+    """Reshapes a shape into fewer dimensions by merging adjacent small ones (the reference's rule).
 
-    The rule: drop size-1 dimensions (all ones gives ``(1,)``; any 0 gives ``(0,)``); then, walking
-    from the last dimension towards the first, merge a dimension into its right neighbour while
-    their product stays ``<= threshold``, and stop merging once only
-    ``target_tensor_dimensionality`` dimensions are left. ``threshold=math.inf`` means no merging.
+    - A shape with a 0 gives ``(0,)``.
+    - ``target_tensor_dimensionality=math.inf`` asks for no merging: the shape comes back as it is.
+    - Otherwise size-1 dimensions are dropped (all ones gives ``(1,)``), and walking from the last
+      dimension towards the first, a dimension is merged into the one after it while their product
+      stays ``<= threshold`` and more than ``target_tensor_dimensionality`` dimensions would be
+      left without the merge. ``threshold=math.inf`` merges down to the target.
 
-    Note: the seed README's example ``merge_small_dims((32, 3, 64, 64), threshold=1024,
-    target_tensor_dimensionality=2) == (96, 4096)`` contradicts this rule (64 * 64 = 4096 exceeds
-    1024, so the last two dimensions cannot merge). Following the rule it returns
-    ``(32, 192, 64)``; ``threshold=8192`` gives ``(96, 4096)``.
+    Examples (those of the reference's docstring): ``(1, 2, 5, 1)``, threshold 10, target 1 ->
+    ``(10,)``; threshold 1 -> ``(2, 5)``; ``(32, 3, 64, 64)``, threshold 8192, target 1 ->
+    ``(96, 4096)``; threshold 1,000,000, target 2 -> ``(32, 12288)``.
 
     Args:
         tensor_shape: The shape to merge.
         threshold: The largest size a merged dimension may have.
-        target_tensor_dimensionality: Merging stops once this many dimensions remain (>= 1).
+        target_tensor_dimensionality: Merging stops once this many dimensions would remain (an
+            int, or ``math.inf`` for none).
 
     Returns:
         The merged shape; its product equals the product of ``tensor_shape``.
 
     Raises:
-        ValueError: If ``target_tensor_dimensionality < 1`` or a dimension is negative.
+        ValueError: A float ``target_tensor_dimensionality`` other than ``math.inf``, or a negative
+            dimension.
     """
-    if target_tensor_dimensionality < 1:
-        raise ValueError(
-            f"merge_small_dims: target_tensor_dimensionality must be >= 1, "
-            f"got {target_tensor_dimensionality}"
-        )
     if any(dim < 0 for dim in tensor_shape):
         raise ValueError(f"merge_small_dims: negative dimension in {tuple(tensor_shape)}")
     if 0 in tensor_shape:
         return (0,)
-    squeezed = [dim for dim in tensor_shape if dim != 1] or [1]
-    if isinstance(threshold, float) and math.isinf(threshold):
-        return tuple(squeezed)
-    merged_suffix: list[int] = []  # finished dimensions, last one first
-    current = squeezed[-1]
-    for index in range(len(squeezed) - 2, -1, -1):
-        previous = squeezed[index]
-        dims_left = len(merged_suffix) + 1 + (index + 1)
-        if dims_left > target_tensor_dimensionality and previous * current <= float(threshold):
-            current *= previous
+    if isinstance(target_tensor_dimensionality, float):
+        if target_tensor_dimensionality != math.inf:
+            raise ValueError(f"{target_tensor_dimensionality=} has to be an integer or math.inf.")
+        return tuple(tensor_shape)
+    reversed_dims = [dim for dim in reversed(tensor_shape) if dim != 1] or [1]
+    merged = [reversed_dims[0]]  # last dimension first
+    for position, dim in enumerate(reversed_dims[1:], start=1):
+        dims_without_merge = len(merged) + len(reversed_dims) - position
+        if dims_without_merge > target_tensor_dimensionality and merged[-1] * dim <= threshold:
+            merged[-1] *= dim
         else:
-            merged_suffix.append(current)
-            current = previous
-    merged_suffix.append(current)
-    return tuple(reversed(merged_suffix))
+            merged.append(dim)
+    return tuple(reversed(merged))
 
 
 def multi_dim_split(tensor: torch.Tensor, split_size: int | float) -> tuple[torch.Tensor, ...]:
@@ -98,11 +94,11 @@ def compress_list(complete_list: Sequence[T], selector: Sequence[bool]) -> tuple
     """Returns the items of ``complete_list`` whose ``selector`` entry is true.
 
     Raises:
-        ValueError: If the two sequences differ in length.
+        AssertionError: If the two sequences differ in length (as the reference raises).
     """
     if len(complete_list) != len(selector):
-        raise ValueError(
-            f"compress_list: {len(complete_list)} items but {len(selector)} selector entries"
+        raise AssertionError(  # the reference's error type and message
+            f"Inconsistent lengths between complete_list {len(complete_list)} and selector {len(selector)}!"
         )
     return tuple(compress(complete_list, selector))
 

@@ -71,11 +71,15 @@ class CommonsTest(unittest.TestCase):
         self.assertEqual(list(batched(data, n)), expected)
 
     def test_batched_rejects_non_positive_n(self) -> None:
-        with self.assertRaisesRegex(ValueError, "n must be at least 1, got 0"):
+        with self.assertRaisesRegex(ValueError, "^batched: n=0 must be at least one$"):
             list(batched([1], 0))
 
     def test_non_abstract_subclasses_at_any_depth_each_once(self) -> None:
         self.assertEqual(list(get_all_non_abstract_subclasses(_Base)), [_A, _C, _B])
+
+    def test_a_concrete_class_is_among_its_own_non_abstract_subclasses(self) -> None:
+        self.assertEqual(list(get_all_non_abstract_subclasses(_A)), [_A, _C])
+        self.assertEqual(list(get_all_non_abstract_subclasses(_C)), [_C])
 
 
 class DictZipIteratorTest(unittest.TestCase):
@@ -95,6 +99,7 @@ class DictZipIteratorTest(unittest.TestCase):
         self.assertEqual(next(iterator), {"samples": 1, "labels": 1})
         self.assertEqual(next(iterator), {"samples": 2, "labels": 2})
         with self.assertRaisesRegex(
-            ValueError, r"\['labels'\] ended after 2 items while \['samples'\] still have more"
+            ValueError,
+            r"^Iterators have different lengths\. Exhausted: \['labels'\], Still active: \['samples'\] \(after 2 items",
         ):
             next(iterator)

@@ -27,7 +27,9 @@ class OptimizerModuleTest(unittest.TestCase):
     def test_state_dict_is_recursive_and_detached(self) -> None:
         module = _Outer()
         state = module.state_dict()
-        self.assertEqual(set(state), {"weight", "inner", "factors", "pair", "named"})
+        # Containers of plain values stay, as empty dicts; plain values are left out.
+        self.assertEqual(set(state), {"weight", "inner", "factors", "pair", "named", "betas"})
+        self.assertEqual(state["betas"], {})
         self.assertEqual(set(state["inner"]), {"accumulator"})  # pyre-ignore[6]
         self.assertEqual(set(state["factors"]), {0, 1})  # pyre-ignore[6]
         self.assertEqual(set(state["pair"]), {0, 1})  # pyre-ignore[6]
@@ -36,9 +38,13 @@ class OptimizerModuleTest(unittest.TestCase):
         self.assertFalse(weight.requires_grad)
         self.assertEqual(weight.data_ptr(), module.weight.data_ptr())
 
-    def test_keep_vars_keeps_autograd_tensors(self) -> None:
+    def test_keep_vars_keeps_autograd_tensors_and_destination_is_filled(self) -> None:
         module = _Outer()
         self.assertIs(module.state_dict(keep_vars=True)["weight"], module.weight)
+        destination: dict[object, object] = {"kept": 1}
+        self.assertIs(module.state_dict(destination=destination), destination)
+        self.assertEqual(destination["kept"], 1)
+        self.assertIn("weight", destination)
 
     def test_store_non_tensors_includes_plain_values(self) -> None:
         state = _Outer().state_dict(store_non_tensors=True)
@@ -68,15 +74,24 @@ class OptimizerModuleTest(unittest.TestCase):
         self.assertEqual(target.betas, (0.1, 0.2))
         self.assertIsInstance(target.betas, tuple)
 
-    def test_missing_and_unexpected_keys_raise(self) -> None:
-        state = _Outer().state_dict()
-        del state["weight"]
-        state["extra"] = torch.zeros(1)
-        with self.assertRaisesRegex(KeyError, r"_Outer: missing keys \['weight'\], unexpected keys \['extra'\]"):
-            _Outer().load_state_dict(state)
+    def test_without_store_non_tensors_plain_values_keep_their_values(self) -> None:
+        source, target = _Outer(), _Outer()
+        source.lr, source.betas = 0.5, (0.1, 0.2)
+        target.load_state_dict(source.state_dict(store_non_tensors=True))
+        self.assertEqual((target.lr, target.betas), (0.1, (0.9, 0.99)))
 
-    def test_shape_mismatch_raises_naming_path(self) -> None:
-        state = _Outer().state_dict()
-        state["factors"] = {0: torch.zeros(2), 1: torch.zeros(4)}
-        with self.assertRaisesRegex(ValueError, r"_Outer.factors\[1\]: shape \(4,\) does not match \(3,\)"):
-            _Outer().load_state_dict(state)
+    def test_missing_keys_keep_their_values_and_mismatched_kinds_are_skipped_with_a_warning(self) -> None:
+        module = _Outer()
+        state = module.state_dict(store_non_tensors=True)
+        del state["weight"]
+        state["named"] = torch.zeros(2)  # a tensor where the module holds a dict
+        state["lr"] = "fast"  # a str where the module holds a float
+        state["inner"] = {"accumulator": 5, "count": 3}  # not a tensor for the accumulator
+        with self.assertLogs("distributed_shampoo.utils.optimizer_modules", level="WARNING") as logs:
+            module.load_state_dict(state, store_non_tensors=True)
+        self.assertEqual(len(logs.output), 3)
+        self.assertTrue(torch.equal(module.weight, torch.ones(4)))
+        self.assertEqual(set(module.named), {"a"})
+        self.assertEqual(module.lr, 0.1)
+        self.assertTrue(torch.equal(module.inner.accumulator, torch.zeros(2, 3)))
+        self.assertEqual(module.inner.count, 3)

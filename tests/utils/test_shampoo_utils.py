@@ -20,8 +20,10 @@ class MergeSmallDimsTest(unittest.TestCase):
     @parameterized.expand(
         [
             ((1, 2, 5, 1), 10, 1, (10,)),
+            ((32, 3, 64, 64), 8192, 1, (96, 4096)),
             ((32, 3, 64, 64), 8192, 2, (96, 4096)),
-            # The seed README claims (96, 4096) here; its own rule gives this (see the docstring).
+            ((32, 3, 64, 64), 1_000_000, 2, (32, 12288)),
+            ((1, 2, 5, 1), 1, 1, (2, 5)),
             ((32, 3, 64, 64), 1024, 2, (32, 192, 64)),
             ((1, 1, 1), 10, 1, (1,)),
             ((), 10, 1, (1,)),
@@ -30,17 +32,18 @@ class MergeSmallDimsTest(unittest.TestCase):
             ((2, 3, 4), 100, 2, (2, 12)),
             ((2, 3, 4), 100, 3, (2, 3, 4)),
             ((2, 3, 4), 11, 1, (6, 4)),
-            ((2, 3, 4), math.inf, 1, (2, 3, 4)),
-            ((1, 7, 1, 9), math.inf, 1, (7, 9)),
+            ((2, 3, 4), math.inf, 1, (24,)),
+            ((1, 7, 1, 9), math.inf, 2, (7, 9)),
+            ((1, 2, 5, 1), 10, math.inf, (1, 2, 5, 1)),
             ((5,), 2, 1, (5,)),
         ]
     )
-    def test_rule(self, shape: tuple[int, ...], threshold: float, target: int, expected: tuple[int, ...]) -> None:
+    def test_rule(self, shape: tuple[int, ...], threshold: float, target: float, expected: tuple[int, ...]) -> None:
         self.assertEqual(merge_small_dims(shape, threshold, target), expected)
 
     def test_bad_arguments(self) -> None:
-        with self.assertRaisesRegex(ValueError, "target_tensor_dimensionality must be >= 1, got 0"):
-            merge_small_dims((2, 3), 10, 0)
+        with self.assertRaisesRegex(ValueError, r"target_tensor_dimensionality=2.5 has to be an integer or math.inf"):
+            merge_small_dims((2, 3), 10, 2.5)
         with self.assertRaisesRegex(ValueError, r"negative dimension in \(2, -3\)"):
             merge_small_dims((2, -3), 10)
 
@@ -77,7 +80,7 @@ class SmallHelpersTest(unittest.TestCase):
     def test_compress_list(self) -> None:
         self.assertEqual(compress_list(["a", "b", "c", "d"], [True, False, True, False]), ("a", "c"))
         self.assertEqual(compress_list([], []), ())
-        with self.assertRaisesRegex(ValueError, "2 items but 1 selector entries"):
+        with self.assertRaisesRegex(AssertionError, r"^Inconsistent lengths between complete_list 2 and selector 1!$"):
             compress_list([1, 2], [True])
 
     @parameterized.expand(

@@ -1,7 +1,7 @@
 # pyre-strict
 """Checkpoint save and reshard-load against DCP, torch.save and the disk's limit, in one run.
 
-State: Shampoo-like, block-owned (each block on one rank, as ``distribute_buffer_sizes`` assigns
+State: Shampoo-like, block-owned (each block on one rank, as the optimizer's ``block_owners`` assigns
 it): per block of shape (w, w/2) two factor matrices, two inverse factors and three block-shaped
 tensors, float32. Saves run on ``--save-ranks`` gloo ranks, loads on ``--load-ranks`` (a
 different number: resharding) with a cold page cache (``posix_fadvise(DONTNEED)``). Every time is
@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 
 from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
 from distributed_shampoo.checkpoint.writer import tensor_bytes
-from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
+from distributed_shampoo.distributor.block_distributor import block_owners
 from distributed_shampoo.launch import run_on_ranks
 
 # (block width, number of blocks): ~460 MiB in 798 tensors, and ~230 MiB in 6,398 tensors.
@@ -49,8 +49,8 @@ def block_tensors(width: int, block: int) -> dict[str, object]:
 
 def owned_blocks(width: int, world_size: int, rank: int) -> list[int]:
     block_bytes = 4 * (2 * width * width + 2 * (width // 2) ** 2 + 3 * width * (width // 2))
-    owners = distribute_buffer_sizes([block_bytes] * STATES[width], world_size)
-    return [block for block, (_, owner) in enumerate(owners) if owner == rank]
+    owners = block_owners([block_bytes] * STATES[width], world_size)
+    return [block for block, owner in enumerate(owners) if owner == rank]
 
 
 def shampoo_state(width: int, world_size: int, rank: int, zeros: bool = False) -> dict[str, object]:

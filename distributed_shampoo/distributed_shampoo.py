@@ -10,6 +10,7 @@ import torch
 from torch.optim.optimizer import ParamsT
 
 from distributed_shampoo.distributor.block_distributor import BlockDistributor, BlockSpec
+from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.preconditioner.grafting import Grafting
 from distributed_shampoo.preconditioner.shampoo_preconditioner import ShampooPreconditioner
 from distributed_shampoo.shampoo_types import (
@@ -22,8 +23,11 @@ from distributed_shampoo.shampoo_types import (
 )
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, update_param_state_dict_object
-from distributed_shampoo.utils.shampoo_quantization import QUANTIZED_DTYPES
 from distributed_shampoo.utils.shampoo_utils import merge_small_dims, multi_dim_split
+
+# The dtypes factor matrices may be stored in (they are updated in float32, see
+# ``shampoo_preconditioner``).
+PRECONDITIONER_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 
 # A parameter's state: its step count and the blocks this rank owns (see ``distributed_state_dict``).
 ParamState = dict[Key, object]
@@ -55,16 +59,18 @@ class BlockState(OptimizerModule):
 
     def __init__(
         self,
+        block_info: BlockInfo,
         block_shape: tuple[int, ...],
-        param: torch.Tensor,
         hyperparameters: ShampooHyperparameters,
         grafting: Grafting | None,
         preconditioner_dtype: torch.dtype,
     ) -> None:
-        def zeros() -> torch.Tensor:
-            return torch.zeros(block_shape, dtype=param.dtype, device=param.device)
+        param: torch.Tensor = block_info.param
 
-        self.shampoo = ShampooPreconditioner(block_shape, preconditioner_dtype, param.device)
+        def zeros() -> torch.Tensor:
+            return block_info.allocate_zeros_tensor(size=block_shape, dtype=param.dtype, device=param.device)
+
+        self.shampoo = ShampooPreconditioner(block_info, block_shape, preconditioner_dtype)
         self.adagrad: torch.Tensor | None = zeros() if grafting is not None and grafting.has_state else None
         self.filtered_grad: torch.Tensor | None = zeros() if hyperparameters.beta1 != 0.0 else None
         self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
@@ -145,8 +151,8 @@ class DistributedShampoo(torch.optim.Optimizer):
         distributed_config: DDPDistributedConfig | None = None,
         preconditioner_dtype: torch.dtype = torch.float32,
     ) -> None:
-        if preconditioner_dtype not in QUANTIZED_DTYPES:
-            raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {QUANTIZED_DTYPES}.")
+        if preconditioner_dtype not in PRECONDITIONER_DTYPES:
+            raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
         defaults: dict[str, object] = dict(
             zip(
                 HYPERPARAMETERS,
@@ -185,8 +191,13 @@ class DistributedShampoo(torch.optim.Optimizer):
                 self._steps.append(torch.zeros((), dtype=torch.int64))
                 for position in self._layouts[param_index].block_positions:
                     if self._distributor.is_owned(position):
+                        block = self._blocks[position]
                         self._block_states[position] = BlockState(
-                            self._blocks[position].shape, param, hyperparameters, self._grafting, preconditioner_dtype
+                            BlockInfo(param, (param_index, block_key(block.block_index))),
+                            block.shape,
+                            hyperparameters,
+                            self._grafting,
+                            preconditioner_dtype,
                         )
                 self.state[param] = self._param_state(param_index)
 

@@ -17,12 +17,8 @@ from distributed_shampoo.checkpoint.api import check_checkpoint
 from distributed_shampoo.checkpoint.errors import CheckpointError
 from distributed_shampoo.checkpoint.format import NAME_TO_DTYPE
 from distributed_shampoo.checkpoint.parse import read_index
-from distributed_shampoo.checkpoint.offline import (
-    consolidate_checkpoint,
-    diff_checkpoints,
-    reshard_checkpoint,
-    summarize,
-)
+from distributed_shampoo.checkpoint.offline import consolidate_checkpoint, diff_checkpoints, rewrite_checkpoint, summarize
+from distributed_shampoo.distributor.block_distributor import checkpoint_writes
 
 
 class ProgressLine:
@@ -108,9 +104,11 @@ def _consolidate(args: argparse.Namespace) -> int:
 def _reshard(args: argparse.Namespace) -> int:
     if args.param_dtype not in NAME_TO_DTYPE:
         raise ValueError(f"--param-dtype must be one of {sorted(NAME_TO_DTYPE)}, got {args.param_dtype!r}")
-    index = reshard_checkpoint(
-        args.dir, args.out, args.world_size, NAME_TO_DTYPE[args.param_dtype], progress=ProgressLine("reshard: ranks")
-    )
+    source = read_index(args.dir)
+    layouts = {name: (layout.shape, layout.dtype) for name, layout in source.tensors.items()}
+    # The optimizer decides who owns which block; the checkpoint layer only rewrites.
+    writes = checkpoint_writes(layouts, args.world_size, NAME_TO_DTYPE[args.param_dtype])
+    index = rewrite_checkpoint(args.dir, args.out, writes, progress=ProgressLine("reshard: ranks"))
     files = cast(_Rows, summarize(index)["files"])
     print(f"wrote {index.directory} for {index.world_size} ranks")
     for file, row in files.items():

@@ -1,5 +1,5 @@
 # pyre-strict
-"""Offline operations on a saved checkpoint: summarise, consolidate, reshard, diff.
+"""Offline operations on a saved checkpoint: summarise, consolidate, rewrite for other ranks, diff.
 
 They run in one process without ``torch.distributed`` and read tensors in batches of at most
 ``BATCH_BYTES`` (a larger tensor is read alone), so their memory stays bounded except where
@@ -9,7 +9,6 @@ noted.
 import json
 import math
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,16 +30,12 @@ from distributed_shampoo.checkpoint.load import read_whole_tensors
 from distributed_shampoo.checkpoint.parse import read_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan
 from distributed_shampoo.checkpoint.writer import write_safetensors, WrittenFile
-from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, Key
-from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
+from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, param_key_path
 
 BATCH_BYTES: int = 64 << 20
 
 # ``(done, total)`` callbacks that report progress.
 Progress = Callable[[int, int], None]
-
-_BLOCK_KEY: re.Pattern[str] = re.compile(r"block_(\d+)")
-_PARAM_SHAPED = ("filtered_grad", "momentum", "adagrad")
 
 
 def _batches(index: CheckpointIndex, names: Sequence[str]) -> Iterator[list[str]]:
@@ -62,19 +57,11 @@ def _report(progress: Progress | None, done: int, total: int) -> None:
         progress(done, total)
 
 
-def _param_path(path: Sequence[Key]) -> tuple[Key, ...] | None:
-    """The key path up to the parameter name that follows the first ``"state"`` key, or None."""
-    for position, key in enumerate(path[:-1]):
-        if key == "state":
-            return tuple(path[: position + 2])
-    return None
-
-
 def parameter_of(name: str) -> str:
     """The parameter a logical tensor belongs to, for summaries: the key path up to the name that
     follows a ``"state"`` key (``optimizer/state/fc.weight``), or the whole path otherwise."""
     path = decode_key(name)
-    return "/".join(str(key) for key in _param_path(path) or path)
+    return "/".join(str(key) for key in param_key_path(path) or path)
 
 
 def summarize(index: CheckpointIndex) -> dict[str, object]:
@@ -143,98 +130,37 @@ def consolidate_checkpoint(
     return target
 
 
-@dataclass(frozen=True)
-class _Block:
-    param: tuple[Key, ...]  # the key path up to the parameter's name
-    index: int
-    names: list[str]  # its logical tensors
-
-
-def _block_owned_state(index: CheckpointIndex, param_dtype: torch.dtype) -> tuple[list[_Block], list[int]]:
-    """The checkpoint's Shampoo blocks in the optimizer's order, and each one's size in bytes.
-
-    The optimizer orders blocks by parameter, then block index. Parameters appear in the index in
-    the optimizer's order (every rank saves every parameter's ``step``, rank 0's first).
-    """
-    blocks: dict[tuple[tuple[Key, ...], int], _Block] = {}
-    param_order: dict[tuple[Key, ...], int] = {}
-    for name in index.tensors:
-        path = decode_key(name)
-        param = _param_path(path)
-        if param is None or len(path) == len(param):
-            continue
-        param_order.setdefault(param, len(param_order))
-        match = _BLOCK_KEY.fullmatch(str(path[len(param)]))
-        if match is not None:
-            block_index = int(match.group(1))
-            blocks.setdefault((param, block_index), _Block(param, block_index, [])).names.append(name)
-    ordered = sorted(blocks.values(), key=lambda block: (param_order[block.param], block.index))
-    return ordered, [_block_nbytes(index, block, param_dtype) for block in ordered]
-
-
-def _block_nbytes(index: CheckpointIndex, block: _Block, param_dtype: torch.dtype) -> int:
-    """``numel * parameter element size``, as the optimizer balances blocks: from a
-    parameter-shaped buffer if the block has one, else from its factor matrices and ``param_dtype``."""
-    factor_sizes: dict[int, int] = {}
-    for name in block.names:
-        path = decode_key(name)
-        layout = index.tensors[name]
-        if path[-1] in _PARAM_SHAPED:
-            return math.prod(layout.shape) * layout.dtype.itemsize
-        dim = path[-1]
-        if len(path) >= 2 and path[-2] == "factor_matrices" and isinstance(dim, int):
-            factor_sizes[dim] = layout.shape[0]
-    return math.prod(factor_sizes.values()) * param_dtype.itemsize
-
-
-def reshard_checkpoint(
+def rewrite_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    world_size: int,
-    param_dtype: torch.dtype = torch.float32,
+    writes_per_rank: Sequence[Sequence[str]],
     progress: Progress | None = None,
 ) -> CheckpointIndex:
-    """Rewrites a checkpoint of block-owned optimizer state as if ``world_size`` ranks saved it.
-
-    Each Shampoo block (keys ``[..., "state", <param>, "block_<i>", ...]``) goes to the rank
-    ``DistributedShampoo`` with ``DDPDistributedConfig()`` gives it at ``world_size`` ranks
-    (``distribute_buffer_sizes`` over the blocks' byte sizes); everything else goes to rank 0's
-    file, whole. Holds one rank's share in memory at a time (read in batches).
-
-    Args:
-        checkpoint_dir: The checkpoint to rewrite.
-        out_dir: The new checkpoint's directory (must not exist).
-        world_size: The number of ranks to write for (>= 1).
-        param_dtype: The parameters' dtype, for blocks that hold no parameter-shaped buffer
-            (``filtered_grad``, ``momentum``, ``adagrad``) to infer it from.
-        progress: Called with ``(ranks written, world_size)``.
-
-    Returns:
-        The new checkpoint's index.
+    """Rewrites a checkpoint as if ``len(writes_per_rank)`` ranks had saved it, rank ``r`` writing
+    the logical tensors ``writes_per_rank[r]`` (whole). Knows nothing of what the tensors are: the
+    caller decides who writes what (``reshard`` asks the optimizer's block ownership). Values,
+    containers and user metadata are kept; holds one rank's share in memory at a time (read in
+    batches). The new checkpoint appears complete or not at all.
 
     Raises:
-        InvalidArgumentError: ``world_size < 1``, or the checkpoint holds no Shampoo blocks.
+        InvalidArgumentError: No ranks, or the writes do not name every tensor exactly once.
         CheckpointExistsError: ``out_dir`` exists.
         CheckpointError: The checkpoint is missing or damaged.
     """
+    world_size = len(writes_per_rank)
     if world_size < 1:
-        raise InvalidArgumentError(f"reshard: world_size must be >= 1, got {world_size}")
+        raise InvalidArgumentError("rewrite_checkpoint: at least one rank must write")
     index = read_index(checkpoint_dir)
+    named = [name for names in writes_per_rank for name in names]
+    if sorted(named) != sorted(index.tensors):
+        unknown, missing = sorted(set(named) - set(index.tensors)), sorted(set(index.tensors) - set(named))
+        raise InvalidArgumentError(
+            f"rewrite_checkpoint: the writes must name every tensor of {index.directory} once "
+            f"(unknown {unknown[:3]}, missing {missing[:3]}, {len(named) - len(set(named))} repeated)"
+        )
     target = Path(out_dir).absolute()
     if target.exists():
         raise CheckpointExistsError(f"{target} already exists")
-    blocks, sizes = _block_owned_state(index, param_dtype)
-    if not blocks:
-        raise InvalidArgumentError(
-            f"{index.directory} holds no Shampoo blocks (keys [..., \"state\", <param>, \"block_<i>\", ...]); "
-            "nothing to reshard: load_checkpoint already reads any other state at any world size"
-        )
-    writes: list[list[str]] = [[] for _ in range(world_size)]
-    block_names = set()
-    for block, (_, owner) in zip(blocks, distribute_buffer_sizes(sizes, world_size)):
-        writes[owner].extend(block.names)
-        block_names.update(block.names)
-    writes[0][:0] = [name for name in index.tensors if name not in block_names]
     layouts = {name: TensorLayout(layout.shape, layout.dtype) for name, layout in index.tensors.items()}
     save_id = new_save_id()
     staging = staging_dir(target, save_id[:16])
@@ -242,7 +168,7 @@ def reshard_checkpoint(
     staging.mkdir()
     try:
         written: list[WrittenFile] = []
-        for rank, names in enumerate(writes):
+        for rank, names in enumerate(writes_per_rank):
             tensors: list[tuple[str, torch.Tensor]] = []
             for batch in _batches(index, names):
                 tensors.extend(read_whole_tensors(index, batch).items())
@@ -254,7 +180,8 @@ def reshard_checkpoint(
                 )
             )
             _report(progress, rank + 1, world_size)
-        plan = GlobalPlan(tuple(tuple(w) for w in writes), tuple(() for _ in writes), layouts, index.objects, index.containers)
+        writes = tuple(tuple(names) for names in writes_per_rank)
+        plan = GlobalPlan(writes, tuple(() for _ in writes), layouts, index.objects, index.containers)
         staged = StagedSave(target, staging, save_id, index.prefix, plan, [], {}, index.user_metadata, False)
         return commit_index(staged, world_size, written)
     except BaseException:

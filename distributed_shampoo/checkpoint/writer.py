@@ -1,10 +1,11 @@
 # pyre-strict
 """Streams tensors into a safetensors file in a few large sequential writes, hashing as it goes.
 
-The safetensors library's ``save_file`` costs ~20 us per tensor and builds the whole file in
-memory; Shampoo state has thousands of small blocks, so we lay the file out ourselves (the format
-is an 8-byte header length, a JSON header, then the raw bytes) and hand the kernel up to 1024
-buffers per ``writev``.
+The safetensors library's ``save_file`` (0.8) costs ~20 us per tensor here (shared/notes), copies
+every tensor's data into a ``bytes`` object before writing, refuses non-contiguous or shared
+tensors and creates 0600 files. Shampoo state has thousands of small blocks, so we lay the file
+out ourselves (the format is an 8-byte header length, a JSON header, then the raw bytes), hash as
+we go, and hand the kernel up to 1024 buffers per ``writev``.
 """
 
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11

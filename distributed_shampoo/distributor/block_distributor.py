@@ -1,14 +1,33 @@
 # pyre-strict
-"""Block ownership and the all-gather of updates that keeps every rank's parameters identical."""
+"""Block ownership and the all-gather of updates that keeps every rank's parameters identical.
 
-from collections.abc import Sequence
+``block_owners`` is the one definition of which rank owns which block: the optimizer, the
+checkpoint tool's ``reshard`` (through ``checkpoint_writes``), the tests, the benchmarks and the
+docs all call it.
+"""
+
+import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from distributed_shampoo.shampoo_types import DDPDistributedConfig
+from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, Key, param_key_path
 from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
+
+
+def block_owners(block_nbytes: Sequence[int], group_size: int) -> tuple[int, ...]:
+    """The rank (within a group of ``group_size``) that owns each block, given the blocks' sizes
+    in bytes in the optimizer's block order (``distribute_buffer_sizes``). A pure function of the
+    block list and the group size, so every rank, and every tool, computes the same owners.
+
+    Raises:
+        ValueError: ``group_size < 1`` or a negative size.
+    """
+    return tuple(rank for _, rank in distribute_buffer_sizes(block_nbytes, group_size))
 
 
 @dataclass(frozen=True)
@@ -70,9 +89,7 @@ class BlockDistributor:
             if group_size < world_size:
                 self._group, _ = dist.new_subgroups(group_size=group_size)
             self.group_size, self.group_rank = group_size, dist.get_rank(self._group)
-        self.owners: tuple[int, ...] = tuple(
-            rank for _, rank in distribute_buffer_sizes([block.nbytes for block in blocks], self.group_size)
-        )
+        self.owners: tuple[int, ...] = block_owners([block.nbytes for block in blocks], self.group_size)
         # Each rank packs its blocks' updates one after the other into a buffer as long as the
         # largest rank's; the all-gather returns every rank's buffer.
         self._offsets: list[int] = [0] * len(self._blocks)
@@ -115,3 +132,69 @@ class BlockDistributor:
             self._gathered[owner][offset : offset + block.numel].view(block.shape)
             for block, owner, offset in zip(self._blocks, self.owners, self._offsets)
         ]
+
+
+_BLOCK_KEY: re.Pattern[str] = re.compile(r"block_(\d+)")
+# The block-shaped buffers of a block's state, whose size is the block's size in the parameter dtype.
+_PARAM_SHAPED: tuple[str, ...] = ("filtered_grad", "momentum", "adagrad")
+
+
+def checkpoint_writes(
+    tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], world_size: int, param_dtype: torch.dtype = torch.float32
+) -> list[list[str]]:
+    """Which rank writes which tensor of a ``DistributedShampoo`` state saved at ``world_size``
+    ranks (``DDPDistributedConfig()``): each block's tensors go to the block's owner, everything
+    else to rank 0.
+
+    Blocks are the keys ``[..., "state", <param>, "block_<i>", ...]``, ordered as the optimizer
+    orders them (parameters in the order they appear, then block index); a block's size is that
+    of its parameter-shaped buffer, or the product of its factor matrices' sizes times the size
+    of ``param_dtype``.
+
+    Args:
+        tensors: Logical tensor name (a JSON-list key path) -> (shape, dtype), e.g. a checkpoint
+            index's layouts.
+        world_size: The number of ranks to write for.
+        param_dtype: The parameters' dtype, for blocks without a parameter-shaped buffer.
+
+    Returns:
+        Per rank, the names it writes; every name appears once.
+
+    Raises:
+        ValueError: ``world_size < 1``, or there are no Shampoo blocks.
+    """
+    blocks: dict[tuple[tuple[Key, ...], int], list[str]] = {}
+    param_order: dict[tuple[Key, ...], int] = {}
+    for name in tensors:
+        path = decode_key(name)
+        param = param_key_path(path)
+        if param is None or len(path) == len(param):
+            continue
+        param_order.setdefault(param, len(param_order))
+        match = _BLOCK_KEY.fullmatch(str(path[len(param)]))
+        if match is not None:
+            blocks.setdefault((param, int(match.group(1))), []).append(name)
+    if not blocks:
+        raise ValueError('no Shampoo blocks (keys [..., "state", <param>, "block_<i>", ...]) to distribute')
+    ordered = sorted(blocks, key=lambda block: (param_order[block[0]], block[1]))
+    sizes = [_block_nbytes(tensors, blocks[block], param_dtype) for block in ordered]
+    writes: list[list[str]] = [[] for _ in range(world_size)]
+    in_blocks: set[str] = set()
+    for block, owner in zip(ordered, block_owners(sizes, world_size)):
+        writes[owner].extend(blocks[block])
+        in_blocks.update(blocks[block])
+    writes[0][:0] = [name for name in tensors if name not in in_blocks]
+    return writes
+
+
+def _block_nbytes(tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], names: list[str], param_dtype: torch.dtype) -> int:
+    factor_sizes: dict[int, int] = {}
+    for name in names:
+        path = decode_key(name)
+        shape, dtype = tensors[name]
+        if path[-1] in _PARAM_SHAPED:
+            return math.prod(shape) * dtype.itemsize
+        dim = path[-1]
+        if len(path) >= 2 and path[-2] == "factor_matrices" and isinstance(dim, int):
+            factor_sizes[dim] = shape[0]
+    return math.prod(factor_sizes.values()) * param_dtype.itemsize

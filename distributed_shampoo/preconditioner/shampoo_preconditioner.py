@@ -3,6 +3,7 @@
 
 import torch
 
+from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_quantization import (
     DequantizeQuantizedTensorListContext,
@@ -40,18 +41,21 @@ class ShampooPreconditioner(OptimizerModule):
     Its state dict is ``{"factor_matrices": {0: L, 1: R, ...}, "inv_factor_matrices": {...}}``.
 
     Args:
+        block_info: The block; its ``allocate_zeros_tensor`` allocates the matrices on its
+            parameter's device.
         block_shape: The block's shape (at least one dimension).
         dtype: The storage dtype of the factors and roots (float32, bfloat16 or float16).
-        device: Where they live.
     """
 
-    def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
-        self.factor_matrices: tuple[torch.Tensor, ...] = tuple(
-            torch.zeros(size, size, dtype=dtype, device=device) for size in block_shape
-        )
-        self.inv_factor_matrices: tuple[torch.Tensor, ...] = tuple(
-            torch.zeros(size, size, dtype=dtype, device=device) for size in block_shape
-        )
+    def __init__(self, block_info: BlockInfo, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        def matrices() -> tuple[torch.Tensor, ...]:
+            return tuple(
+                block_info.allocate_zeros_tensor(size=(size, size), dtype=dtype, device=block_info.param.device)
+                for size in block_shape
+            )
+
+        self.factor_matrices: tuple[torch.Tensor, ...] = matrices()
+        self.inv_factor_matrices: tuple[torch.Tensor, ...] = matrices()
 
     def update_factors(self, grad: torch.Tensor, beta2: float) -> None:
         """``factor_i = beta2 * factor_i + (1 - beta2) * G_(i) G_(i)^T``, a plain sum if ``beta2 == 1``.
@@ -60,7 +64,9 @@ class ShampooPreconditioner(OptimizerModule):
         """
         grad = grad.to(FACTOR_COMPUTATION_DTYPE)
         dims = range(grad.dim())
-        storage = QuantizedTensorList(self.factor_matrices, self.factor_matrices[0].dtype, FACTOR_COMPUTATION_DTYPE)
+        storage = QuantizedTensorList(
+            [(factor, None, None) for factor in self.factor_matrices], self.factor_matrices[0].dtype, FACTOR_COMPUTATION_DTYPE
+        )
         with DequantizeQuantizedTensorListContext(storage) as factors:
             for dim, factor in enumerate(factors.dequantized_value):
                 others = [other for other in dims if other != dim]

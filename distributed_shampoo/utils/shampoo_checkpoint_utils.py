@@ -57,6 +57,16 @@ _L = TypeVar("_L", bound=FlatKey)
 _FLAT_KEY_TYPES: tuple[type[object], ...] = (str, int, float, bool, type(None))
 
 
+def param_key_path(path: Sequence[Key]) -> tuple[Key, ...] | None:
+    """The key path up to the parameter name that follows the first ``"state"`` key (the
+    ``torch.optim`` state-dict convention), or None: ``["optimizer", "state", "fc.weight",
+    "block_0"]`` -> ``("optimizer", "state", "fc.weight")``."""
+    for position, key in enumerate(path[:-1]):
+        if key == "state":
+            return tuple(path[: position + 2])
+    return None
+
+
 def flatten(input_dict: Mapping[_K, object]) -> dict[str, object]:
     """Flattens nested dicts into one dict keyed by JSON-list paths (``json.dumps`` of the path).
 

@@ -15,10 +15,13 @@ import torch
 from safetensors import safe_open
 
 from distributed_shampoo.checkpoint import load_checkpoint, read_checkpoint_index, save_checkpoint
+from distributed_shampoo.checkpoint import InvalidArgumentError
 from distributed_shampoo.checkpoint.cli import main
+from distributed_shampoo.checkpoint.offline import rewrite_checkpoint
 from distributed_shampoo.launch import run_on_ranks
 from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, flatten, Key
 from tests.checkpoint.faults import flip_last_byte
+from tests.checkpoint.test_trust import _equal
 from tests.test_distributed_training import _model, _optimizer, Run, train
 
 
@@ -149,8 +152,20 @@ class CliTest(unittest.TestCase):
         save_checkpoint(plain, {"w": torch.ones(2)})
         status, _, err = run_cli("reshard", str(plain), str(self.path("out")), "--world-size", "2")
         self.assertEqual(status, 1)
-        self.assertIn("holds no Shampoo blocks", err)
+        self.assertIn("no Shampoo blocks", err)
         self.assertFalse(self.path("out").exists())
+
+    def test_rewrite_needs_every_tensor_exactly_once(self) -> None:
+        plain = self.path("plain")
+        save_checkpoint(plain, {"a": torch.ones(2), "b": torch.zeros(3), "n": 1})
+        for writes, what in (([['["a"]'], []], r"missing \['\[\"b\"\]'\]"), ([['["a"]', '["b"]'], ['["a"]']], "1 repeated"),
+                             ([['["a"]', '["b"]', '["c"]']], r"unknown \['\[\"c\"\]'\]"), ([], "at least one rank")):
+            with self.assertRaisesRegex(InvalidArgumentError, what):
+                rewrite_checkpoint(plain, self.path("out"), writes)
+            self.assertFalse(self.path("out").exists())
+        index = rewrite_checkpoint(plain, self.path("out"), [['["b"]'], ['["a"]']])
+        self.assertEqual(index.weight_map, {'["b"]': "optimizer-00001-of-00002.safetensors", '["a"]': "optimizer-00002-of-00002.safetensors"})
+        self.assertTrue(_equal(load_checkpoint(self.path("out")), {"a": torch.ones(2), "b": torch.zeros(3), "n": 1}))
 
     def test_diff_reports_what_differs_and_by_how_much(self) -> None:
         state = load_checkpoint(self.checkpoint)

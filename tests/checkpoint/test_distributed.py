@@ -21,7 +21,7 @@ from distributed_shampoo.checkpoint import (
     UnsupportedValueError,
     verify_checkpoint,
 )
-from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
+from distributed_shampoo.distributor.block_distributor import block_owners
 from distributed_shampoo.launch import run_on_ranks
 from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fill_disk_of_this_rank
 
@@ -75,7 +75,7 @@ def _block_sizes() -> list[tuple[int, int]]:
 
 def _owned_blocks(world_size: int, rank: int) -> list[int]:
     sizes = [r * c * 4 for r, c in _block_sizes()]
-    return [i for i, (_, owner) in enumerate(distribute_buffer_sizes(sizes, world_size)) if owner == rank]
+    return [i for i, owner in enumerate(block_owners(sizes, world_size)) if owner == rank]
 
 
 def _block_value(i: int, which: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from distributed_shampoo.utils.shampoo_checkpoint_utils import (
     encode_key,
     extract_state_dict_content,
     flatten,
+    param_key_path,
     unflatten,
     update_param_state_dict_object,
 )
@@ -175,3 +176,11 @@ class StateDictObjectTest(unittest.TestCase):
     def test_shape_mismatch(self) -> None:
         with self.assertRaisesRegex(ValueError, r'\["t"\] expects a tensor of shape \(3,\), got \(2,\)'):
             update_param_state_dict_object({"t": torch.zeros(3)}, {"t": torch.zeros(2)})
+
+
+class ParamKeyPathTest(unittest.TestCase):
+    def test_the_path_up_to_the_parameter_name(self) -> None:
+        self.assertEqual(param_key_path(["optimizer", "state", "fc.weight", "block_0"]), ("optimizer", "state", "fc.weight"))
+        self.assertEqual(param_key_path(["state", 3, "step"]), ("state", 3))
+        self.assertIsNone(param_key_path(["model", "w"]))
+        self.assertIsNone(param_key_path(["state"]))

@@ -5,6 +5,7 @@ import unittest
 import torch
 from parameterized import parameterized
 
+from distributed_shampoo.distributor.block_distributor import block_owners, checkpoint_writes
 from distributed_shampoo.utils.shampoo_utils import (
     compress_list,
     distribute_buffer_sizes,
@@ -131,3 +132,32 @@ class DistributeBufferSizesTest(unittest.TestCase):
             distribute_buffer_sizes((64,), 0)
         with self.assertRaisesRegex(ValueError, "negative buffer size"):
             distribute_buffer_sizes((-1,), 2)
+
+
+class BlockOwnershipTest(unittest.TestCase):
+    def test_block_owners_is_distribute_buffer_sizes(self) -> None:
+        sizes = [4096, 2048, 1024, 1024, 512, 8192]
+        self.assertEqual(block_owners(sizes, 3), tuple(rank for _, rank in distribute_buffer_sizes(sizes, 3)))
+        self.assertEqual(block_owners(sizes, 1), (0,) * 6)
+
+    def test_checkpoint_writes_follow_the_optimizer_block_order(self) -> None:
+        f32 = torch.float32
+        tensors = {
+            '["optimizer", "state", "w", "block_1", "momentum"]': ((4, 4), f32),
+            '["optimizer", "state", "w", "block_0", "momentum"]': ((8, 8), f32),
+            '["optimizer", "state", "w", "block_0", "shampoo", "factor_matrices", 0]': ((8, 8), f32),
+            '["optimizer", "state", "w", "step"]': ((), f32),
+            '["optimizer", "state", "b", "block_0", "shampoo", "factor_matrices", 0]': ((2, 2), f32),
+            '["model", "w"]': ((12, 8), f32),
+        }
+        writes = checkpoint_writes(tensors, 2)
+        # Blocks in order: w/block_0 (256 bytes), w/block_1 (64), b/block_0 (2 * 4 = 8 bytes).
+        owners = block_owners([256, 64, 8], 2)
+        expected: list[list[str]] = [[], []]
+        expected[0] = ['["optimizer", "state", "w", "step"]', '["model", "w"]']
+        expected[owners[0]] += [name for name in tensors if "block_0" in name and '"w"' in name]
+        expected[owners[1]] += ['["optimizer", "state", "w", "block_1", "momentum"]']
+        expected[owners[2]] += ['["optimizer", "state", "b", "block_0", "shampoo", "factor_matrices", 0]']
+        self.assertEqual([sorted(w) for w in writes], [sorted(w) for w in expected])
+        with self.assertRaisesRegex(ValueError, "no Shampoo blocks"):
+            checkpoint_writes({'["model", "w"]': ((2,), f32)}, 2)

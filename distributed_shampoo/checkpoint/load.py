@@ -17,7 +17,6 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -329,23 +328,29 @@ class LoadPlan:
     def _apply_temporaries(self, files: OpenFiles, pending: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]]) -> None:
         """Reads boxes that are not contiguous CPU memory in the template into temporary buffers
         (batches of at most ``_TEMPORARY_BYTES``), then copies them in."""
-        sizes = [math.prod(read.box_shape) * target.element_size() for read, _, target in pending]
-        batch_ends = [0]
-        for end, total in enumerate(accumulate(sizes), start=1):
-            if total - sum(sizes[: batch_ends[-1]]) > _TEMPORARY_BYTES and end - 1 > batch_ends[-1]:
-                batch_ends.append(end - 1)
-        batch_ends.append(len(pending))
-        for begin, end in zip(batch_ends, batch_ends[1:]):
-            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-            by_file: dict[str, list[ReadRequest]] = {}
-            for read, entry, target in pending[begin:end]:
-                buffer = torch.empty(read.box_shape, dtype=target.dtype)
-                by_file.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, buffer))
-                copies.append((target, buffer))
-            for file_name, requests in by_file.items():
-                read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
-            for target, buffer in copies:
-                target.copy_(buffer)
+        batch: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]] = []
+        batch_bytes = 0
+        for item in pending:
+            nbytes = math.prod(item[0].box_shape) * item[2].element_size()
+            if batch and batch_bytes + nbytes > _TEMPORARY_BYTES:
+                self._copy_through_temporaries(files, batch)
+                batch, batch_bytes = [], 0
+            batch.append(item)
+            batch_bytes += nbytes
+        if batch:
+            self._copy_through_temporaries(files, batch)
+
+    def _copy_through_temporaries(self, files: OpenFiles, batch: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]]) -> None:
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        by_file: dict[str, list[ReadRequest]] = {}
+        for read, entry, target in batch:
+            buffer = torch.empty(read.box_shape, dtype=target.dtype)
+            by_file.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, buffer))
+            copies.append((target, buffer))
+        for file_name, requests in by_file.items():
+            read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
+        for target, buffer in copies:
+            target.copy_(buffer)
 
     def close(self) -> None:
         if self.files is not None:

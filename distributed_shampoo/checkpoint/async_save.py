@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from distributed_shampoo.checkpoint.api import finish_save, stage_save, StagedSave
 from distributed_shampoo.checkpoint.collectives import DEFAULT_COLLECTIVE_TIMEOUT_S, Group
-from distributed_shampoo.checkpoint.errors import AsyncSaveError, CheckpointError
+from distributed_shampoo.checkpoint.errors import AsyncSaveError, CheckpointError, CheckpointTimeoutError
 from distributed_shampoo.checkpoint.format import DEFAULT_PREFIX
 from distributed_shampoo.checkpoint.plan import StateDict
 from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
@@ -71,12 +71,13 @@ class CheckpointFuture:
         Raises:
             CheckpointError: The save failed (a ``CheckpointError`` as raised in the background,
                 anything else wrapped in ``AsyncSaveError``); nothing was published.
-            TimeoutError: ``timeout`` passed first (the save goes on).
+            CheckpointTimeoutError: ``timeout`` passed first (the save goes on); also a
+                ``TimeoutError``.
         """
         try:
             return self._future.result(timeout)
         except TimeoutError:
-            raise TimeoutError(f"saving {self.checkpoint_dir} is still running after {timeout}s") from None
+            raise CheckpointTimeoutError(f"saving {self.checkpoint_dir} is still running after {timeout}s") from None
         except CheckpointError:
             raise
         except Exception as error:

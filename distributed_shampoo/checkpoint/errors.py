@@ -84,6 +84,10 @@ class DistributedSaveError(CheckpointError):
     discarded too."""
 
 
+class CheckpointTimeoutError(CheckpointError, TimeoutError):
+    """``CheckpointFuture.wait(timeout)`` returned before the save finished (the save goes on)."""
+
+
 class AsyncSaveError(CheckpointError):
     """A background save failed with an error that is not a ``CheckpointError`` (e.g. ``OSError``);
     the original is its ``__cause__``. Also raised by a closed ``AsyncCheckpointer``."""

@@ -15,6 +15,7 @@ from distributed_shampoo.checkpoint import (
     AsyncCheckpointer,
     AsyncSaveError,
     CheckpointFuture,
+    CheckpointTimeoutError,
     CheckpointWriteError,
     DistributedSaveError,
     load_checkpoint,
@@ -147,8 +148,9 @@ class AsyncSaveTest(unittest.TestCase):
     def test_wait_with_a_timeout(self) -> None:
         release = threading.Event()
         future = self.checkpointer.save_async(self.root / "a", {"x": torch.ones(2)}, after_commit=_held_until(release))
-        with self.assertRaises(TimeoutError) as raised:
+        with self.assertRaises(CheckpointTimeoutError) as raised:
             future.wait(timeout=0.0)
+        self.assertIsInstance(raised.exception, TimeoutError)
         self.assertEqual(str(raised.exception), f"saving {self.root / 'a'} is still running after 0.0s")
         self.assertFalse(future.done())
         release.set()

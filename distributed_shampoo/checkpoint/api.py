@@ -249,7 +249,11 @@ def finish_save(staged: StagedSave, group: Group, failed: BaseException | None =
             except BaseException as error:
                 own_error, failure = error, _shared(error, 0, staged.target)
         failure = group.broadcast_from_first(failure)
-    except DistributedSaveError as error:  # a rank died or hung: nothing is published
+    except DistributedSaveError as error:  # a rank died or hung
+        if own_error is None and _is_published(staged):
+            # Rank 0 published before the outcome could reach every rank: the save succeeded.
+            warnings.warn(f"saving {staged.target}: {error}; the checkpoint was published", stacklevel=2)
+            return staged.target
         failure = own_error = own_error or error
     if group.rank == 0 and failure is not None:
         shutil.rmtree(staged.staging, ignore_errors=True)
@@ -258,6 +262,14 @@ def finish_save(staged: StagedSave, group: Group, failed: BaseException | None =
     if failure is not None:
         raise failure
     return staged.target
+
+
+def _is_published(staged: StagedSave) -> bool:
+    """Whether the checkpoint at the target is the one this save wrote."""
+    try:
+        return read_index(staged.target).save_id == staged.save_id
+    except CheckpointError:
+        return False
 
 
 def _check_replicas(results: list[_Written]) -> None:

@@ -7,6 +7,7 @@ import signal
 import tempfile
 import time
 import unittest
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from distributed_shampoo.checkpoint import (
     TemplateMismatchError,
 )
 from distributed_shampoo.checkpoint import manager as manager_module
+from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.launch import run_on_ranks
 
 # 4 MiB: each rank's chunk of a 2-rank Shard(0) save spans two 1 MiB pages.
@@ -145,6 +147,19 @@ def _save_killed_on_rank_1(rank: int, world_size: int, root: str) -> None:
     assert not list(Path(root).glob(".step-*")), "the dead save's staging directory was left"
 
 
+def _rank_1_dies_after_the_commit(rank: int, world_size: int, directory: str) -> None:
+    if rank == 1:
+        def killed(*args: object, **kwargs: object) -> None:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        Group.broadcast_from_first = killed  # pyre-ignore[41]: fault injection: dies before the outcome arrives
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        published = save_checkpoint(directory, {f"r{rank}": torch.ones(2)}, timeout_s=30)
+    assert str(published) == directory, published
+    assert any("the checkpoint was published" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
 class VerifiedReshardingTest(unittest.TestCase):
     def test_a_rank_reading_part_of_a_damaged_piece_raises_and_only_that_rank(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -178,6 +193,14 @@ class RankFailureTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run_on_ranks(2, _save_interrupted_on_rank_1, str(Path(tmp, "ckpt")), collective_timeout_s=300)
             self.assertEqual(os.listdir(tmp), [])
+
+    def test_a_rank_dying_after_the_commit_does_not_turn_a_published_save_into_a_failure(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = str(Path(tmp, "ckpt"))
+            with self.assertRaises(AssertionError) as raised:
+                run_on_ranks(2, _rank_1_dies_after_the_commit, directory, collective_timeout_s=300)
+            self.assertEqual(str(raised.exception).split("\n", 1)[1], "rank 1: exit code -9\n(no traceback: the process died)")
+            self.assertTrue(torch.equal(load_checkpoint(directory)["r0"], torch.ones(2)))  # pyre-ignore[6]
 
     def test_a_killed_rank_fails_the_save_with_a_typed_error_and_no_debris(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -41,6 +41,7 @@ from distributed_shampoo.checkpoint.format import (
     MAX_HEADER_BYTES,
     MAX_INDEX_BYTES,
     NAME_TO_DTYPE,
+    PAGE_BYTES,
     READABLE_VERSIONS,
     shard_header_metadata,
     TensorLayout,
@@ -248,7 +249,6 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
     files = _parse_files(fields, metadata, prefix, world_size) if version >= 2 else {}
     if version == 1:
         _check_world_size_v1(fields, path.parent, world_size)
-    shard_files = set(files) if files else None
     tensors = {
         name: _parse_layout(fields, name, entry)
         for name, entry in fields.obj(metadata.get("tensors"), '"tensors"').items()
@@ -257,8 +257,7 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
     weight_map = {name: fields.text(file, '"weight_map" ' + name) for name, file in weight_map.items()}
     if set(weight_map) != set(pieces):
         raise fields.fail('"weight_map"', f'lists other stored tensors than "tensors": {_difference(weight_map, pieces)}')
-    if shard_files is None:
-        shard_files = {f for f in set(weight_map.values()) if f in _shard_names(prefix, world_size, weight_map.values())}
+    shard_files = set(files) if version >= 2 else _shard_names(prefix, world_size, weight_map.values())
     unknown_files = set(weight_map.values()) - shard_files
     if unknown_files:
         raise fields.fail('"weight_map"', f"names files outside this checkpoint: {sorted(unknown_files)[:3]}")
@@ -272,7 +271,7 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
     stored_bytes = sum(layout.nbytes for layout in tensors.values())
     if total_size != stored_bytes:
         raise fields.fail('"total_size"', f"is {total_size} but the tensors hold {stored_bytes} bytes")
-    page_bytes, pages = 0, {}
+    page_bytes, pages = PAGE_BYTES, {}
     if version >= 2:
         page_bytes = fields.integer(metadata.get("page_bytes"), '"page_bytes"', minimum=1)
         piece_bytes = {name: math.prod(shape) * dtype.itemsize for name, (dtype, shape) in pieces.items()}
@@ -301,7 +300,7 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
         user_metadata=fields.obj(metadata.get("user"), '"user"'),
         format_version=version,
         save_id=save_id,
-        page_bytes=page_bytes or 1,
+        page_bytes=page_bytes,
         pages=pages,
         files=files,
     )

@@ -43,7 +43,7 @@ from distributed_shampoo.checkpoint.format import (
     shard_file_name,
     shard_header_metadata,
 )
-from distributed_shampoo.checkpoint.integrity import check_units, page_units, whole_unit
+from distributed_shampoo.checkpoint.integrity import check_units, check_whole_and_pages, whole_unit
 from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare
 from distributed_shampoo.checkpoint.parse import check_header_matches, read_header, read_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
@@ -548,12 +548,10 @@ def _check_file(index: CheckpointIndex, path: Path, rank: int, problems: list[Ch
     try:
         header = read_header(fd, path, index, rank)
         check_header_matches(path, index, header)
-        units = []
+        check_units(fd, path, [whole_unit(n, e, index) for n, e in header.items() if n not in index.pages], problems.append)
         for name, entry in header.items():
-            units.append(whole_unit(name, entry, index))
             if name in index.pages:
-                units += page_units(name, entry, index)
-        check_units(fd, path, units, problems.append)
+                check_whole_and_pages(fd, path, name, entry, index, problems.append)
     finally:
         os.close(fd)
 

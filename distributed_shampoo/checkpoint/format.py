@@ -311,12 +311,25 @@ def checksum(data: memoryview[int] | bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
-def page_checksums(data: memoryview[int], page_bytes: int = PAGE_BYTES) -> tuple[str, ...]:
-    """The checksum of each ``page_bytes`` page of ``data`` (the last one may be shorter); empty
-    for data of at most one page, which its whole checksum covers."""
+def page_checksums(data: memoryview[int], whole: "xxhash.xxh3_64", page_bytes: int = PAGE_BYTES) -> list[str]:
+    """The checksum of each ``page_bytes`` page of ``data`` (the last one may be shorter), feeding
+    ``whole`` the same bytes on the way, so the whole checksum and the page checksums take one
+    pass over memory (each page is hashed a second time from the cache)."""
+    pages: list[str] = []
+    for start in range(0, data.nbytes, page_bytes):
+        page = data[start : start + page_bytes]
+        whole.update(page)
+        pages.append(checksum(page))
+    return pages
+
+
+def checksums_of(data: memoryview[int], page_bytes: int = PAGE_BYTES) -> tuple[str, tuple[str, ...]]:
+    """A stored tensor's checksum and, if it is larger than one page, its page checksums."""
     if data.nbytes <= page_bytes:
-        return ()
-    return tuple(checksum(data[start : start + page_bytes]) for start in range(0, data.nbytes, page_bytes))
+        return checksum(data), ()
+    whole = xxhash.xxh3_64()
+    pages = page_checksums(data, whole, page_bytes)
+    return whole.hexdigest(), tuple(pages)
 
 
 def check_checksum(path: Path, name: str, actual: str, expected: str, what: str = "") -> None:

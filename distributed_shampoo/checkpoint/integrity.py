@@ -3,7 +3,8 @@
 
 A *unit* is a byte range with a recorded checksum: a whole stored tensor, or one page of a large
 one (format version 2). Loading checks the units it is about to copy into the template before it
-copies anything; verifying checks every unit of every file.
+copies anything; verifying checks every stored tensor, a paged one against its whole checksum
+and every page in one read (``check_whole_and_pages``).
 """
 
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
@@ -16,7 +17,7 @@ from pathlib import Path
 import xxhash
 
 from distributed_shampoo.checkpoint.errors import ChecksumMismatchError
-from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry
+from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry, page_checksums
 from distributed_shampoo.checkpoint.reader import read_ranges, ReadRequest
 
 # Units are read into a buffer of this size; a larger unit is read and hashed in segments of it.
@@ -42,13 +43,13 @@ def whole_unit(name: str, entry: HeaderEntry, index: CheckpointIndex) -> Unit:
     return Unit(name, "", entry.begin, entry.end - entry.begin, index.checksums[name])
 
 
-def page_units(name: str, entry: HeaderEntry, index: CheckpointIndex, pages: Iterable[int] | None = None) -> list[Unit]:
-    """The units of the given pages (default: all) of a stored tensor that has page checksums."""
+def page_units(name: str, entry: HeaderEntry, index: CheckpointIndex, pages: Iterable[int]) -> list[Unit]:
+    """The units of the given pages of a stored tensor that has page checksums."""
     digests = index.pages[name]
     size, page = entry.end - entry.begin, index.page_bytes
     return [
         Unit(name, f" page {k}", entry.begin + k * page, min(page, size - k * page), digests[k])
-        for k in (range(len(digests)) if pages is None else pages)
+        for k in pages
     ]
 
 
@@ -66,9 +67,10 @@ def units_for_ranges(
     return page_units(name, entry, index, sorted(touched))
 
 
-def check_units(
-    fd: int, path: Path, units: Iterable[Unit], on_mismatch: Callable[[ChecksumMismatchError], None] | None = None
-) -> int:
+Mismatch = Callable[[ChecksumMismatchError], None]
+
+
+def check_units(fd: int, path: Path, units: Iterable[Unit], on_mismatch: Mismatch | None = None) -> None:
     """Reads every unit once and compares its checksum.
 
     Args:
@@ -77,15 +79,11 @@ def check_units(
         units: What to check (duplicates are checked once).
         on_mismatch: Receives each mismatch; None raises the first.
 
-    Returns:
-        The bytes checked.
-
     Raises:
         ChecksumMismatchError: A unit does not match (without ``on_mismatch``).
         CorruptCheckpointError, CheckpointReadError: The file cannot be read.
     """
     scratch = memoryview(bytearray(SCRATCH_BYTES))
-    checked = 0
     for batch in _batches(sorted(set(units), key=lambda u: u.offset)):
         views: list[memoryview[int]] = []
         requests: list[ReadRequest] = []
@@ -101,14 +99,33 @@ def check_units(
         small = iter(views)
         for unit in batch:
             actual = _streamed_digest(fd, path, unit, scratch) if unit.nbytes > SCRATCH_BYTES else xxhash.xxh3_64_hexdigest(next(small))
-            try:
-                check_checksum(path, unit.name, actual, unit.expected, unit.what)
-            except ChecksumMismatchError as error:
-                if on_mismatch is None:
-                    raise
-                on_mismatch(error)
-            checked += unit.nbytes
-    return checked
+            _compare(path, unit.name, actual, unit.expected, unit.what, on_mismatch)
+
+
+def check_whole_and_pages(
+    fd: int, path: Path, name: str, entry: HeaderEntry, index: CheckpointIndex, on_mismatch: Mismatch
+) -> None:
+    """Checks a stored tensor that has page checksums against its whole checksum and every page
+    checksum, reading its bytes once (in scratch-sized runs of whole pages)."""
+    page = index.page_bytes
+    segment = max(page, SCRATCH_BYTES // page * page)
+    scratch = memoryview(bytearray(min(segment, entry.end - entry.begin)))
+    whole = xxhash.xxh3_64()
+    for start in range(0, entry.end - entry.begin, segment):
+        view = scratch[: min(segment, entry.end - entry.begin - start)]
+        read_ranges(fd, path, [ReadRequest(entry.begin + start, view)])
+        for k, actual in enumerate(page_checksums(view, whole, page), start=start // page):
+            _compare(path, name, actual, index.pages[name][k], f" page {k}", on_mismatch)
+    _compare(path, name, whole.hexdigest(), index.checksums[name], "", on_mismatch)
+
+
+def _compare(path: Path, name: str, actual: str, expected: str, what: str, on_mismatch: Mismatch | None) -> None:
+    try:
+        check_checksum(path, name, actual, expected, what)
+    except ChecksumMismatchError as error:
+        if on_mismatch is None:
+            raise
+        on_mismatch(error)
 
 
 def _batches(units: list[Unit]) -> Iterator[list[Unit]]:

@@ -453,11 +453,8 @@ def prepare(
         plan.check()
         return plan, template
     names, _ = selected_leaves(index, selection, strict)
-    files = OpenFiles(index, {index.weight_map[p.name] for name in names for p in index.tensors[name].stored_pieces(name)})
+    files = _open_holding(index, names)
     try:
-        for name in names:
-            for piece in index.tensors[name].stored_pieces(name):
-                files.entry(piece.name)  # the files hold what is about to be allocated
         fresh = template_from_index(index, selection, names)
         plan = LoadPlan(index, fresh, selection, strict=False, verify=verify)
     except BaseException:
@@ -467,6 +464,20 @@ def prepare(
     return plan, fresh
 
 
+def _open_holding(index: CheckpointIndex, names: Iterable[str]) -> OpenFiles:
+    """Opens the files of the named tensors and checks that their headers hold them as the index
+    says: only then may memory be allocated for them."""
+    pieces = [piece.name for name in names for piece in index.tensors[name].stored_pieces(name)]
+    files = OpenFiles(index, {index.weight_map[piece] for piece in pieces})
+    try:
+        for piece in pieces:
+            files.entry(piece)
+    except BaseException:
+        files.close()
+        raise
+    return files
+
+
 def read_whole_tensors(index: CheckpointIndex, names: Sequence[str], verify: bool = True) -> dict[str, torch.Tensor]:
     """Reads the named logical tensors whole, as new CPU tensors (sharded ones assembled).
 
@@ -474,14 +485,17 @@ def read_whole_tensors(index: CheckpointIndex, names: Sequence[str], verify: boo
         CorruptCheckpointError, ChecksumMismatchError, MissingShardFileError, IndexMismatchError:
             the files are damaged.
     """
-    plan, loaded = prepare(index, None, [tuple(decode_key(name)) for name in names], strict=True, verify=verify)
+    files = _open_holding(index, names)
+    try:
+        tensors = {name: torch.empty(index.tensors[name].shape, dtype=index.tensors[name].dtype) for name in names}
+        template: dict[Key, object] = {}
+        for name, tensor in tensors.items():
+            path = decode_key(name)
+            _parent(template, path)[path[-1]] = tensor
+        plan = LoadPlan(index, template, None, strict=True, verify=verify)
+    except BaseException:
+        files.close()
+        raise
+    plan.check(files)
     plan.apply()
-    result: dict[str, torch.Tensor] = {}
-    for name in names:
-        node: object = loaded
-        for key in decode_key(name):
-            node = node[key]
-        if not isinstance(node, torch.Tensor):
-            raise TemplateMismatchError(f"{name}: loaded a {type(node).__name__}, not a tensor")
-        result[name] = node
-    return result
+    return tensors

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distributed_shampoo.checkpoint.format import checksum, DTYPE_TO_NAME, FileRecord, page_checksums
+from distributed_shampoo.checkpoint.format import checksum, checksums_of, DTYPE_TO_NAME, FileRecord
 
 # Flush the pending buffers once they hold this many bytes (bounds the extra memory of staging
 # CUDA or non-contiguous tensors), or once there are as many as one writev takes.
@@ -95,8 +95,8 @@ def write_safetensors(
         pending_bytes = 8 + len(encoded)
         for name, tensor in ordered:
             data = tensor_bytes(tensor)
-            checksums[name] = checksum(data)
-            if paged := page_checksums(data):
+            checksums[name], paged = checksums_of(data)
+            if paged:
                 pages[name] = paged
             pending.append(data)
             pending_bytes += data.nbytes

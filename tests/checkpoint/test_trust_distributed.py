@@ -16,6 +16,7 @@ from torch.distributed.tensor import distribute_tensor, DTensor, Partial, Shard
 
 from distributed_shampoo.checkpoint import (
     api as checkpoint_api,
+    check_checkpoint,
     CheckpointError,
     CheckpointManager,
     ChecksumMismatchError,
@@ -171,6 +172,11 @@ class VerifiedReshardingTest(unittest.TestCase):
             shard.write_bytes(bytes(data))
             # At 3 ranks, rank 0 reads rows 0..1365 (pages 0 and 1 of that chunk), rank 1 rows
             # 1366..2730 (page 1, and the other chunk): only rank 0 touches the damaged page.
+            report = check_checkpoint(directory)  # the page and the whole checksum, in one read
+            self.assertEqual(
+                [str(problem).split(": ", 1)[1].split(" has ")[0] for problem in report.problems],
+                ['["w"]#0,0 page 0', '["w"]#0,0'],
+            )
             run_on_ranks(3, _load_sharded_expecting, directory, (0,), '["w"]#0,0 page 0 has checksum')
             run_on_ranks(1, _load_sharded_expecting, directory, (0,), '["w"]#0,0 has checksum')  # read whole
             run_on_ranks(2, _load_into_partial, directory)

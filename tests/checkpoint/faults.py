@@ -15,13 +15,28 @@ from distributed_shampoo.checkpoint.writer import write_safetensors
 DISK_FULL_REPORT = "rank 1: OSError: [Errno 28] No space left on device"
 
 
+def raising(error: BaseException) -> Callable[..., None]:
+    """A stand-in for a function that raises ``error`` whatever it is called with."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    return fail
+
+
+def kill_this_process(*args: object, **kwargs: object) -> None:
+    """A stand-in for a function during which this process dies (SIGKILL)."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def break_writes_of_this_rank(fault: Callable[..., None]) -> None:
+    """Makes every shard-file write of this process run ``fault`` instead (which raises or dies)."""
+    checkpoint_api.write_safetensors = fault  # pyre-ignore[9]: fault injection.
+
+
 def fill_disk_of_this_rank() -> None:
     """Makes every shard-file write of this process fail with ENOSPC."""
-
-    def disk_full(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    checkpoint_api.write_safetensors = disk_full  # pyre-ignore[9]: fault injection.
+    break_writes_of_this_rank(raising(OSError(errno.ENOSPC, "No space left on device")))
 
 
 def restore_disk_of_this_rank() -> None:
@@ -31,11 +46,7 @@ def restore_disk_of_this_rank() -> None:
 
 def fail_staging_copies(checkpointer: AsyncCheckpointer) -> None:
     """Makes every copy into ``checkpointer``'s staging buffers fail with MemoryError."""
-
-    def out_of_memory(*args: object, **kwargs: object) -> None:
-        raise MemoryError("out of pinned memory")
-
-    checkpointer._copy_to_staging_buffers = out_of_memory  # pyre-ignore[8]: fault injection.
+    checkpointer._copy_to_staging_buffers = raising(MemoryError("out of pinned memory"))  # pyre-ignore[8]: fault injection.
 
 
 def sigkill_while_staging(target: Callable[..., None], args: tuple[str, ...], started: Path, staging: str) -> int | None:

@@ -3,7 +3,6 @@
 disagree, templates that cannot be filled, and failures that must reach every rank at once."""
 
 import os
-import signal
 import tempfile
 import time
 import unittest
@@ -15,7 +14,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor, DTensor, Partial, Shard
 
 from distributed_shampoo.checkpoint import (
-    api as checkpoint_api,
     check_checkpoint,
     CheckpointError,
     CheckpointManager,
@@ -29,6 +27,7 @@ from distributed_shampoo.checkpoint import (
 from distributed_shampoo.checkpoint import manager as manager_module
 from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.launch import run_on_ranks
+from tests.checkpoint.faults import break_writes_of_this_rank, kill_this_process, raising
 
 # 4 MiB: each rank's chunk of a 2-rank Shard(0) save spans two 1 MiB pages.
 _ROWS, _COLS = 4096, 256
@@ -96,10 +95,7 @@ def _load_into_partial(rank: int, world_size: int, directory: str) -> None:
 def _load_latest_with_an_untyped_failure_on_rank_1(rank: int, world_size: int, root: str) -> None:
     manager = CheckpointManager(root, timeout_s=20)
     if rank == 1:
-        def broken(*args: object, **kwargs: object) -> None:
-            raise IsADirectoryError(21, "Is a directory", "somewhere")
-
-        manager_module.prepare_load = broken  # pyre-ignore[9]: fault injection
+        manager_module.prepare_load = raising(IsADirectoryError(21, "Is a directory", "somewhere"))  # pyre-ignore[9]: fault injection
     started = time.monotonic()
     try:
         manager.load_latest({"w": torch.zeros(2)})
@@ -114,10 +110,7 @@ def _load_latest_with_an_untyped_failure_on_rank_1(rank: int, world_size: int, r
 
 def _save_interrupted_on_rank_1(rank: int, world_size: int, directory: str) -> None:
     if rank == 1:
-        def interrupted(*args: object, **kwargs: object) -> None:
-            raise KeyboardInterrupt
-
-        checkpoint_api.write_safetensors = interrupted  # pyre-ignore[9]: fault injection
+        break_writes_of_this_rank(raising(KeyboardInterrupt()))
     started = time.monotonic()
     try:
         save_checkpoint(directory, {f"r{rank}": torch.ones(2)}, timeout_s=60)
@@ -133,10 +126,7 @@ def _save_interrupted_on_rank_1(rank: int, world_size: int, directory: str) -> N
 def _save_killed_on_rank_1(rank: int, world_size: int, root: str) -> None:
     manager = CheckpointManager(root, timeout_s=30)
     if rank == 1:
-        def killed(*args: object, **kwargs: object) -> None:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        checkpoint_api.write_safetensors = killed  # pyre-ignore[9]: fault injection
+        break_writes_of_this_rank(kill_this_process)
     started = time.monotonic()
     try:
         manager.save(1, {f"r{rank}": torch.ones(2)})
@@ -150,10 +140,7 @@ def _save_killed_on_rank_1(rank: int, world_size: int, root: str) -> None:
 
 def _rank_1_dies_after_the_commit(rank: int, world_size: int, directory: str) -> None:
     if rank == 1:
-        def killed(*args: object, **kwargs: object) -> None:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        Group.broadcast_from_first = killed  # pyre-ignore[41]: fault injection: dies before the outcome arrives
+        Group.broadcast_from_first = kill_this_process  # pyre-ignore[41]: fault injection: dies before the outcome arrives
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         published = save_checkpoint(directory, {f"r{rank}": torch.ones(2)}, timeout_s=30)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from distributed_shampoo.checkpoint import api as checkpoint_api, AsyncCheckpointer, DistributedSaveError
+from distributed_shampoo.checkpoint import api as checkpoint_api, AsyncCheckpointer, CheckpointError, DistributedSaveError
 from distributed_shampoo.checkpoint.writer import write_safetensors
 
 DISK_FULL_REPORT = "rank 1: OSError: [Errno 28] No space left on device"
@@ -77,19 +77,29 @@ def flip_last_byte(path: Path) -> None:
 
 
 def expect_failure_on_every_rank(
-    rank: int, failing_rank: int, action: Callable[[], object], failing_error: Callable[[Exception], bool], report: str
+    rank: int,
+    failing_rank: int,
+    action: Callable[[], object],
+    failing_error: Callable[[BaseException], bool],
+    report: str,
+    others: type[CheckpointError] = DistributedSaveError,
+    within_s: float | None = None,
 ) -> None:
     """Runs ``action`` on this rank and checks that a failure on one rank reached every rank.
 
-    ``failing_rank`` must raise an error that ``failing_error`` accepts; every other rank must raise
-    a ``DistributedSaveError`` whose message contains ``report``.
+    ``failing_rank`` must raise an error (an interrupt too) that ``failing_error`` accepts; every
+    other rank must raise an ``others`` whose message contains ``report``; with ``within_s``, all
+    of it within that many seconds.
     """
+    started = time.monotonic()
     try:
         action()
-    except Exception as error:
+    except BaseException as error:
         if rank == failing_rank:
             assert failing_error(error), error
         else:
-            assert isinstance(error, DistributedSaveError) and report in str(error), error
+            assert isinstance(error, others) and report in str(error), error
     else:
-        raise AssertionError(f"rank {rank}: the save did not fail")
+        raise AssertionError(f"rank {rank}: the action did not fail")
+    if within_s is not None:
+        assert time.monotonic() - started < within_s, f"rank {rank}: the failure took more than {within_s}s to arrive"

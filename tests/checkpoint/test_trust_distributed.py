@@ -27,7 +27,7 @@ from distributed_shampoo.checkpoint import (
 from distributed_shampoo.checkpoint import manager as manager_module
 from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.launch import run_on_ranks
-from tests.checkpoint.faults import break_writes_of_this_rank, kill_this_process, raising
+from tests.checkpoint.faults import break_writes_of_this_rank, expect_failure_on_every_rank, kill_this_process, raising
 
 # 4 MiB: each rank's chunk of a 2-rank Shard(0) save spans two 1 MiB pages.
 _ROWS, _COLS = 4096, 256
@@ -96,31 +96,19 @@ def _load_latest_with_an_untyped_failure_on_rank_1(rank: int, world_size: int, r
     manager = CheckpointManager(root, timeout_s=20)
     if rank == 1:
         manager_module.prepare_load = raising(IsADirectoryError(21, "Is a directory", "somewhere"))  # pyre-ignore[9]: fault injection
-    started = time.monotonic()
-    try:
-        manager.load_latest({"w": torch.zeros(2)})
-    except IsADirectoryError:
-        assert rank == 1
-    except CheckpointError as error:
-        assert rank == 0 and "rank 1: IsADirectoryError" in str(error), error
-    else:
-        raise AssertionError(f"rank {rank}: load_latest did not fail")
-    assert time.monotonic() - started < 10, "the failure took too long to reach every rank"
+    expect_failure_on_every_rank(
+        rank, 1, lambda: manager.load_latest({"w": torch.zeros(2)}),
+        lambda error: isinstance(error, IsADirectoryError), "rank 1: IsADirectoryError", others=CheckpointError, within_s=10,
+    )
 
 
 def _save_interrupted_on_rank_1(rank: int, world_size: int, directory: str) -> None:
     if rank == 1:
         break_writes_of_this_rank(raising(KeyboardInterrupt()))
-    started = time.monotonic()
-    try:
-        save_checkpoint(directory, {f"r{rank}": torch.ones(2)}, timeout_s=60)
-    except KeyboardInterrupt:  # the user's handler on rank 1
-        assert rank == 1
-    except DistributedSaveError as error:
-        assert rank == 0 and "rank 1: KeyboardInterrupt" in str(error), error
-    else:
-        raise AssertionError(f"rank {rank}: the save did not fail")
-    assert time.monotonic() - started < 10, "the failure took too long to reach every rank"
+    expect_failure_on_every_rank(  # rank 1's KeyboardInterrupt is caught by the user's handler
+        rank, 1, lambda: save_checkpoint(directory, {f"r{rank}": torch.ones(2)}, timeout_s=60),
+        lambda error: isinstance(error, KeyboardInterrupt), "rank 1: KeyboardInterrupt", within_s=10,
+    )
 
 
 def _save_killed_on_rank_1(rank: int, world_size: int, root: str) -> None:

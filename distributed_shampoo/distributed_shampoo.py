@@ -2,20 +2,23 @@
 """``DistributedShampoo``: blocked Shampoo with grafting, optionally distributed over DDP ranks."""
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from itertools import accumulate
 from typing import TypeVar
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import ParamsT
 
-from distributed_shampoo.distributor.block_distributor import BlockDistributor, BlockSpec
+from distributed_shampoo.distributor.block_distributor import BlockDistributor, DDPDistributor
+from distributed_shampoo.distributor.block_layout import BlockSpec, param_layouts, ParamLayout
+from distributed_shampoo.distributor.fully_shard_distributor import FullyShardDistributor
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.preconditioner.grafting import Grafting
 from distributed_shampoo.preconditioner.shampoo_preconditioner import ShampooPreconditioner
 from distributed_shampoo.shampoo_types import (
     block_key,
     DDPDistributedConfig,
+    FullyShardDistributedConfig,
     GraftingConfig,
     HYPERPARAMETERS,
     ShampooHyperparameters,
@@ -23,7 +26,6 @@ from distributed_shampoo.shampoo_types import (
 )
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, update_param_state_dict_object
-from distributed_shampoo.utils.shampoo_utils import merge_small_dims, multi_dim_split
 
 # The dtypes factor matrices may be stored in (they are updated in float32, see
 # ``shampoo_preconditioner``).
@@ -32,19 +34,6 @@ PRECONDITIONER_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16,
 # A parameter's state: its step count and the blocks this rank owns (see ``distributed_state_dict``).
 ParamState = dict[Key, object]
 _K = TypeVar("_K", bound=Key)
-
-
-@dataclass(frozen=True)
-class _ParamLayout:
-    """How a parameter is cut: its merged shape, the split size, and its blocks' positions."""
-
-    merged_shape: tuple[int, ...]
-    max_preconditioner_dim: int
-    block_positions: range
-
-    def split(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Views of ``tensor`` (the parameter or its gradient) in block order."""
-        return multi_dim_split(tensor.view(self.merged_shape), self.max_preconditioner_dim)
 
 
 class BlockState(OptimizerModule):
@@ -148,7 +137,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         use_bias_correction: bool = True,
         use_decoupled_weight_decay: bool = True,
         grafting_config: GraftingConfig | None = None,
-        distributed_config: DDPDistributedConfig | None = None,
+        distributed_config: DDPDistributedConfig | FullyShardDistributedConfig | None = None,
         preconditioner_dtype: torch.dtype = torch.float32,
     ) -> None:
         if preconditioner_dtype not in PRECONDITIONER_DTYPES:
@@ -175,44 +164,51 @@ class DistributedShampoo(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
-        self._layouts: list[_ParamLayout] = []
-        self._blocks: list[BlockSpec] = []
         group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
-        for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
-            for param in group["params"]:
-                self._add_blocks(param, hyperparameters.max_preconditioner_dim)
+        param_hyperparameters = self._per_param(group_hyperparameters)
+        for param_index, param in enumerate(self._params):
+            if not isinstance(param, DTensor) and not param.is_contiguous():
+                raise ValueError(f"DistributedShampoo: parameter #{param_index} is not contiguous")
+        # DTensor shapes are global: the blocks are the same under every distribution.
+        layouts, blocks = param_layouts(
+            [tuple(param.shape) for param in self._params],
+            [param.element_size() for param in self._params],
+            [hyperparameters.max_preconditioner_dim for hyperparameters in param_hyperparameters],
+        )
+        self._layouts: list[ParamLayout] = layouts
+        self._blocks: list[BlockSpec] = blocks
         # Ownership needs the whole block list; only then can each rank allocate its blocks' state.
-        self._distributor = BlockDistributor(self._blocks, distributed_config, self._params[0].device)
+        self._distributor: BlockDistributor = self._make_distributor(distributed_config)
         self._block_states: dict[int, BlockState] = {}
         self._steps: list[torch.Tensor] = []
-        for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
-            for param in group["params"]:
-                param_index = len(self._steps)
-                self._steps.append(torch.zeros((), dtype=torch.int64))
-                for position in self._layouts[param_index].block_positions:
-                    if self._distributor.is_owned(position):
-                        block = self._blocks[position]
-                        self._block_states[position] = BlockState(
-                            BlockInfo(param, (param_index, block_key(block.block_index))),
-                            block.shape,
-                            hyperparameters,
-                            self._grafting,
-                            preconditioner_dtype,
-                        )
-                self.state[param] = self._param_state(param_index)
+        for param_index, (param, hyperparameters) in enumerate(zip(self._params, param_hyperparameters)):
+            self._steps.append(torch.zeros((), dtype=torch.int64))
+            for position in self._layouts[param_index].block_positions:
+                if self._distributor.is_owned(position):
+                    block = self._blocks[position]
+                    self._block_states[position] = BlockState(
+                        BlockInfo(param, (param_index, block_key(block.block_index))),
+                        block.shape,
+                        hyperparameters,
+                        self._grafting,
+                        preconditioner_dtype,
+                    )
+            self.state[param] = self._param_state(param_index)
 
-    def _add_blocks(self, param: torch.Tensor, max_preconditioner_dim: int) -> None:
-        param_index = len(self._layouts)
-        if not param.is_contiguous():
-            raise ValueError(f"DistributedShampoo: parameter #{param_index} is not contiguous")
-        merged_shape = merge_small_dims(tuple(param.shape), max_preconditioner_dim)
-        meta = torch.empty(merged_shape, device="meta")
-        first = len(self._blocks)
-        self._blocks.extend(
-            BlockSpec(param_index, block_index, tuple(block.shape), block.numel() * param.element_size())
-            for block_index, block in enumerate(multi_dim_split(meta, max_preconditioner_dim))
-        )
-        self._layouts.append(_ParamLayout(merged_shape, max_preconditioner_dim, range(first, len(self._blocks))))
+    def _make_distributor(self, config: DDPDistributedConfig | FullyShardDistributedConfig | None) -> BlockDistributor:
+        if isinstance(config, FullyShardDistributedConfig):
+            return FullyShardDistributor(self._params, self._blocks, self._layouts)
+        sharded = [index for index, param in enumerate(self._params) if isinstance(param, DTensor)]
+        if sharded:
+            raise ValueError(
+                f"DistributedShampoo: parameters #{sharded} are DTensors; pass "
+                "distributed_config=FullyShardDistributedConfig() for fully_shard models"
+            )
+        return DDPDistributor(self._blocks, self._layouts, config, self._params[0].device)
+
+    def _per_param(self, per_group: list[ShampooHyperparameters]) -> list[ShampooHyperparameters]:
+        """Each parameter's group's hyperparameters, in parameter order."""
+        return [hyperparameters for group, hyperparameters in zip(self.param_groups, per_group) for _ in group["params"]]
 
     def _param_state(self, param_index: int) -> ParamState:
         """A fresh dict holding the parameter's step and owned blocks' state (the live tensors)."""
@@ -252,63 +248,57 @@ class DistributedShampoo(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Every group is validated before any state changes.
-        group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
-        directions: list[torch.Tensor | None] = [None for _ in self._blocks]
-        # (parameter index, its blocks, lr) of the parameters with a gradient
-        stepped: list[tuple[int, tuple[torch.Tensor, ...], float]] = []
-        param_index = 0
-        for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
-            for param in group["params"]:
-                if param.grad is not None:
-                    param_blocks = self._layouts[param_index].split(param)
-                    self._compute_directions(param_index, param, param_blocks, hyperparameters, directions)
-                    stepped.append((param_index, param_blocks, hyperparameters.lr))
-                param_index += 1
-        updates = self._distributor.exchange(directions)
-        for param_index, param_blocks, lr in stepped:
-            for position, param_block in zip(self._layouts[param_index].block_positions, param_blocks):
-                update = updates[position]
-                if update is not None:
-                    param_block.add_(update.to(param_block.dtype), alpha=-lr)
+        # Everything is validated before any state changes.
+        hyperparameters = self._per_param([ShampooHyperparameters.from_group(group) for group in self.param_groups])
+        for param_index, param in enumerate(self._params):
+            if param.grad is not None and param.grad.is_sparse:
+                raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
+        stepped = [param.grad is not None for param in self._params]
+        self._distributor.agree_on_gradients(stepped)
+        local_params = [_local(param) for param in self._params]
+        # Per stepped parameter, this rank's gradient (with an L2 term unless decoupled) and, for
+        # decoupled weight decay, the parameter: what the blocks' owners need.
+        inputs: list[tuple[torch.Tensor, ...] | None] = []
+        for param, local_param, group in zip(self._params, local_params, hyperparameters):
+            grad = param.grad
+            if grad is None:
+                inputs.append(None)
+                continue
+            self._steps[len(inputs)].add_(1)
+            local_grad = _local(grad)
+            if group.weight_decay == 0.0:
+                inputs.append((local_grad,))
+            elif group.use_decoupled_weight_decay:
+                inputs.append((local_grad, local_param))
+            else:
+                inputs.append((local_grad.add(local_param, alpha=group.weight_decay),))
+        directions: dict[int, torch.Tensor] = {}
+        for position, block_inputs in self._distributor.block_inputs(inputs).items():
+            param_index = self._blocks[position].param_index
+            dtype = self._params[param_index].dtype
+            directions[position] = self._block_direction(
+                self._block_states[position],
+                block_inputs[0].to(torch.promote_types(dtype, torch.float32)),
+                block_inputs[1].to(dtype) if len(block_inputs) > 1 else None,
+                hyperparameters[param_index],
+                int(self._steps[param_index]),
+            )
+        for param_index, target, update in self._distributor.block_updates(local_params, directions, stepped):
+            target.add_(update.to(target.dtype), alpha=-hyperparameters[param_index].lr)
         return loss
-
-    def _compute_directions(
-        self,
-        param_index: int,
-        param: torch.Tensor,
-        param_blocks: tuple[torch.Tensor, ...],
-        hyperparameters: ShampooHyperparameters,
-        directions: list[torch.Tensor | None],
-    ) -> None:
-        """Advances the parameter's step and stores its owned blocks' directions in ``directions``."""
-        grad = param.grad
-        assert grad is not None
-        if grad.is_sparse:
-            raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
-        step_count = self._steps[param_index]
-        step_count.add_(1)
-        step = int(step_count)
-        if hyperparameters.weight_decay != 0.0 and not hyperparameters.use_decoupled_weight_decay:
-            grad = grad.add(param, alpha=hyperparameters.weight_decay)
-        layout = self._layouts[param_index]
-        compute_dtype = torch.promote_types(param.dtype, torch.float32)
-        for position, grad_block, param_block in zip(layout.block_positions, layout.split(grad), param_blocks):
-            block_state = self._block_states.get(position)
-            if block_state is not None:
-                directions[position] = self._block_direction(
-                    block_state, grad_block.to(compute_dtype), param_block, hyperparameters, step
-                )
 
     def _block_direction(
         self,
         state: BlockState,
         grad: torch.Tensor,
-        param: torch.Tensor,
+        param: torch.Tensor | None,
         hyperparameters: ShampooHyperparameters,
         step: int,
     ) -> torch.Tensor:
-        """Steps 2-6 of the class docstring for one block; returns ``D`` (``W -= lr * D``)."""
+        """Steps 2-6 of the class docstring for one block; returns ``D`` (``W -= lr * D``).
+
+        ``param`` is the block of the parameter, given when decoupled weight decay needs it.
+        """
         beta1, beta2 = hyperparameters.beta1, hyperparameters.beta2
         state.shampoo.update_factors(grad, beta2)
         grafting = self._grafting
@@ -336,7 +326,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         else:
             direction = grafted if grafted is not None else filtered
 
-        if hyperparameters.weight_decay != 0.0 and hyperparameters.use_decoupled_weight_decay:
+        if param is not None:
             direction = direction.add(param, alpha=hyperparameters.weight_decay)
         if hyperparameters.momentum != 0.0:
             momentum = _buffer(state.momentum, "momentum")
@@ -470,6 +460,11 @@ class DistributedShampoo(torch.optim.Optimizer):
             if param_id not in saved_state:
                 raise KeyError(f"load_state_dict: no state for parameter #{index}")
             update_param_state_dict_object(self._param_state(index), _mapping(saved_state, param_id))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter or gradient: a DTensor's local shard, else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _buffer(tensor: torch.Tensor | None, hyperparameter: str) -> torch.Tensor:

@@ -112,6 +112,21 @@ class DDPDistributedConfig:
             )
 
 
+@dataclass(frozen=True)
+class FullyShardDistributedConfig:
+    """Distributes Shampoo blocks over the ranks of an FSDP2 (``fully_shard``) model.
+
+    The parameters must be ``fully_shard``'s DTensors: ``Shard(0)`` on one 1-D device mesh,
+    shards of any sizes (empty ones included). Unlike the reference implementation, which cuts
+    blocks from each rank's local shard, the blocks are those of the global shapes, exactly as in
+    one process; each is owned by one rank of the mesh, which receives the block's gradient from
+    the ranks holding its rows and sends its update back to them. So the optimizer's state, and
+    its trajectory, do not depend on the number of ranks, and its checkpoints load under FSDP2,
+    DDP or one process at any world size. Gradients and updates travel in the parameters'
+    compute dtype (float32, or float64 for float64 parameters), so nothing is rounded.
+    """
+
+
 # The per-group hyperparameters, in the order of ``DistributedShampoo``'s constructor.
 HYPERPARAMETERS: tuple[str, ...] = (
     "lr",

@@ -1,5 +1,5 @@
 # pyre-strict
-"""Block ownership and the all-gather of updates that keeps every rank's parameters identical.
+"""Block ownership, the distributor interface, and DDP's all-gather of updates.
 
 ``block_owners`` is the one definition of which rank owns which block: the optimizer, the
 checkpoint tool's ``reshard`` (through ``checkpoint_writes``), the tests, the benchmarks and the
@@ -8,12 +8,13 @@ docs all call it.
 
 import math
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from distributed_shampoo.distributor.block_layout import BlockSpec, ParamLayout
 from distributed_shampoo.shampoo_types import DDPDistributedConfig
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, Key, param_key_path
 from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
@@ -30,37 +31,88 @@ def block_owners(block_nbytes: Sequence[int], group_size: int) -> tuple[int, ...
     return tuple(rank for _, rank in distribute_buffer_sizes(block_nbytes, group_size))
 
 
-@dataclass(frozen=True)
-class BlockSpec:
-    """One block of one parameter; the list of all blocks is the same at every world size.
+class BlockDistributor(ABC):
+    """Which rank owns each block, how an owner gets its blocks' gradients, and how the updates
+    it computes reach every rank that holds the parameter.
 
-    Attributes:
-        param_index: The parameter's position among all the optimizer's parameters.
-        block_index: The block's position among its parameter's blocks (its ``block_<i>`` key).
-        shape: The block's shape.
-        nbytes: The block's size in the parameter's dtype, which is what ownership balances.
+    The optimizer's step is: ``agree_on_gradients``, then ``block_inputs`` for the owned blocks,
+    then the per-block math on the owner, then ``block_updates`` to apply. Ownership is
+    ``block_owners`` over the whole block list and the group size, so it depends only on the
+    blocks and the number of ranks sharing one copy of the state.
+
+    Args:
+        blocks: Every block of every parameter, in block order.
+        layouts: Each parameter's layout.
+        group_size: The ranks that share one copy of the optimizer state.
+        group_rank: This rank's position among them.
     """
 
-    param_index: int
-    block_index: int
-    shape: tuple[int, ...]
-    nbytes: int
+    def __init__(self, blocks: Sequence[BlockSpec], layouts: Sequence[ParamLayout], group_size: int, group_rank: int) -> None:
+        self._blocks: tuple[BlockSpec, ...] = tuple(blocks)
+        self._layouts: tuple[ParamLayout, ...] = tuple(layouts)
+        self.group_size: int = group_size
+        self.group_rank: int = group_rank
+        self.owners: tuple[int, ...] = block_owners([block.nbytes for block in blocks], group_size)
+        # What this rank sent to and received from other ranks so far, for benchmarks.
+        self.bytes_sent: int = 0
+        self.bytes_received: int = 0
 
-    @property
-    def numel(self) -> int:
-        return int(torch.Size(self.shape).numel())
+    def is_owned(self, block_position: int) -> bool:
+        """Whether this rank computes the block at ``block_position`` in the block list."""
+        return self.owners[block_position] == self.group_rank
+
+    def agree_on_gradients(self, has_gradient: Sequence[bool]) -> None:
+        """Checks that every rank steps the same parameters (nothing to check by default).
+
+        Raises:
+            RuntimeError: The ranks disagree on which parameters have a gradient.
+        """
+
+    @abstractmethod
+    def block_inputs(self, tensors: Sequence[tuple[torch.Tensor, ...] | None]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """The owned blocks of the given tensors.
+
+        Args:
+            tensors: Per parameter, this rank's (local) tensors to cut into blocks, e.g. the
+                gradient and the parameter, the same number on every rank; None to skip the
+                parameter.
+
+        Returns:
+            For each block this rank owns of a parameter not skipped, one block-shaped tensor
+            per given tensor, with row-major strides: matrix products round differently for
+            differently strided operands (even along dimensions of size 1), and the trajectory
+            must not depend on how the blocks reached their owner.
+        """
+
+    @abstractmethod
+    def block_updates(
+        self, params: Sequence[torch.Tensor], directions: Mapping[int, torch.Tensor], stepped: Sequence[bool]
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Shares the owners' updates with the ranks that hold the parameters.
+
+        Args:
+            params: Every parameter's local tensor on this rank.
+            directions: The update of each block this rank owns of a stepped parameter.
+            stepped: Per parameter, whether it is stepped (the same on every rank).
+
+        Returns:
+            ``(parameter index, target, update)`` for every region of a stepped parameter this
+            rank holds: ``target`` is a view of the local parameter, ``update`` its owner's
+            update for it, of the same shape (rounded to the communication dtype, if any).
+        """
 
 
-class BlockDistributor:
-    """Assigns blocks to ranks and all-gathers the updates their owners compute.
+class DDPDistributor(BlockDistributor):
+    """Every rank holds whole parameters; blocks are owned within groups of ranks and the updates
+    their owners compute are all-gathered within the group.
 
     Without a config this process owns every block and nothing is communicated. With a
     ``DDPDistributedConfig``, the blocks are assigned within each group of
-    ``num_trainers_per_group`` ranks by ``distribute_buffer_sizes`` on their byte sizes, so the
-    assignment depends only on the block list and the group size.
+    ``num_trainers_per_group`` consecutive ranks.
 
     Args:
-        blocks: Every block of every parameter, in a fixed order.
+        blocks: Every block of every parameter, in block order.
+        layouts: Each parameter's layout.
         config: The distribution, or None for a single process.
         device: Where the communication buffers live (the parameters' device).
 
@@ -70,12 +122,14 @@ class BlockDistributor:
     """
 
     def __init__(
-        self, blocks: Sequence[BlockSpec], config: DDPDistributedConfig | None, device: torch.device
+        self,
+        blocks: Sequence[BlockSpec],
+        layouts: Sequence[ParamLayout],
+        config: DDPDistributedConfig | None,
+        device: torch.device,
     ) -> None:
-        self._blocks: tuple[BlockSpec, ...] = tuple(blocks)
         self._group: dist.ProcessGroup | None = None
-        self.group_rank: int = 0
-        self.group_size: int = 1
+        group_size, group_rank = 1, 0
         if config is not None:
             if not dist.is_initialized():
                 raise RuntimeError("DDPDistributedConfig needs torch.distributed to be initialised first")
@@ -88,8 +142,8 @@ class BlockDistributor:
                 )
             if group_size < world_size:
                 self._group, _ = dist.new_subgroups(group_size=group_size)
-            self.group_size, self.group_rank = group_size, dist.get_rank(self._group)
-        self.owners: tuple[int, ...] = block_owners([block.nbytes for block in blocks], self.group_size)
+            group_rank = dist.get_rank(self._group)
+        super().__init__(blocks, layouts, group_size, group_rank)
         # Each rank packs its blocks' updates one after the other into a buffer as long as the
         # largest rank's; the all-gather returns every rank's buffer.
         self._offsets: list[int] = [0] * len(self._blocks)
@@ -102,36 +156,47 @@ class BlockDistributor:
         self._send: torch.Tensor = torch.zeros(buffer_numel, dtype=dtype, device=device)
         self._gathered: list[torch.Tensor] = [torch.zeros_like(self._send) for _ in range(self.group_size)]
 
-    def is_owned(self, block_position: int) -> bool:
-        """Whether this rank computes the block at ``block_position`` in the block list."""
-        return self.owners[block_position] == self.group_rank
+    def block_inputs(self, tensors: Sequence[tuple[torch.Tensor, ...] | None]) -> dict[int, tuple[torch.Tensor, ...]]:
+        inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        for layout, given in zip(self._layouts, tensors):
+            if given is None:
+                continue
+            for position, blocks in zip(layout.block_positions, zip(*(layout.split(tensor) for tensor in given))):
+                if self.is_owned(position):
+                    inputs[position] = tuple(block.clone(memory_format=torch.contiguous_format) for block in blocks)
+        return inputs
 
-    def exchange(self, directions: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Shares the owners' updates so that every rank holds every block's update.
+    def block_updates(
+        self, params: Sequence[torch.Tensor], directions: Mapping[int, torch.Tensor], stepped: Sequence[bool]
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        updates = self._all_gather(directions)
+        return [
+            (param_index, param_block, updates[position])
+            for param_index, (layout, param, is_stepped) in enumerate(zip(self._layouts, params, stepped))
+            if is_stepped
+            for position, param_block in zip(layout.block_positions, layout.split(param))
+        ]
 
-        Args:
-            directions: One entry per block: this rank's update for the blocks it owns and that
-                have one, None otherwise.
-
-        Returns:
-            Every block's update, as its owner computed it (rounded to the communication dtype
-            when distributed); None where the owner had none (single process only: distributed,
-            such a block comes back as zeros).
-        """
+    def _all_gather(self, directions: Mapping[int, torch.Tensor]) -> Mapping[int, torch.Tensor]:
+        """Every block's update as its owner computed it (zeros where it had none when
+        distributed; single process, only the given ones)."""
         if self.group_size == 1:
-            return list(directions)
-        for position, direction in enumerate(directions):
+            return directions
+        for position, block in enumerate(self._blocks):
             if self.is_owned(position):
-                start, end = self._offsets[position], self._offsets[position] + self._blocks[position].numel
+                start, end = self._offsets[position], self._offsets[position] + block.numel
+                direction = directions.get(position)
                 if direction is None:
                     self._send[start:end].zero_()
                 else:
                     self._send[start:end].copy_(direction.reshape(-1))
         dist.all_gather(self._gathered, self._send, group=self._group)
-        return [
-            self._gathered[owner][offset : offset + block.numel].view(block.shape)
-            for block, owner, offset in zip(self._blocks, self.owners, self._offsets)
-        ]
+        self.bytes_sent += self._send.nbytes * (self.group_size - 1)
+        self.bytes_received += self._send.nbytes * (self.group_size - 1)
+        return {
+            position: self._gathered[owner][offset : offset + block.numel].view(block.shape)
+            for position, (block, owner, offset) in enumerate(zip(self._blocks, self.owners, self._offsets))
+        }
 
 
 _BLOCK_KEY: re.Pattern[str] = re.compile(r"block_(\d+)")

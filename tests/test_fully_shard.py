@@ -1,0 +1,191 @@
+# pyre-strict
+"""DistributedShampoo under FSDP2 (``fully_shard``) on real gloo ranks: the single-process
+trajectory bit for bit at 2, 3 and 4 ranks, and checkpoints that resume under FSDP2 or DDP at
+another world size."""
+
+import tempfile
+import unittest
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from parameterized import parameterized
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+
+from distributed_shampoo import (
+    AdamPreconditionerConfig,
+    DDPDistributedConfig,
+    DistributedShampoo,
+    FullyShardDistributedConfig,
+)
+from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
+from distributed_shampoo.launch import run_on_ranks
+
+STEPS = 8
+SAVE_AT = 4  # the checkpoint holds the state after this many steps
+LATER_SAVE_AT = 6  # a resumed run saves again here
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: ``mode`` is "fsdp", "ddp" or "single" (no process group)."""
+
+    mode: str
+    out: str  # rank 0 writes the losses and the final full parameters here
+    save_dir: str | None = None
+    save_at: int = SAVE_AT
+    resume_dir: str | None = None
+    resume_at: int = SAVE_AT
+
+
+def _model() -> torch.nn.Sequential:
+    """Conv, 2-D and 1-D parameters; 3 and 7 rows (uneven over 2 and 4 ranks) and 1 row (empty
+    shards); the conv weight's first two dims merge (6, 3, 3), so a merged row is not a row."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 7), torch.nn.Tanh(),
+        torch.nn.Linear(7, 1),
+    )
+
+
+def _optimizer(model: torch.nn.Module, mode: str) -> DistributedShampoo:
+    """Two groups: decoupled weight decay (conv and hidden layer) and an L2 term (the head)."""
+    params = list(model.parameters())
+    config = {"fsdp": FullyShardDistributedConfig(), "ddp": DDPDistributedConfig(), "single": None}[mode]
+    return DistributedShampoo(
+        [{"params": params[:4]}, {"params": params[4:], "use_decoupled_weight_decay": False}],
+        lr=0.02, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-3, max_preconditioner_dim=6,
+        precondition_frequency=2, grafting_config=AdamPreconditionerConfig(beta2=0.999), distributed_config=config,
+    )
+
+
+def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    """One of two full batches (by the parity of ``step``), the same on every rank; a linear teacher gives the targets."""
+    teacher = torch.randn(50, 1, generator=torch.Generator().manual_seed(7)) / 50**0.5
+    inputs = torch.randn(32, 2, 5, 5, generator=torch.Generator().manual_seed(100 + step % 2))
+    targets = inputs.flatten(1) @ teacher
+    return torch.nn.functional.mse_loss(model(inputs), targets)
+
+
+def _fully_shard(model: torch.nn.Module, world_size: int) -> None:
+    """FSDP2 with float64 gradient averaging: the mean of identical float32 gradients is exact."""
+    mesh = init_device_mesh("cpu", (world_size,))
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float64)
+    for layer in model.children():
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor's shards gathered (a collective), a plain tensor as it is."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def train(rank: int, world_size: int, run: Run) -> None:
+    """Trains to STEPS (from ``run.resume_at`` when resuming); rank 0 writes the trajectory."""
+    torch.set_num_threads(1)
+    model = _model()
+    if run.mode == "fsdp":
+        _fully_shard(model, world_size)
+    optimizer = _optimizer(model, run.mode)
+    head_bias = list(model.parameters())[-1]
+    first_step = 0
+    if run.resume_dir is not None:
+        template = {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
+        load_checkpoint(run.resume_dir, template)
+        model.load_state_dict(template["model"])
+        optimizer.load_distributed_state_dict(template["optimizer"], model.named_parameters())
+        first_step = run.resume_at
+    losses: list[float] = []
+    for step in range(first_step, STEPS):
+        if step == run.save_at and run.save_dir is not None:
+            save_checkpoint(
+                run.save_dir, {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
+            )
+        optimizer.zero_grad()
+        loss = _loss(model, step)
+        loss.backward()
+        if step % 2 == 1:
+            head_bias.grad = None  # a parameter without a gradient is skipped this step
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    params = {name: _full(param) for name, param in model.named_parameters()}
+    if rank == 0:
+        torch.save({"losses": losses, "params": params}, run.out)
+
+
+def _result(path: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    result = torch.load(path)
+    return result["losses"], result["params"]
+
+
+class FullyShardTest(unittest.TestCase):
+    tmp: tempfile.TemporaryDirectory[str]
+    reference: tuple[list[float], dict[str, torch.Tensor]]
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.TemporaryDirectory()
+        train(0, 1, Run("single", cls.path("single")))
+        cls.reference = _result(cls.path("single"))
+        for world_size in (4, 2):
+            run_on_ranks(world_size, train, Run("fsdp", cls.path(f"fsdp{world_size}"), save_dir=cls.path(f"ckpt{world_size}")))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.tmp.cleanup()
+
+    @classmethod
+    def path(cls, name: str) -> str:
+        return str(Path(cls.tmp.name, name))
+
+    def assertSameTrajectory(self, result: tuple[list[float], dict[str, torch.Tensor]], from_step: int = 0) -> None:
+        losses, params = result
+        self.assertEqual(losses, self.reference[0][from_step:])
+        for name, value in self.reference[1].items():
+            self.assertTrue(torch.equal(params[name], value), f"{name} differs by {float((params[name] - value).abs().max())}")
+
+    def test_the_reference_trains(self) -> None:
+        losses = self.reference[0]
+        self.assertLess(float(sum(losses[SAVE_AT:])), float(sum(losses[:SAVE_AT])))
+
+    @parameterized.expand([(2,), (4,)])
+    def test_follows_the_single_process_trajectory(self, world_size: int) -> None:
+        self.assertSameTrajectory(_result(self.path(f"fsdp{world_size}")))
+
+    def test_three_ranks_follow_the_single_process_trajectory(self) -> None:
+        run_on_ranks(3, train, Run("fsdp", self.path("fsdp3")))
+        self.assertSameTrajectory(_result(self.path("fsdp3")))
+
+    def test_one_rank_agrees_to_float_rounding(self) -> None:
+        # At one rank FSDP2's own gradient path differs from plain training by an ulp.
+        run_on_ranks(1, train, Run("fsdp", self.path("fsdp1")))
+        losses, params = _result(self.path("fsdp1"))
+        torch.testing.assert_close(losses, self.reference[0], rtol=0, atol=1e-6)
+        for name, value in self.reference[1].items():
+            torch.testing.assert_close(params[name], value, rtol=0, atol=1e-6)
+
+    @parameterized.expand([("4_to_2", 4, 2), ("4_to_3", 4, 3), ("2_to_4", 2, 4)])
+    def test_resumes_at_another_world_size(self, _: str, saved_on: int, resumed_on: int) -> None:
+        out = self.path(f"resume{saved_on}to{resumed_on}")
+        run_on_ranks(resumed_on, train, Run("fsdp", out, resume_dir=self.path(f"ckpt{saved_on}")))
+        self.assertSameTrajectory(_result(out), from_step=SAVE_AT)
+
+    def test_moves_between_fully_shard_and_ddp_both_ways(self) -> None:
+        # FSDP2 on 4 ranks -> DDP on 2 ranks, which saves again -> FSDP2 on 3 ranks.
+        ddp_out, ddp_checkpoint = self.path("to_ddp"), self.path("ddp_ckpt")
+        run_on_ranks(
+            2, train, Run("ddp", ddp_out, save_dir=ddp_checkpoint, save_at=LATER_SAVE_AT, resume_dir=self.path("ckpt4"))
+        )
+        self.assertSameTrajectory(_result(ddp_out), from_step=SAVE_AT)
+        back_out = self.path("back_to_fsdp")
+        run_on_ranks(3, train, Run("fsdp", back_out, resume_dir=ddp_checkpoint, resume_at=LATER_SAVE_AT))
+        self.assertSameTrajectory(_result(back_out), from_step=LATER_SAVE_AT)
+
+
+if __name__ == "__main__":
+    unittest.main()

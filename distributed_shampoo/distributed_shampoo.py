@@ -65,6 +65,32 @@ class BlockState(OptimizerModule):
         self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
 
 
+def block_state_nbytes(
+    block_shape: tuple[int, ...],
+    param_dtype: torch.dtype,
+    hyperparameters: ShampooHyperparameters,
+    grafting: Grafting | None,
+    preconditioner_dtype: torch.dtype,
+) -> int:
+    """The bytes of one block's optimizer state: what block ownership balances.
+
+    Measured on a ``BlockState`` allocated on the meta device, so it is exactly what the block's
+    owner allocates.
+    """
+    meta_param = torch.empty(0, dtype=param_dtype, device="meta")
+    state = BlockState(BlockInfo(meta_param, (0, block_key(0))), block_shape, hyperparameters, grafting, preconditioner_dtype)
+    return _nbytes(state.state_dict())
+
+
+def _nbytes(value: object) -> int:
+    """The bytes of the tensors in a nested state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, Mapping):
+        return sum(_nbytes(item) for item in value.values())
+    return 0
+
+
 class DistributedShampoo(torch.optim.Optimizer):
     """Shampoo with a Kronecker-factored preconditioner per block of each parameter.
 
@@ -172,13 +198,17 @@ class DistributedShampoo(torch.optim.Optimizer):
         # DTensor shapes are global: the blocks are the same under every distribution.
         layouts, blocks = param_layouts(
             [tuple(param.shape) for param in self._params],
-            [param.element_size() for param in self._params],
             [hyperparameters.max_preconditioner_dim for hyperparameters in param_hyperparameters],
         )
         self._layouts: list[ParamLayout] = layouts
         self._blocks: list[BlockSpec] = blocks
-        # Ownership needs the whole block list; only then can each rank allocate its blocks' state.
-        self._distributor: BlockDistributor = self._make_distributor(distributed_config)
+        # Ownership balances the blocks' state bytes, so it needs them all before any rank
+        # allocates its own blocks' state.
+        state_nbytes = [
+            block_state_nbytes(block.shape, self._params[block.param_index].dtype, param_hyperparameters[block.param_index], self._grafting, preconditioner_dtype)
+            for block in self._blocks
+        ]
+        self._distributor: BlockDistributor = self._make_distributor(distributed_config, state_nbytes)
         self._block_states: dict[int, BlockState] = {}
         self._steps: list[torch.Tensor] = []
         for param_index, (param, hyperparameters) in enumerate(zip(self._params, param_hyperparameters)):
@@ -195,20 +225,27 @@ class DistributedShampoo(torch.optim.Optimizer):
                     )
             self.state[param] = self._param_state(param_index)
 
-    def _make_distributor(self, config: DDPDistributedConfig | FullyShardDistributedConfig | None) -> BlockDistributor:
+    def _make_distributor(
+        self, config: DDPDistributedConfig | FullyShardDistributedConfig | None, state_nbytes: list[int]
+    ) -> BlockDistributor:
         if isinstance(config, FullyShardDistributedConfig):
-            return FullyShardDistributor(self._params, self._blocks, self._layouts)
+            return FullyShardDistributor(self._params, self._blocks, self._layouts, state_nbytes)
         sharded = [index for index, param in enumerate(self._params) if isinstance(param, DTensor)]
         if sharded:
             raise ValueError(
                 f"DistributedShampoo: parameters #{sharded} are DTensors; pass "
                 "distributed_config=FullyShardDistributedConfig() for fully_shard models"
             )
-        return DDPDistributor(self._blocks, self._layouts, config, self._params[0].device)
+        return DDPDistributor(self._blocks, self._layouts, state_nbytes, config, self._params[0].device)
 
     def _per_param(self, per_group: list[ShampooHyperparameters]) -> list[ShampooHyperparameters]:
         """Each parameter's group's hyperparameters, in parameter order."""
         return [hyperparameters for group, hyperparameters in zip(self.param_groups, per_group) for _ in group["params"]]
+
+    def bytes_communicated(self) -> tuple[int, int]:
+        """The bytes this rank has sent to and received from other ranks in ``step()`` so far
+        (all-gathered updates under DDP, gradient and update pieces under FSDP2)."""
+        return self._distributor.bytes_sent, self._distributor.bytes_received
 
     def _param_state(self, param_index: int) -> ParamState:
         """A fresh dict holding the parameter's step and owned blocks' state (the live tensors)."""

@@ -14,6 +14,7 @@ from distributed_shampoo import (
     AdamPreconditionerConfig,
     DDPDistributedConfig,
     DistributedShampoo,
+    FullyShardDistributedConfig,
     GraftingConfig,
     RMSpropPreconditionerConfig,
     SGDPreconditionerConfig,
@@ -350,6 +351,10 @@ class ValidationTest(unittest.TestCase):
     def test_distributed_config_without_a_process_group(self) -> None:
         with self.assertRaisesRegex(RuntimeError, "^DDPDistributedConfig needs torch.distributed to be initialised first$"):
             DistributedShampoo([torch.nn.Parameter(torch.ones(2))], distributed_config=DDPDistributedConfig())
+
+    def test_fully_shard_config_needs_dtensor_parameters(self) -> None:
+        with self.assertRaisesRegex(ValueError, r"^FullyShardDistributedConfig: parameter #0 is a Parameter, not a DTensor; apply"):
+            DistributedShampoo([torch.nn.Parameter(torch.ones(2))], distributed_config=FullyShardDistributedConfig())
 
     def test_param_groups_cannot_be_added_later(self) -> None:
         optimizer = DistributedShampoo([torch.nn.Parameter(torch.ones(2))])

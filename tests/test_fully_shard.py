@@ -3,17 +3,21 @@
 trajectory bit for bit at 2, 3 and 4 ranks, and checkpoints that resume under FSDP2 or DDP at
 another world size."""
 
+import contextlib
+import json
 import tempfile
 import unittest
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from parameterized import parameterized
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import distribute_tensor, DTensor, Replicate
 
 from distributed_shampoo import (
     AdamPreconditionerConfig,
@@ -43,10 +47,10 @@ class Run:
 
 def _model() -> torch.nn.Sequential:
     """Conv, 2-D and 1-D parameters; 3 and 7 rows (uneven over 2 and 4 ranks) and 1 row (empty
-    shards); the conv weight's first two dims merge (6, 3, 3), so a merged row is not a row."""
+    shards); the conv weight (3, 2, 2, 2) merges to (6, 4), so a merged row is half a row."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(27, 7), torch.nn.Tanh(),
+        torch.nn.Conv2d(2, 3, 2), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(48, 7), torch.nn.Tanh(),
         torch.nn.Linear(7, 1),
     )
 
@@ -78,6 +82,10 @@ def _fully_shard(model: torch.nn.Module, world_size: int) -> None:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -118,6 +126,92 @@ def train(rank: int, world_size: int, run: Run) -> None:
         torch.save({"losses": losses, "params": params}, run.out)
 
 
+def _wide_mlp() -> torch.nn.Sequential:
+    """An MLP of 68 blocks at max_preconditioner_dim 32."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(96, 160), torch.nn.Tanh(), torch.nn.Linear(160, 160), torch.nn.Tanh(), torch.nn.Linear(160, 96)
+    )
+
+
+def _wide_model(world_size: int) -> torch.nn.Sequential:
+    """``_wide_mlp`` under fully_shard."""
+    model = _wide_mlp()
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.children():
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def report_ownership(rank: int, world_size: int, out: str) -> None:
+    """One step on the wide model; rank 0 writes each rank's blocks, state and traffic."""
+    torch.set_num_threads(1)
+    model = _wide_model(world_size)
+    optimizer = DistributedShampoo(
+        model.parameters(), betas=(0.9, 0.999), momentum=0.5, max_preconditioner_dim=32,
+        grafting_config=AdamPreconditionerConfig(), distributed_config=FullyShardDistributedConfig(),
+    )
+    model(torch.randn(8, 96, generator=torch.Generator().manual_seed(1))).square().mean().backward()
+    optimizer.step()
+    state = cast(dict[str, dict[str, object]], optimizer.distributed_state_dict(model.named_parameters(), False)["state"])
+    blocks = {name: [key for key in param_state if key.startswith("block_")] for name, param_state in state.items()}
+    owned_states = [cast(dict[str, object], state[name][key]) for name in blocks for key in blocks[name]]
+    sent, received = optimizer.bytes_communicated()
+    mine = {
+        "blocks": blocks,
+        "state_bytes": sum(tensor.nbytes for block_state in owned_states for tensor in _tensors(block_state)),
+        "sent": sent,
+        "received": received,
+        "shard_bytes": sum(_local(param).nbytes for param in model.parameters()),
+        # Each block's momentum has the block's shape: these are the owned blocks' gradient bytes.
+        "owned_block_bytes": sum(cast(torch.Tensor, block_state["momentum"]).nbytes for block_state in owned_states),
+    }
+    reports: list[object] = [None for _ in range(world_size)]
+    dist.all_gather_object(reports, mine)
+    if rank == 0:
+        Path(out).write_text(json.dumps(reports))
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [tensor for item in value.values() for tensor in _tensors(item)]
+    return []
+
+
+def refuse_bad_input(rank: int, world_size: int) -> None:
+    """Each misuse raises the same error on every rank, and a refused step changes nothing."""
+    model = _wide_model(world_size)
+    with _raises(ValueError, "are DTensors; pass distributed_config=FullyShardDistributedConfig() for fully_shard models"):
+        DistributedShampoo(model.parameters(), distributed_config=DDPDistributedConfig())
+    replicated = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), init_device_mesh("cpu", (world_size,)), [Replicate()]))
+    with _raises(ValueError, "parameter #0 is placed (Replicate(),) on a 1-D mesh with shape (4, 4); expected fully_shard's"):
+        DistributedShampoo([replicated], distributed_config=FullyShardDistributedConfig())
+    optimizer = DistributedShampoo(model.parameters(), distributed_config=FullyShardDistributedConfig())
+    model(torch.ones(2, 96)).sum().backward()
+    if rank == 1:
+        list(model.parameters())[1].grad = None
+    before = [_local(param).clone() for param in model.parameters()]
+    with _raises(RuntimeError, "parameters #[1] have a gradient on some ranks and none on others"):
+        optimizer.step()
+    assert all(torch.equal(_local(param), old) for param, old in zip(model.parameters(), before)), "a refused step moved parameters"
+    assert all(int(param_state["step"]) == 0 for param_state in optimizer.state.values()), "a refused step advanced a step count"
+
+
+@contextlib.contextmanager
+def _raises(error: type[Exception], message: str) -> Iterator[None]:
+    try:
+        yield
+    except error as raised:
+        if message not in str(raised):
+            raise AssertionError(f"expected {message!r} in {raised!r}") from raised
+    else:
+        raise AssertionError(f"{error.__name__} not raised")
+
+
 def _result(path: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     result = torch.load(path)
     return result["losses"], result["params"]
@@ -130,7 +224,11 @@ class FullyShardTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls) -> None:
         cls.tmp = tempfile.TemporaryDirectory()
-        train(0, 1, Run("single", cls.path("single")))
+        threads = torch.get_num_threads()
+        try:
+            train(0, 1, Run("single", cls.path("single")))  # in this process, on one thread as the ranks
+        finally:
+            torch.set_num_threads(threads)
         cls.reference = _result(cls.path("single"))
         for world_size in (4, 2):
             run_on_ranks(world_size, train, Run("fsdp", cls.path(f"fsdp{world_size}"), save_dir=cls.path(f"ckpt{world_size}")))
@@ -174,6 +272,32 @@ class FullyShardTest(unittest.TestCase):
         out = self.path(f"resume{saved_on}to{resumed_on}")
         run_on_ranks(resumed_on, train, Run("fsdp", out, resume_dir=self.path(f"ckpt{saved_on}")))
         self.assertSameTrajectory(_result(out), from_step=SAVE_AT)
+
+    def test_each_block_on_one_rank_state_balanced_traffic_bounded(self) -> None:
+        world_size = 4
+        out = self.path("ownership.json")
+        run_on_ranks(world_size, report_ownership, out)
+        reports = json.loads(Path(out).read_text())
+        owned = [{(name, key) for name, keys in report["blocks"].items() for key in keys} for report in reports]
+        self.assertEqual(sum(len(blocks) for blocks in owned), len(set.union(*owned)), "a block is owned twice")
+        mlp = _wide_mlp()
+        single = DistributedShampoo(mlp.parameters(), max_preconditioner_dim=32)
+        expected = {(name, key) for name, param in mlp.named_parameters() for key in single.state[param] if key != "step"}
+        self.assertEqual(len(expected), 68)
+        self.assertEqual(set.union(*owned), expected)
+        # Optimizer state per rank within 10% of an even share.
+        total = sum(report["state_bytes"] for report in reports)
+        for report in reports:
+            self.assertLess(abs(report["state_bytes"] - total / world_size), 0.1 * total / world_size)
+        # One step moves at most the owned blocks' gradients in and this rank's shard of updates
+        # in (and the reverse out): no rank gathers a parameter or gradient.
+        for report in reports:
+            self.assertLessEqual(report["received"], report["owned_block_bytes"] + report["shard_bytes"])
+            self.assertLessEqual(report["sent"], report["owned_block_bytes"] + report["shard_bytes"])
+            self.assertGreater(report["received"], 0)
+
+    def test_misuse_is_refused_on_every_rank(self) -> None:
+        run_on_ranks(2, refuse_bad_input)
 
     def test_moves_between_fully_shard_and_ddp_both_ways(self) -> None:
         # FSDP2 on 4 ranks -> DDP on 2 ranks, which saves again -> FSDP2 on 3 ranks.

@@ -15,7 +15,6 @@ from typing import cast, TextIO
 
 from distributed_shampoo.checkpoint.api import check_checkpoint
 from distributed_shampoo.checkpoint.errors import CheckpointError
-from distributed_shampoo.checkpoint.format import NAME_TO_DTYPE
 from distributed_shampoo.checkpoint.parse import read_index
 from distributed_shampoo.checkpoint.offline import consolidate_checkpoint, diff_checkpoints, rewrite_checkpoint, summarize
 from distributed_shampoo.distributor.block_distributor import checkpoint_writes
@@ -102,12 +101,10 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def _reshard(args: argparse.Namespace) -> int:
-    if args.param_dtype not in NAME_TO_DTYPE:
-        raise ValueError(f"--param-dtype must be one of {sorted(NAME_TO_DTYPE)}, got {args.param_dtype!r}")
     source = read_index(args.dir)
     layouts = {name: (layout.shape, layout.dtype) for name, layout in source.tensors.items()}
     # The optimizer decides who owns which block; the checkpoint layer only rewrites.
-    writes = checkpoint_writes(layouts, args.world_size, NAME_TO_DTYPE[args.param_dtype])
+    writes = checkpoint_writes(layouts, args.world_size)
     index = rewrite_checkpoint(args.dir, args.out, writes, progress=ProgressLine("reshard: ranks"))
     files = cast(_Rows, summarize(index)["files"])
     print(f"wrote {index.directory} for {index.world_size} ranks")
@@ -157,7 +154,6 @@ def _parser() -> argparse.ArgumentParser:
     reshard.add_argument("dir")
     reshard.add_argument("out", help="the checkpoint directory to create")
     reshard.add_argument("--world-size", type=int, required=True)
-    reshard.add_argument("--param-dtype", default="F32", help="parameter dtype (safetensors name) for blocks without a parameter-shaped buffer")
     reshard.set_defaults(run=_reshard, error_status=1)
     diff = commands.add_parser("diff", help="which tensors differ between two checkpoints, and by how much")
     diff.add_argument("a")

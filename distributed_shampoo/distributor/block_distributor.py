@@ -21,9 +21,13 @@ from distributed_shampoo.utils.shampoo_utils import distribute_buffer_sizes
 
 
 def block_owners(block_nbytes: Sequence[int], group_size: int) -> tuple[int, ...]:
-    """The rank (within a group of ``group_size``) that owns each block, given the blocks' sizes
-    in bytes in the optimizer's block order (``distribute_buffer_sizes``). A pure function of the
-    block list and the group size, so every rank, and every tool, computes the same owners.
+    """The rank (within a group of ``group_size``) that owns each block, given the bytes of each
+    block's optimizer state in the optimizer's block order (``distribute_buffer_sizes``).
+
+    Balancing the state's bytes, not the blocks' elements, is what evens out memory: a 1-D
+    block's factor matrix is far larger than the block. A pure function of the blocks' state
+    sizes and the group size, so every rank, and every tool (``checkpoint_writes`` reads the
+    sizes from a checkpoint's index), computes the same owners.
 
     Raises:
         ValueError: ``group_size < 1`` or a negative size.
@@ -43,16 +47,24 @@ class BlockDistributor(ABC):
     Args:
         blocks: Every block of every parameter, in block order.
         layouts: Each parameter's layout.
+        state_nbytes: The bytes of each block's optimizer state.
         group_size: The ranks that share one copy of the optimizer state.
         group_rank: This rank's position among them.
     """
 
-    def __init__(self, blocks: Sequence[BlockSpec], layouts: Sequence[ParamLayout], group_size: int, group_rank: int) -> None:
+    def __init__(
+        self,
+        blocks: Sequence[BlockSpec],
+        layouts: Sequence[ParamLayout],
+        state_nbytes: Sequence[int],
+        group_size: int,
+        group_rank: int,
+    ) -> None:
         self._blocks: tuple[BlockSpec, ...] = tuple(blocks)
         self._layouts: tuple[ParamLayout, ...] = tuple(layouts)
         self.group_size: int = group_size
         self.group_rank: int = group_rank
-        self.owners: tuple[int, ...] = block_owners([block.nbytes for block in blocks], group_size)
+        self.owners: tuple[int, ...] = block_owners(state_nbytes, group_size)
         # What this rank sent to and received from other ranks so far, for benchmarks.
         self.bytes_sent: int = 0
         self.bytes_received: int = 0
@@ -113,6 +125,7 @@ class DDPDistributor(BlockDistributor):
     Args:
         blocks: Every block of every parameter, in block order.
         layouts: Each parameter's layout.
+        state_nbytes: The bytes of each block's optimizer state.
         config: The distribution, or None for a single process.
         device: Where the communication buffers live (the parameters' device).
 
@@ -125,6 +138,7 @@ class DDPDistributor(BlockDistributor):
         self,
         blocks: Sequence[BlockSpec],
         layouts: Sequence[ParamLayout],
+        state_nbytes: Sequence[int],
         config: DDPDistributedConfig | None,
         device: torch.device,
     ) -> None:
@@ -143,7 +157,7 @@ class DDPDistributor(BlockDistributor):
             if group_size < world_size:
                 self._group, _ = dist.new_subgroups(group_size=group_size)
             group_rank = dist.get_rank(self._group)
-        super().__init__(blocks, layouts, group_size, group_rank)
+        super().__init__(blocks, layouts, state_nbytes, group_size, group_rank)
         # Each rank packs its blocks' updates one after the other into a buffer as long as the
         # largest rank's; the all-gather returns every rank's buffer.
         self._offsets: list[int] = [0] * len(self._blocks)
@@ -200,27 +214,21 @@ class DDPDistributor(BlockDistributor):
 
 
 _BLOCK_KEY: re.Pattern[str] = re.compile(r"block_(\d+)")
-# The block-shaped buffers of a block's state, whose size is the block's size in the parameter dtype.
-_PARAM_SHAPED: tuple[str, ...] = ("filtered_grad", "momentum", "adagrad")
 
 
-def checkpoint_writes(
-    tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], world_size: int, param_dtype: torch.dtype = torch.float32
-) -> list[list[str]]:
+def checkpoint_writes(tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], world_size: int) -> list[list[str]]:
     """Which rank writes which tensor of a ``DistributedShampoo`` state saved at ``world_size``
-    ranks (``DDPDistributedConfig()``): each block's tensors go to the block's owner, everything
-    else to rank 0.
+    ranks (``DDPDistributedConfig()`` or ``FullyShardDistributedConfig()``): each block's tensors
+    go to the block's owner, everything else to rank 0.
 
     Blocks are the keys ``[..., "state", <param>, "block_<i>", ...]``, ordered as the optimizer
-    orders them (parameters in the order they appear, then block index); a block's size is that
-    of its parameter-shaped buffer, or the product of its factor matrices' sizes times the size
-    of ``param_dtype``.
+    orders them (parameters in the order they appear, then block index); a block's state size is
+    the sum of its tensors' bytes, which is what the optimizer balances.
 
     Args:
         tensors: Logical tensor name (a JSON-list key path) -> (shape, dtype), e.g. a checkpoint
             index's layouts.
         world_size: The number of ranks to write for.
-        param_dtype: The parameters' dtype, for blocks without a parameter-shaped buffer.
 
     Returns:
         Per rank, the names it writes; every name appears once.
@@ -242,7 +250,7 @@ def checkpoint_writes(
     if not blocks:
         raise ValueError('no Shampoo blocks (keys [..., "state", <param>, "block_<i>", ...]) to distribute')
     ordered = sorted(blocks, key=lambda block: (param_order[block[0]], block[1]))
-    sizes = [_block_nbytes(tensors, blocks[block], param_dtype) for block in ordered]
+    sizes = [sum(math.prod(tensors[name][0]) * tensors[name][1].itemsize for name in blocks[block]) for block in ordered]
     writes: list[list[str]] = [[] for _ in range(world_size)]
     in_blocks: set[str] = set()
     for block, owner in zip(ordered, block_owners(sizes, world_size)):
@@ -250,16 +258,3 @@ def checkpoint_writes(
         in_blocks.update(blocks[block])
     writes[0][:0] = [name for name in tensors if name not in in_blocks]
     return writes
-
-
-def _block_nbytes(tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]], names: list[str], param_dtype: torch.dtype) -> int:
-    factor_sizes: dict[int, int] = {}
-    for name in names:
-        path = decode_key(name)
-        shape, dtype = tensors[name]
-        if path[-1] in _PARAM_SHAPED:
-            return math.prod(shape) * dtype.itemsize
-        dim = path[-1]
-        if len(path) >= 2 and path[-2] == "factor_matrices" and isinstance(dim, int):
-            factor_sizes[dim] = shape[0]
-    return math.prod(factor_sizes.values()) * param_dtype.itemsize

@@ -24,13 +24,11 @@ class BlockSpec:
         param_index: The parameter's position among all the optimizer's parameters.
         block_index: The block's position among its parameter's blocks (its ``block_<i>`` key).
         shape: The block's shape.
-        nbytes: The block's size in the parameter's dtype, which is what ownership balances.
     """
 
     param_index: int
     block_index: int
     shape: tuple[int, ...]
-    nbytes: int
 
     @property
     def numel(self) -> int:
@@ -81,13 +79,12 @@ def block_boxes(merged_shape: tuple[int, ...], max_preconditioner_dim: int) -> t
 
 
 def param_layouts(
-    shapes: Sequence[tuple[int, ...]], element_sizes: Sequence[int], max_preconditioner_dims: Sequence[int]
+    shapes: Sequence[tuple[int, ...]], max_preconditioner_dims: Sequence[int]
 ) -> tuple[list[ParamLayout], list[BlockSpec]]:
     """Cuts every parameter into blocks.
 
     Args:
         shapes: Each parameter's global shape, in the optimizer's order.
-        element_sizes: Each parameter's element size in bytes.
         max_preconditioner_dims: Each parameter's (its group's) ``max_preconditioner_dim``.
 
     Returns:
@@ -95,11 +92,10 @@ def param_layouts(
     """
     layouts: list[ParamLayout] = []
     blocks: list[BlockSpec] = []
-    for param_index, (shape, element_size, max_dim) in enumerate(zip(shapes, element_sizes, max_preconditioner_dims)):
+    for param_index, (shape, max_dim) in enumerate(zip(shapes, max_preconditioner_dims)):
         merged = merge_small_dims(shape, max_dim)
         first = len(blocks)
         for block_index, box in enumerate(block_boxes(merged, max_dim)):
-            block_shape = tuple(len(axis) for axis in box)
-            blocks.append(BlockSpec(param_index, block_index, block_shape, math.prod(block_shape) * element_size))
+            blocks.append(BlockSpec(param_index, block_index, tuple(len(axis) for axis in box)))
         layouts.append(ParamLayout(merged, max_dim, range(first, len(blocks))))
     return layouts, blocks

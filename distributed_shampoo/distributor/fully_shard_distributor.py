@@ -101,15 +101,22 @@ class FullyShardDistributor(BlockDistributor):
         params: Every parameter: DTensors ``Shard(0)`` on one 1-D mesh.
         blocks: Every block of every parameter, in block order.
         layouts: Each parameter's layout (of its global shape).
+        state_nbytes: The bytes of each block's optimizer state.
 
     Raises:
         ValueError: A parameter is not a ``fully_shard`` DTensor, or the ranks' shards do not
             cover its rows.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], blocks: Sequence[BlockSpec], layouts: Sequence[ParamLayout]) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        blocks: Sequence[BlockSpec],
+        layouts: Sequence[ParamLayout],
+        state_nbytes: Sequence[int],
+    ) -> None:
         mesh, sharded = _sharded(params)
-        super().__init__(blocks, layouts, mesh.size(), mesh.get_local_rank())
+        super().__init__(blocks, layouts, state_nbytes, mesh.size(), mesh.get_local_rank())
         self._group: dist.ProcessGroup = mesh.get_group()
         locals_ = [param.to_local() for param in sharded]
         self._device: torch.device = locals_[0].device

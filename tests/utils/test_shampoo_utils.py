@@ -6,6 +6,7 @@ import torch
 from parameterized import parameterized
 
 from distributed_shampoo.distributor.block_distributor import block_owners, checkpoint_writes
+from distributed_shampoo.distributor.block_layout import block_boxes, BlockSpec, param_layouts
 from distributed_shampoo.utils.shampoo_utils import (
     compress_list,
     distribute_buffer_sizes,
@@ -134,6 +135,26 @@ class DistributeBufferSizesTest(unittest.TestCase):
             distribute_buffer_sizes((-1,), 2)
 
 
+class BlockLayoutTest(unittest.TestCase):
+    @parameterized.expand([((7, 27), 6), ((6, 3, 3), 2), ((5,), 5), ((0, 4), 3), ((1,), 4), ((9, 1, 4), 8)])
+    def test_boxes_are_what_multi_dim_split_cuts(self, shape: tuple[int, ...], size: int) -> None:
+        tensor = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
+        boxes = block_boxes(shape, size)
+        blocks = multi_dim_split(tensor, size)
+        self.assertEqual(len(boxes), len(blocks))
+        for box, block in zip(boxes, blocks):
+            self.assertTrue(torch.equal(tensor[tuple(slice(axis.start, axis.stop) for axis in box)], block))
+
+    def test_layouts_of_the_global_shapes(self) -> None:
+        layouts, blocks = param_layouts([(3, 2, 2, 2), (7,), ()], [6, 4, 4])
+        self.assertEqual([layout.merged_shape for layout in layouts], [(6, 4), (7,), (1,)])
+        self.assertEqual([layout.block_positions for layout in layouts], [range(0, 1), range(1, 3), range(3, 4)])
+        self.assertEqual(
+            blocks,
+            [BlockSpec(0, 0, (6, 4)), BlockSpec(1, 0, (4,)), BlockSpec(1, 1, (3,)), BlockSpec(2, 0, (1,))],
+        )
+
+
 class BlockOwnershipTest(unittest.TestCase):
     def test_block_owners_is_distribute_buffer_sizes(self) -> None:
         sizes = [4096, 2048, 1024, 1024, 512, 8192]
@@ -151,8 +172,8 @@ class BlockOwnershipTest(unittest.TestCase):
             '["model", "w"]': ((12, 8), f32),
         }
         writes = checkpoint_writes(tensors, 2)
-        # Blocks in order: w/block_0 (256 bytes), w/block_1 (64), b/block_0 (2 * 4 = 8 bytes).
-        owners = block_owners([256, 64, 8], 2)
+        # Blocks in order, by their tensors' bytes: w/block_0 (256 + 256), w/block_1 (64), b/block_0 (16).
+        owners = block_owners([512, 64, 16], 2)
         expected: list[list[str]] = [[], []]
         expected[0] = ['["optimizer", "state", "w", "step"]', '["model", "w"]']
         expected[owners[0]] += [name for name in tensors if "block_0" in name and '"w"' in name]

@@ -121,24 +121,22 @@ def main() -> None:
         "| config | step (ms) | bytes sent + received per rank per step (mean / max) | optimizer state per rank, "
         "max vs an even share | parameters + gradients per rank |\n|---|---:|---:|---:|---:|"
     )
-    results: dict[str, dict[str, object]] = {}
+    step_ms: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode, label in (("ddp", "DDPDistributedConfig()"), ("fsdp", "FullyShardDistributedConfig()")):
             out = str(Path(tmp, mode))
             run_on_ranks(ranks, measure, mode, width, max_dim, steps, out, timeout_s=1800.0)
-            results[mode] = json.loads(Path(out).read_text())
-            reports = results[mode]["ranks"]
-            assert isinstance(reports, list)
+            result = json.loads(Path(out).read_text())
+            step_ms[mode], reports = float(result["step_ms"]), result["ranks"]
             traffic = [float(report["traffic"]) for report in reports]
             state = [int(report["state"]) for report in reports]
             share = sum(state) / ranks
             print(
-                f"| {label} | {float(results[mode]['step_ms']):.1f} | {statistics.mean(traffic) / 2**20:.2f} MiB / "
+                f"| {label} | {step_ms[mode]:.1f} | {statistics.mean(traffic) / 2**20:.2f} MiB / "
                 f"{max(traffic) / 2**20:.2f} MiB | {max(state) / 2**20:.2f} MiB vs {share / 2**20:.2f} MiB "
                 f"({(max(state) / share - 1) * 100:+.2f}%) | {max(int(r['params_and_grads']) for r in reports) / 2**20:.2f} MiB |"
             )
-    ddp, fsdp = (float(results[mode]["step_ms"]) for mode in ("ddp", "fsdp"))
-    print(f"\nFSDP2 step time / DDP step time: {fsdp / ddp:.2f}x")
+    print(f"\nFSDP2 step time / DDP step time: {step_ms['fsdp'] / step_ms['ddp']:.2f}x")
 
 
 if __name__ == "__main__":

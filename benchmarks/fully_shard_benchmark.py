@@ -34,6 +34,7 @@ from distributed_shampoo import (
     FullyShardDistributedConfig,
 )
 from distributed_shampoo.launch import run_on_ranks
+from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 
 PRECONDITION_FREQUENCY = 10
 
@@ -48,14 +49,6 @@ def _model(width: int) -> torch.nn.Sequential:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _state_bytes(value: object) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, dict):
-        return sum(_state_bytes(item) for item in value.values())
-    return 0
 
 
 def measure(rank: int, world_size: int, mode: str, width: int, max_dim: int, steps: int, out: str) -> None:
@@ -91,7 +84,9 @@ def measure(rank: int, world_size: int, mode: str, width: int, max_dim: int, ste
     assert isinstance(state, dict)
     mine = {
         "traffic": (sent - sent_before + received - received_before) / steps,
-        "state": _state_bytes({name: {k: v for k, v in s.items() if k != "step"} for name, s in state.items()}),
+        "state": sum(
+            value.nbytes for key, value in flatten(state).items() if isinstance(value, torch.Tensor) and json.loads(key)[-1] != "step"
+        ),
         "params_and_grads": sum(_local(p).nbytes * 2 for p in model.parameters()),
     }
     reports: list[object] = [None for _ in range(world_size)]

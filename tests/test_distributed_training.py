@@ -2,8 +2,6 @@
 """DistributedShampoo on real gloo ranks: the same trajectory at every world size, elastic resume."""
 
 import json
-import tempfile
-import unittest
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +11,8 @@ from parameterized import parameterized
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_shampoo import AdamPreconditionerConfig, DDPDistributedConfig, DistributedShampoo
-from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
 from distributed_shampoo.launch import run_on_ranks
+from tests.trajectories import load_training_state, read_result, save_training_state, TrajectoryTestCase
 
 STEPS = 8
 SAVE_AFTER = 4  # steps taken before the checkpoint
@@ -89,17 +87,12 @@ def train(rank: int, world_size: int, run: Run) -> None:
     optimizer = _optimizer(model, run)
     first_step = 0
     if run.resume_dir is not None:
-        template = {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
-        load_checkpoint(run.resume_dir, template)
-        model.load_state_dict(template["model"])
-        optimizer.load_distributed_state_dict(template["optimizer"], model.named_parameters())
+        load_training_state(run.resume_dir, model, optimizer)
         first_step = SAVE_AFTER
     losses: list[float] = []
     for step in range(first_step, STEPS):
         if step == SAVE_AFTER and run.save_dir is not None:
-            save_checkpoint(
-                run.save_dir, {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
-            )
+            save_training_state(run.save_dir, model, optimizer)
         optimizer.zero_grad()
         loss = _loss(model, step)
         loss.backward()
@@ -109,37 +102,15 @@ def train(rank: int, world_size: int, run: Run) -> None:
         torch.save({"losses": losses, "params": model.state_dict()}, run.out)
 
 
-def _result(path: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    result = torch.load(path)
-    return result["losses"], result["params"]
-
-
-class DistributedTrainingTest(unittest.TestCase):
-    tmp: tempfile.TemporaryDirectory[str]
-    reference: tuple[list[float], dict[str, torch.Tensor]]
-
+class DistributedTrainingTest(TrajectoryTestCase):
     @classmethod
     def setUpClass(cls) -> None:
-        cls.tmp = tempfile.TemporaryDirectory()
+        super().setUpClass()
         out = cls.path("single")
         train(0, 1, Run(0, out))
-        cls.reference = _result(out)
+        cls.reference = read_result(out)
         for world_size in (4, 2):
             run_on_ranks(world_size, train, Run(world_size, cls.path(f"world{world_size}"), save_dir=cls.path(f"ckpt{world_size}")))
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.tmp.cleanup()
-
-    @classmethod
-    def path(cls, name: str) -> str:
-        return str(Path(cls.tmp.name, name))
-
-    def assertSameTrajectory(self, result: tuple[list[float], dict[str, torch.Tensor]], from_step: int = 0) -> None:
-        losses, params = result
-        self.assertEqual(losses, self.reference[0][from_step:])
-        for name, value in self.reference[1].items():
-            self.assertTrue(torch.equal(params[name], value), f"{name} differs by {float((params[name] - value).abs().max())}")
 
     def test_reference_trains(self) -> None:
         losses = self.reference[0]
@@ -148,12 +119,12 @@ class DistributedTrainingTest(unittest.TestCase):
 
     @parameterized.expand([(2,), (4,)])
     def test_world_size_follows_the_single_process_trajectory(self, world_size: int) -> None:
-        self.assertSameTrajectory(_result(self.path(f"world{world_size}")))
+        self.assertSameTrajectory(read_result(self.path(f"world{world_size}")))
 
     def test_three_ranks_follow_the_single_process_trajectory(self) -> None:
         out = self.path("world3")
         run_on_ranks(3, train, Run(3, out))
-        self.assertSameTrajectory(_result(out))
+        self.assertSameTrajectory(read_result(out))
 
     def test_each_rank_saved_only_its_own_blocks(self) -> None:
         index = json.loads(Path(self.path("ckpt4"), "optimizer.safetensors.index.json").read_text())
@@ -175,17 +146,17 @@ class DistributedTrainingTest(unittest.TestCase):
     def test_elastic_resume_continues_the_uninterrupted_trajectory(self, saved_on: int, resumed_on: int) -> None:
         out = self.path(f"resume{saved_on}to{resumed_on}")
         run_on_ranks(resumed_on, train, Run(resumed_on, out, resume_dir=self.path(f"ckpt{saved_on}")))
-        self.assertSameTrajectory(_result(out), from_step=SAVE_AFTER)
+        self.assertSameTrajectory(read_result(out), from_step=SAVE_AFTER)
 
     def test_groups_of_two_trainers_on_four_ranks(self) -> None:
         out = self.path("groups")
         run_on_ranks(4, train, Run(4, out, num_trainers_per_group=2))
-        self.assertSameTrajectory(_result(out))
+        self.assertSameTrajectory(read_result(out))
 
     def test_distributed_data_parallel_gradients_agree_to_float_rounding(self) -> None:
         out = self.path("ddp")
         run_on_ranks(2, train_with_ddp, out)
-        _, params = _result(out)
+        _, params = read_result(out)
         # The all-reduce rounds differently from one process's sum, and Shampoo's inverse roots
         # (epsilon 1e-8) amplify that: when this test was written, the runs differed by up to 0.12%
         # of how far training moved a tensor; allow 1%.
@@ -197,7 +168,7 @@ class DistributedTrainingTest(unittest.TestCase):
     def test_bfloat16_communication_stays_close(self) -> None:
         out = self.path("bf16")
         run_on_ranks(2, train, Run(2, out, communication_dtype=torch.bfloat16))
-        losses, params = _result(out)
+        losses, params = read_result(out)
         torch.testing.assert_close(losses, self.reference[0], rtol=2e-2, atol=0)
         for name, value in self.reference[1].items():
             torch.testing.assert_close(params[name], value, rtol=0, atol=5e-2)

@@ -5,7 +5,6 @@ another world size."""
 
 import contextlib
 import json
-import tempfile
 import unittest
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from distributed_shampoo import (
     DistributedShampoo,
     FullyShardDistributedConfig,
 )
-from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
 from distributed_shampoo.launch import run_on_ranks
+from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
+from tests.trajectories import load_training_state, read_result, save_training_state, TrajectoryTestCase
 
 STEPS = 8
 SAVE_AT = 4  # the checkpoint holds the state after this many steps
@@ -103,17 +103,12 @@ def train(rank: int, world_size: int, run: Run) -> None:
     head_bias = list(model.parameters())[-1]
     first_step = 0
     if run.resume_dir is not None:
-        template = {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
-        load_checkpoint(run.resume_dir, template)
-        model.load_state_dict(template["model"])
-        optimizer.load_distributed_state_dict(template["optimizer"], model.named_parameters())
+        load_training_state(run.resume_dir, model, optimizer)
         first_step = run.resume_at
     losses: list[float] = []
     for step in range(first_step, STEPS):
         if step == run.save_at and run.save_dir is not None:
-            save_checkpoint(
-                run.save_dir, {"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}
-            )
+            save_training_state(run.save_dir, model, optimizer)
         optimizer.zero_grad()
         loss = _loss(model, step)
         loss.backward()
@@ -161,7 +156,9 @@ def report_ownership(rank: int, world_size: int, out: str) -> None:
     sent, received = optimizer.bytes_communicated()
     mine = {
         "blocks": blocks,
-        "state_bytes": sum(tensor.nbytes for block_state in owned_states for tensor in _tensors(block_state)),
+        "state_bytes": sum(
+            value.nbytes for block_state in owned_states for value in flatten(block_state).values() if isinstance(value, torch.Tensor)
+        ),
         "sent": sent,
         "received": received,
         "shard_bytes": sum(_local(param).nbytes for param in model.parameters()),
@@ -172,14 +169,6 @@ def report_ownership(rank: int, world_size: int, out: str) -> None:
     dist.all_gather_object(reports, mine)
     if rank == 0:
         Path(out).write_text(json.dumps(reports))
-
-
-def _tensors(value: object) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [tensor for item in value.values() for tensor in _tensors(item)]
-    return []
 
 
 def refuse_bad_input(rank: int, world_size: int) -> None:
@@ -212,40 +201,18 @@ def _raises(error: type[Exception], message: str) -> Iterator[None]:
         raise AssertionError(f"{error.__name__} not raised")
 
 
-def _result(path: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    result = torch.load(path)
-    return result["losses"], result["params"]
-
-
-class FullyShardTest(unittest.TestCase):
-    tmp: tempfile.TemporaryDirectory[str]
-    reference: tuple[list[float], dict[str, torch.Tensor]]
-
+class FullyShardTest(TrajectoryTestCase):
     @classmethod
     def setUpClass(cls) -> None:
-        cls.tmp = tempfile.TemporaryDirectory()
+        super().setUpClass()
         threads = torch.get_num_threads()
         try:
             train(0, 1, Run("single", cls.path("single")))  # in this process, on one thread as the ranks
         finally:
             torch.set_num_threads(threads)
-        cls.reference = _result(cls.path("single"))
+        cls.reference = read_result(cls.path("single"))
         for world_size in (4, 2):
             run_on_ranks(world_size, train, Run("fsdp", cls.path(f"fsdp{world_size}"), save_dir=cls.path(f"ckpt{world_size}")))
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.tmp.cleanup()
-
-    @classmethod
-    def path(cls, name: str) -> str:
-        return str(Path(cls.tmp.name, name))
-
-    def assertSameTrajectory(self, result: tuple[list[float], dict[str, torch.Tensor]], from_step: int = 0) -> None:
-        losses, params = result
-        self.assertEqual(losses, self.reference[0][from_step:])
-        for name, value in self.reference[1].items():
-            self.assertTrue(torch.equal(params[name], value), f"{name} differs by {float((params[name] - value).abs().max())}")
 
     def test_the_reference_trains(self) -> None:
         losses = self.reference[0]
@@ -253,16 +220,16 @@ class FullyShardTest(unittest.TestCase):
 
     @parameterized.expand([(2,), (4,)])
     def test_follows_the_single_process_trajectory(self, world_size: int) -> None:
-        self.assertSameTrajectory(_result(self.path(f"fsdp{world_size}")))
+        self.assertSameTrajectory(read_result(self.path(f"fsdp{world_size}")))
 
     def test_three_ranks_follow_the_single_process_trajectory(self) -> None:
         run_on_ranks(3, train, Run("fsdp", self.path("fsdp3")))
-        self.assertSameTrajectory(_result(self.path("fsdp3")))
+        self.assertSameTrajectory(read_result(self.path("fsdp3")))
 
     def test_one_rank_agrees_to_float_rounding(self) -> None:
         # At one rank FSDP2's own gradient path differs from plain training by an ulp.
         run_on_ranks(1, train, Run("fsdp", self.path("fsdp1")))
-        losses, params = _result(self.path("fsdp1"))
+        losses, params = read_result(self.path("fsdp1"))
         torch.testing.assert_close(losses, self.reference[0], rtol=0, atol=1e-6)
         for name, value in self.reference[1].items():
             torch.testing.assert_close(params[name], value, rtol=0, atol=1e-6)
@@ -271,7 +238,7 @@ class FullyShardTest(unittest.TestCase):
     def test_resumes_at_another_world_size(self, _: str, saved_on: int, resumed_on: int) -> None:
         out = self.path(f"resume{saved_on}to{resumed_on}")
         run_on_ranks(resumed_on, train, Run("fsdp", out, resume_dir=self.path(f"ckpt{saved_on}")))
-        self.assertSameTrajectory(_result(out), from_step=SAVE_AT)
+        self.assertSameTrajectory(read_result(out), from_step=SAVE_AT)
 
     def test_each_block_on_one_rank_state_balanced_traffic_bounded(self) -> None:
         world_size = 4
@@ -305,10 +272,10 @@ class FullyShardTest(unittest.TestCase):
         run_on_ranks(
             2, train, Run("ddp", ddp_out, save_dir=ddp_checkpoint, save_at=LATER_SAVE_AT, resume_dir=self.path("ckpt4"))
         )
-        self.assertSameTrajectory(_result(ddp_out), from_step=SAVE_AT)
+        self.assertSameTrajectory(read_result(ddp_out), from_step=SAVE_AT)
         back_out = self.path("back_to_fsdp")
         run_on_ranks(3, train, Run("fsdp", back_out, resume_dir=ddp_checkpoint, resume_at=LATER_SAVE_AT))
-        self.assertSameTrajectory(_result(back_out), from_step=LATER_SAVE_AT)
+        self.assertSameTrajectory(read_result(back_out), from_step=LATER_SAVE_AT)
 
 
 if __name__ == "__main__":

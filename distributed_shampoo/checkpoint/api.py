@@ -133,7 +133,8 @@ class StagedSave:
         staging: The hidden directory the files go to first.
         save_id: The save's identity, in the index and in every shard header.
         prefix: The file name prefix.
-        plan: Every rank's writes and the index's layouts.
+        plan: Every rank's writes and the index's layouts, on rank 0 (which commits); None on
+            the other ranks.
         writes: This rank's ``(stored name, tensor)`` pairs, in write order.
         replicas: Checksums of the replicated tensors this rank holds but another rank writes.
         metadata: The user metadata for the index.
@@ -144,7 +145,7 @@ class StagedSave:
     staging: Path
     save_id: str
     prefix: str
-    plan: GlobalPlan
+    plan: GlobalPlan | None
     writes: list[tuple[str, torch.Tensor]]
     replicas: dict[str, str]
     metadata: Mapping[str, object] | None
@@ -179,39 +180,71 @@ def stage_save(
     prefix: str,
     overwrite: bool,
 ) -> StagedSave:
-    """The first half of a save: plan on every rank, agree on the plan (one collective on ``group``).
+    """The first half of a save: plan on every rank; rank 0 gathers the plans, decides who writes
+    what, and sends each rank its decisions (two collectives on ``group``).
 
     Rank 0 checks the target and creates the staging directory. A failure on any rank raises on
     every rank (the same error class), and the staging directory is removed.
     """
     target = Path(checkpoint_dir).absolute()
     prepared, local_plan_data, own_prepare_error = _prepare(group, target, state_dict, metadata, prefix, overwrite)
-    save_id = prepared.save_id
-    staging = staging_dir(target, save_id[:16]) if save_id is not None else None
+    staging = staging_dir(target, prepared.save_id[:16]) if prepared.save_id is not None else None
+    global_plan: GlobalPlan | None = None
     try:
-        everyone = group.all_gather(prepared)
-        save_id = everyone[0].save_id
-        failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
-        if failure is not None:
-            rank, error = failure
-            raise own_prepare_error if rank == group.rank and own_prepare_error is not None else error
-        global_plan = plan_global([p.plan for p in everyone if p.plan is not None])
-        if save_id is None:
-            raise DistributedSaveError(f"saving {target}: rank 0 reported no save identity")
-        replicas = {name: checksum(tensor_bytes(local_plan_data[name])) for name in global_plan.replicas[group.rank]}
+        # Plans go to rank 0, which decides and sends each rank only its own part.
+        everyone = group.gather_to_first(prepared)
+        decisions: list[_Decision] | None = None
+        if everyone is not None:
+            global_plan, decisions = _decide(everyone, target)
+        decision = group.scatter_from_first(decisions)
+        if decision.error is not None:
+            own = decision.failed_rank == group.rank and own_prepare_error is not None
+            raise own_prepare_error if own and own_prepare_error is not None else decision.error
+        replicas = {name: checksum(tensor_bytes(local_plan_data[name])) for name in decision.replicas}
     except BaseException as error:
-        if group.rank == 0 and staging is not None:
+        if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise _local(error, group.rank, target)
-    writes = [(name, local_plan_data[name]) for name in global_plan.writes[group.rank]]
-    return StagedSave(target, staging_dir(target, save_id[:16]), save_id, prefix, global_plan, writes, replicas, metadata, overwrite)
+    writes = [(name, local_plan_data[name]) for name in decision.writes]
+    return StagedSave(
+        target, staging_dir(target, decision.save_id[:16]), decision.save_id, prefix, global_plan, writes, replicas, metadata, overwrite
+    )
+
+
+@dataclass(frozen=True)
+class _Decision:
+    """What rank 0 tells one rank after planning: the save's identity and what the rank writes,
+    or the failure every rank raises."""
+
+    save_id: str
+    writes: tuple[str, ...]
+    replicas: tuple[str, ...]  # whole tensors this rank holds and another rank writes
+    error: CheckpointError | None = None
+    failed_rank: int | None = None
+
+
+def _decide(everyone: list[_Prepared], target: Path) -> tuple[GlobalPlan | None, list[_Decision]]:
+    """Rank 0: the global plan from every rank's plan, and each rank's decision."""
+    save_id = everyone[0].save_id or ""
+    failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
+    if failure is None and not save_id:
+        failure = (0, DistributedSaveError(f"saving {target}: rank 0 reported no save identity"))
+    if failure is None:
+        try:
+            plan = plan_global([p.plan for p in everyone if p.plan is not None])
+        except BaseException as error:
+            failure = (0, _shared(error, 0, target))
+        else:
+            return plan, [_Decision(save_id, writes, replicas) for writes, replicas in zip(plan.writes, plan.replicas)]
+    rank, error = failure
+    return None, [_Decision(save_id, (), (), error, rank) for _ in everyone]
 
 
 def finish_save(staged: StagedSave, group: Group, failed: BaseException | None = None) -> Path:
     """The second half of a save: write this rank's file, then rank 0 commits the index.
 
     Two collectives on ``group`` (which must hold the same ranks, in the same order, as the group
-    that staged the save): gather the written files' records, broadcast the outcome.
+    that staged the save): gather the written files' records on rank 0, broadcast the outcome.
 
     Args:
         staged: What ``stage_save`` returned.
@@ -240,12 +273,14 @@ def finish_save(staged: StagedSave, group: Group, failed: BaseException | None =
         own_error = error
         mine = _Written(None, {}, _shared(error, group.rank, staged.target))
     try:
-        results = group.all_gather(mine)
-        failure = next((r.error for r in results if r.error is not None), None)
-        if group.rank == 0 and failure is None:
+        results = group.gather_to_first(mine)  # only rank 0 needs the records
+        failure: CheckpointError | None = None
+        if results is not None:
+            failure = next((r.error for r in results if r.error is not None), None)
+        if results is not None and failure is None and staged.plan is not None:
             try:
                 _check_replicas(results)
-                commit_index(staged, group.world_size, [r.file for r in results if r.file is not None])
+                commit_index(staged, staged.plan, group.world_size, [r.file for r in results if r.file is not None])
             except BaseException as error:
                 own_error, failure = error, _shared(error, 0, staged.target)
         failure = group.broadcast_from_first(failure)
@@ -336,9 +371,9 @@ def _check_metadata(metadata: Mapping[str, object] | None) -> None:
         raise UnsupportedValueError(f"metadata must be JSON-serialisable without NaN/inf: {error}") from None
 
 
-def commit_index(staged: StagedSave, world_size: int, files: list[WrittenFile]) -> CheckpointIndex:
+def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: list[WrittenFile]) -> CheckpointIndex:
     """Writes the index of a staged save whose files are all written (``files``, rank order),
-    then publishes it.
+    then publishes it (rank 0, which holds the global ``plan``).
 
     Returns:
         The index written.
@@ -355,7 +390,7 @@ def commit_index(staged: StagedSave, world_size: int, files: list[WrittenFile]) 
         weight_map.update((name, file_name) for name in written.checksums)
         checksums.update(written.checksums)
         pages.update(written.pages)
-    plan, target = staged.plan, staged.target
+    target = staged.target
     index = CheckpointIndex(
         directory=target,
         prefix=staged.prefix,

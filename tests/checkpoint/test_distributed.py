@@ -22,6 +22,7 @@ from distributed_shampoo.checkpoint import (
     verify_checkpoint,
 )
 from distributed_shampoo.distributor.block_distributor import block_owners
+from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.launch import run_on_ranks
 from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fill_disk_of_this_rank
 
@@ -152,7 +153,22 @@ def _save_under_a_file(rank: int, world_size: int, directory: str) -> None:
     )
 
 
+def _coordinate(rank: int, world_size: int) -> None:
+    """Plans go to rank 0 alone, and each rank gets back only what rank 0 meant for it."""
+    group = Group.resolve(None, timeout_s=30)
+    gathered = group.gather_to_first({"rank": rank, "plan": "x" * (rank + 1)})
+    if rank == 0:
+        assert gathered == [{"rank": r, "plan": "x" * (r + 1)} for r in range(world_size)], gathered
+    else:
+        assert gathered is None, gathered
+    decisions = [f"decision for {r}" * (r + 1) for r in range(world_size)] if rank == 0 else None
+    assert group.scatter_from_first(decisions) == f"decision for {rank}" * (rank + 1)
+
+
 class DistributedCheckpointTest(unittest.TestCase):
+    def test_plans_go_to_rank_0_and_decisions_come_back(self) -> None:
+        run_on_ranks(3, _coordinate)
+
     def setUp(self) -> None:
         self._tmp = tempfile.TemporaryDirectory()
         self.directory = str(Path(self._tmp.name) / "ckpt")

@@ -384,12 +384,12 @@ def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: l
     """
     weight_map: dict[str, str] = {}
     checksums: dict[str, str] = {}
-    pages: dict[str, tuple[str, ...]] = {}
+    pages: dict[str, str] = {}
     for rank, written in enumerate(files):
         file_name = shard_file_name(staged.prefix, rank, world_size)
         weight_map.update((name, file_name) for name in written.checksums)
         checksums.update(written.checksums)
-        pages.update(written.pages)
+        pages.update((name, "".join(digests)) for name, digests in written.pages.items())
     target = staged.target
     index = CheckpointIndex(
         directory=target,

@@ -208,8 +208,9 @@ class CheckpointIndex:
             they are empty).
         save_id: The identity of the save, also written in every shard file's header.
         page_bytes: The page size of ``pages``.
-        pages: Stored name -> the checksum of each ``page_bytes`` page of its bytes (only tensors
-            larger than one page).
+        pages: Stored name -> the checksums of its ``page_bytes`` pages, 16 hex digits each,
+            concatenated as in the file (``page_digest`` gives one); only tensors larger than one
+            page.
         files: Shard file name -> its size and header digest.
     """
 
@@ -226,7 +227,7 @@ class CheckpointIndex:
     format_version: int = FORMAT_VERSION
     save_id: str = ""
     page_bytes: int = PAGE_BYTES
-    pages: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pages: dict[str, str] = field(default_factory=dict)
     files: dict[str, FileRecord] = field(default_factory=dict)
 
     @functools.cached_property
@@ -285,7 +286,7 @@ def index_to_json(index: CheckpointIndex) -> str:
         "files": {name: {"size": f.size, "header_digest": f.header_digest} for name, f in index.files.items()},
         "tensors": tensors,
         "checksums": index.checksums,
-        "pages": {name: "".join(digests) for name, digests in index.pages.items()},
+        "pages": index.pages,
         "objects": {name: encode_object(value) for name, value in index.objects.items()},
         "containers": index.containers,
         "user": index.user_metadata,
@@ -304,6 +305,11 @@ class HeaderEntry:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+def page_digest(digests: str, page: int) -> str:
+    """The checksum of page ``page`` in a tensor's concatenated page checksums."""
+    return digests[16 * page : 16 * page + 16]
 
 
 def checksum(data: memoryview[int] | bytes) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import xxhash
 
 from distributed_shampoo.checkpoint.errors import ChecksumMismatchError
-from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry, page_checksums
+from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry, page_checksums, page_digest
 from distributed_shampoo.checkpoint.reader import read_ranges, ReadRequest
 
 # Units are read into a buffer of this size; a larger unit is read and hashed in segments of it.
@@ -48,7 +48,7 @@ def page_units(name: str, entry: HeaderEntry, index: CheckpointIndex, pages: Ite
     digests = index.pages[name]
     size, page = entry.end - entry.begin, index.page_bytes
     return [
-        Unit(name, f" page {k}", entry.begin + k * page, min(page, size - k * page), digests[k])
+        Unit(name, f" page {k}", entry.begin + k * page, min(page, size - k * page), page_digest(digests, k))
         for k in pages
     ]
 
@@ -115,7 +115,7 @@ def check_whole_and_pages(
         view = scratch[: min(segment, entry.end - entry.begin - start)]
         read_ranges(fd, path, [ReadRequest(entry.begin + start, view)])
         for k, actual in enumerate(page_checksums(view, whole, page), start=start // page):
-            _compare(path, name, actual, index.pages[name][k], f" page {k}", on_mismatch)
+            _compare(path, name, actual, page_digest(index.pages[name], k), f" page {k}", on_mismatch)
     _compare(path, name, whole.hexdigest(), index.checksums[name], "", on_mismatch)
 
 

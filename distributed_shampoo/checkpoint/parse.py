@@ -386,17 +386,17 @@ def _parse_layout(fields: _Fields, name: str, entry: object) -> TensorLayout:
 
 def _parse_pages(
     fields: _Fields, metadata: dict[str, object], piece_bytes: dict[str, int], page_bytes: int
-) -> dict[str, tuple[str, ...]]:
+) -> dict[str, str]:
     raw = fields.obj(metadata.get("pages"), '"pages"')
     paged = {name for name, nbytes in piece_bytes.items() if nbytes > page_bytes}
     if set(raw) != paged:
         raise fields.fail('"pages"', f"must list exactly the stored tensors larger than one page: {_difference(raw, paged)}")
-    pages: dict[str, tuple[str, ...]] = {}
-    for name, text in raw.items():
-        count = -(-piece_bytes[name] // page_bytes)
-        digests = fields.hex(text, f'"pages" {_short(name)}', 16 * count)
-        pages[name] = tuple(digests[start : start + 16] for start in range(0, len(digests), 16))
-    return pages
+    # Kept as the concatenated text (``page_digest`` slices one out): splitting millions of
+    # digests is most of the time a large state's index takes to parse.
+    return {
+        name: fields.hex(text, f'"pages" {_short(name)}', 16 * -(-piece_bytes[name] // page_bytes))
+        for name, text in raw.items()
+    }
 
 
 def _check_file_sizes(fields: _Fields, files: dict[str, FileRecord], weight_map: dict[str, str], piece_bytes: dict[str, int]) -> None:

@@ -38,17 +38,20 @@ from distributed_shampoo.checkpoint.format import (
     checksum,
     CheckpointIndex,
     DEFAULT_PREFIX,
+    FIRST_VERSION_WITH_PARTS,
+    index_document,
     index_file_name,
-    index_to_json,
+    seal,
     shard_file_name,
     shard_header_metadata,
 )
+from distributed_shampoo.checkpoint.index_parts import loader_files, read_partial_index
 from distributed_shampoo.checkpoint.integrity import check_units, check_whole_and_pages, whole_unit
-from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare
-from distributed_shampoo.checkpoint.parse import check_header_matches, read_header, read_index
+from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare, leaf_names
+from distributed_shampoo.checkpoint.parse import check_header_matches, find_index_file, read_header, read_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
-from distributed_shampoo.checkpoint.reader import open_regular
-from distributed_shampoo.checkpoint.writer import tensor_bytes, write_json, write_safetensors, WrittenFile
+from distributed_shampoo.checkpoint.reader import open_regular, read_small_file
+from distributed_shampoo.checkpoint.writer import tensor_bytes, write_json, write_new_file, write_safetensors, WrittenFile
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
 
 # A load that finds the checkpoint replaced under it (another job's overwrite) starts again this
@@ -406,7 +409,10 @@ def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: l
         pages=pages,
         files={shard_file_name(staged.prefix, rank, world_size): w.record for rank, w in enumerate(files)},
     )
-    write_json(staged.staging / index_file_name(staged.prefix), index_to_json(index))
+    document = index_document(index)
+    write_json(staged.staging / index_file_name(staged.prefix), seal(document))
+    for file_name, content in loader_files(document).items():
+        write_new_file(staged.staging / file_name, content)
     publish(staged.staging, target, staged.save_id[:16], staged.overwrite)
     return index
 
@@ -500,13 +506,25 @@ def prepare_load(
     ``load.prepare``), starting again from the index if the checkpoint is replaced meanwhile."""
     attempts = 0
     while True:
-        index = read_index(checkpoint_dir)
+        index = _index_for_load(Path(checkpoint_dir), state_dict)
         try:
             return prepare(index, state_dict, keys, strict, verify)
         except CheckpointReplacedError:
             attempts += 1
             if attempts == _REPLACED_RETRIES:
                 raise
+
+
+def _index_for_load(directory: Path, template: StateDict | None) -> CheckpointIndex:
+    """What a load needs of the index: with a template, only its tensors' entries, from the
+    loader's files (format 3: the work is proportional to what is loaded); else the whole index."""
+    if template is not None:
+        index_path = find_index_file(directory)
+        prefix = index_path.name[: -len(index_file_name(""))]
+        partial = read_partial_index(directory, prefix, leaf_names(template))
+        if partial is not None:
+            return partial
+    return read_index(directory)
 
 
 def read_checkpoint_index(checkpoint_dir: str | os.PathLike[str]) -> CheckpointIndex:
@@ -567,7 +585,22 @@ def check_checkpoint(
             problems.append(_as_problem(error, path))
         if progress is not None:
             progress(rank + 1, len(files))
+    if index.format_version >= FIRST_VERSION_WITH_PARTS:
+        _check_loader_files(index, problems)
     return VerificationReport(index, tuple(problems), len(files))
+
+
+def _check_loader_files(index: CheckpointIndex, problems: list[CheckpointError]) -> None:
+    """The loader's files must be exactly what the index derives (they are rebuilt and compared)."""
+    for file_name, expected in loader_files(index_document(index)).items():
+        path = index.directory / file_name
+        try:
+            actual = read_small_file(path, "loader file", len(expected), MissingShardFileError)
+        except CheckpointError as error:
+            problems.append(error)
+            continue
+        if actual != expected:
+            problems.append(CorruptCheckpointError(f"{path}: does not match the index (a loader file was modified or damaged)"))
 
 
 def _as_problem(error: Exception, path: Path) -> CheckpointError:

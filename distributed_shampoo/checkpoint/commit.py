@@ -36,7 +36,9 @@ _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _UNSUPPORTED: tuple[int, ...] = (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP)
 # The files a checkpoint directory may hold (of any prefix): only such a directory is replaced.
-_CHECKPOINT_FILE: re.Pattern[str] = re.compile(r"[^/]+(\.safetensors\.index\.json|-\d{5,}-of-\d{5,}\.safetensors)")
+_CHECKPOINT_FILE: re.Pattern[str] = re.compile(
+    r"[^/]+(\.safetensors\.index\.json|-\d{5,}-of-\d{5,}\.safetensors|\.manifest\.json|\.lookup\.bin|\.part-\d{5,}-of-\d{5,}\.json)"
+)
 # Hidden sibling names are ".<stem><mark><16 hex>": the stem keeps them within NAME_MAX.
 _STEM_BYTES = 200
 

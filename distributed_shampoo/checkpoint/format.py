@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +22,11 @@ import xxhash
 from distributed_shampoo.checkpoint.errors import ChecksumMismatchError, InvalidArgumentError
 
 FORMAT_NAME = "distributed_shampoo.checkpoint"
-FORMAT_VERSION = 2
-READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS: tuple[int, ...] = (1, 2, 3)
+# From version 3 on, a checkpoint also holds the loader's files (``index_parts``): a manifest, a
+# lookup table and one index part per shard file.
+FIRST_VERSION_WITH_PARTS = 3
 CHECKSUM_ALGORITHM = "xxh3_64"
 DEFAULT_PREFIX = "optimizer"
 
@@ -103,6 +106,27 @@ def shard_header_metadata(rank: int, world_size: int, save_id: str) -> dict[str,
         "rank": str(rank),
         "world_size": str(world_size),
     }
+
+
+def manifest_file_name(prefix: str) -> str:
+    """``<prefix>.manifest.json``: what a loader reads first (version 3)."""
+    return f"{prefix}.manifest.json"
+
+
+def lookup_file_name(prefix: str) -> str:
+    """``<prefix>.lookup.bin``: logical name hash -> index part (version 3)."""
+    return f"{prefix}.lookup.bin"
+
+
+def part_file_name(prefix: str, rank: int, world_size: int) -> str:
+    """``<prefix>.part-<rank+1:05d>-of-<world_size:05d>.json``: the index entries of the tensors
+    whose first piece is in that rank's shard file (version 3)."""
+    return f"{prefix}.part-{rank + 1:05d}-of-{world_size:05d}.json"
+
+
+def name_hash(name: str) -> int:
+    """The 64-bit hash of a logical tensor name in the lookup table (xxh3_64 of its UTF-8)."""
+    return xxhash.xxh3_64_intdigest(name.encode())
 
 
 def index_file_name(prefix: str) -> str:
@@ -263,9 +287,10 @@ def index_digest(document: object) -> str:
     return xxhash.xxh3_128_hexdigest(canonical_json(document).encode())
 
 
-def index_to_json(index: CheckpointIndex) -> str:
-    """Serialises an index (current format version) in the HF sharded-index layout
-    (``metadata`` + ``weight_map``), with its digest."""
+def index_document(index: CheckpointIndex, extra: Mapping[str, object] | None = None) -> dict[str, dict[str, object]]:
+    """The JSON document of an index in the HF sharded-index layout (``metadata`` +
+    ``weight_map``), without its digest (``seal`` adds it and gives the text); ``extra`` adds
+    metadata fields."""
     tensors: dict[str, object] = {}
     for name, layout in index.tensors.items():
         entry: dict[str, object] = {"dtype": DTYPE_TO_NAME[layout.dtype], "shape": list(layout.shape)}
@@ -290,9 +315,17 @@ def index_to_json(index: CheckpointIndex) -> str:
         "objects": {name: encode_object(value) for name, value in index.objects.items()},
         "containers": index.containers,
         "user": index.user_metadata,
+        **(extra or {}),
     }
-    document = {"metadata": metadata, "weight_map": index.weight_map}
-    metadata["index_digest"] = index_digest(document)
+    weight_map: dict[str, object] = {}
+    weight_map.update(index.weight_map)
+    return {"metadata": metadata, "weight_map": weight_map}
+
+
+def seal(document: dict[str, dict[str, object]]) -> str:
+    """The text of an index-shaped document with its ``index_digest`` (over the rest)."""
+    document["metadata"].pop("index_digest", None)
+    document["metadata"]["index_digest"] = index_digest(document)
     # Compact: with ``indent`` json falls back to its pure-Python encoder (~20 us per tensor).
     return json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n"
 

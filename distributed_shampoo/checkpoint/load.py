@@ -125,6 +125,26 @@ def holds_selection(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | No
     return selection is not None and any(prefix[: len(path)] == path for prefix in selection)
 
 
+def leaf_names(template: StateDict) -> list[str]:
+    """The logical names of the leaves of ``template``: what a load may look up in the index
+    (a value where a tensor was saved is an error ``LoadPlan`` reports, so it is looked up too)."""
+    names: list[str] = []
+
+    def visit(node: object, path: tuple[Key, ...]) -> None:
+        if isinstance(node, torch.Tensor) or isinstance(node, SCALAR_TYPES):
+            names.append(encode_key(path))
+        elif isinstance(node, Mapping):
+            for key, child in node.items():
+                if isinstance(key, (str, int)) and not isinstance(key, bool):
+                    visit(child, path + (key,))
+        elif isinstance(node, (list, tuple)):
+            for position, child in enumerate(node):
+                visit(child, path + (position,))
+
+    visit(template, ())
+    return names
+
+
 class LoadPlan:
     """Everything a load will do to a template, planned without changing it.
 

@@ -29,6 +29,7 @@ from distributed_shampoo.checkpoint.format import (
     CHECKSUM_ALGORITHM,
     check_prefix,
     CheckpointIndex,
+    FIRST_VERSION_WITH_PARTS,
     checksum,
     chunk_name,
     ChunkLayout,
@@ -38,10 +39,12 @@ from distributed_shampoo.checkpoint.format import (
     HeaderEntry,
     index_digest,
     index_file_name,
+    manifest_file_name,
     MAX_HEADER_BYTES,
     MAX_INDEX_BYTES,
     NAME_TO_DTYPE,
     PAGE_BYTES,
+    part_file_name,
     READABLE_VERSIONS,
     shard_header_metadata,
     TensorLayout,
@@ -110,7 +113,7 @@ def strict_json(data: bytes, path: Path, what: str) -> object:
         raise CorruptCheckpointError(f"{path}: the {what} is not valid JSON ({error})") from None
 
 
-class _Fields:
+class Fields:
     """Typed access to fields of a parsed JSON document; every failure names file and field."""
 
     def __init__(self, path: Path) -> None:
@@ -218,8 +221,25 @@ def read_index(directory: str | os.PathLike[str]) -> CheckpointIndex:
 
 def parse_index(path: Path, document: object) -> CheckpointIndex:
     """Validates a parsed index document (see ``read_index``)."""
-    fields = _Fields(path)
-    top = fields.obj(document, "the index")
+    return parse_index_document(path, document, "index")
+
+
+def parse_index_document(
+    path: Path, document: object, kind: str, manifest: CheckpointIndex | None = None
+) -> CheckpointIndex:
+    """Validates an index-shaped document: the whole index (``kind`` "index"), a loader's
+    manifest ("manifest": everything but the tensor entries) or an index part ("part": tensor
+    entries only; the files, save and page size are ``manifest``'s).
+
+    Each kind checks everything it holds: the digest, every field's type, and the cross-checks
+    among its own entries. Only the whole index can be checked as a whole (``total_size``, the
+    tree of leaves and containers, every file's total).
+
+    Raises:
+        IncompatibleFormatError, CorruptCheckpointError: As ``read_index``.
+    """
+    fields = Fields(path)
+    top = fields.obj(document, f"the {kind}")
     metadata = fields.obj(top.get("metadata"), '"metadata"')
     weight_map = fields.obj(top.get("weight_map"), '"weight_map"')
     if metadata.get("format") != FORMAT_NAME:
@@ -228,10 +248,11 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
             "this is not a distributed_shampoo checkpoint"
         )
     version = metadata.get("format_version")
-    if type(version) is not int or version not in READABLE_VERSIONS:
+    readable = READABLE_VERSIONS if kind == "index" else tuple(v for v in READABLE_VERSIONS if v >= FIRST_VERSION_WITH_PARTS)
+    if type(version) is not int or version not in readable:
         raise IncompatibleFormatError(
             f"{path}: format_version {_short(version)} is not supported (this library reads "
-            f"{', '.join(map(str, READABLE_VERSIONS))})"
+            f"{', '.join(map(str, readable))})"
         )
     if metadata.get("checksum_algorithm") != CHECKSUM_ALGORITHM:
         raise IncompatibleFormatError(
@@ -243,16 +264,30 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
         prefix = check_prefix(metadata.get("prefix"))
     except InvalidArgumentError as error:
         raise fields.fail('"prefix"', str(error)) from None
-    if path.name != index_file_name(prefix):
-        raise fields.fail('"prefix"', f"{prefix!r} does not match the index's file name")
     world_size = fields.integer(metadata.get("world_size"), '"world_size"', minimum=1)
-    files = _parse_files(fields, metadata, prefix, world_size) if version >= 2 else {}
+    expected_name = {
+        "index": lambda: index_file_name(prefix),
+        "manifest": lambda: manifest_file_name(prefix),
+        "part": lambda: part_file_name(prefix, fields.integer(metadata.get("part"), '"part"') - 1, world_size),
+    }[kind]()
+    if path.name != expected_name:
+        raise fields.fail('"prefix"', f"{prefix!r} does not match the {kind}'s file name")
+    if manifest is not None:
+        files, save_id, page_bytes = manifest.files, manifest.save_id, manifest.page_bytes
+        if world_size != manifest.world_size or prefix != manifest.prefix or metadata.get("save_id") != save_id:
+            raise CheckpointReplacedError(f"{path}: the part belongs to another save than {manifest.directory}'s manifest")
+    else:
+        files = _parse_files(fields, metadata, prefix, world_size) if version >= 2 else {}
+        save_id = fields.hex(metadata.get("save_id"), '"save_id"', 32) if version >= 2 else ""
+        page_bytes = fields.integer(metadata.get("page_bytes"), '"page_bytes"', minimum=1) if version >= 2 else PAGE_BYTES
     if version == 1:
         _check_world_size_v1(fields, path.parent, world_size)
     tensors = {
         name: _parse_layout(fields, name, entry)
         for name, entry in fields.obj(metadata.get("tensors"), '"tensors"').items()
     }
+    if kind == "manifest" and (tensors or weight_map):
+        raise fields.fail('"tensors"', "a manifest holds no tensor entries (the parts do)")
     pieces = {piece.name: (layout.dtype, piece.shape) for name, layout in tensors.items() for piece in layout.stored_pieces(name)}
     weight_map = {name: fields.text(file, '"weight_map" ' + name) for name, file in weight_map.items()}
     if set(weight_map) != set(pieces):
@@ -269,11 +304,10 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
         raise fields.fail('"checksums"', f'lists other stored tensors than "tensors": {_difference(checksums, pieces)}')
     total_size = fields.integer(metadata.get("total_size"), '"total_size"')
     stored_bytes = sum(layout.nbytes for layout in tensors.values())
-    if total_size != stored_bytes:
+    if kind != "manifest" and total_size != stored_bytes:
         raise fields.fail('"total_size"', f"is {total_size} but the tensors hold {stored_bytes} bytes")
-    page_bytes, pages = PAGE_BYTES, {}
+    pages: dict[str, str] = {}
     if version >= 2:
-        page_bytes = fields.integer(metadata.get("page_bytes"), '"page_bytes"', minimum=1)
         piece_bytes = {name: math.prod(shape) * dtype.itemsize for name, (dtype, shape) in pieces.items()}
         _check_file_sizes(fields, files, weight_map, piece_bytes)
         pages = _parse_pages(fields, metadata, piece_bytes, page_bytes)
@@ -282,11 +316,13 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
         for name, value in fields.obj(metadata.get("objects"), '"objects"').items()
     }
     containers = {
-        name: _parse_container(fields, name, kind)
-        for name, kind in fields.obj(metadata.get("containers"), '"containers"').items()
+        name: _parse_container(fields, name, container_kind)
+        for name, container_kind in fields.obj(metadata.get("containers"), '"containers"').items()
     }
-    _check_tree(fields, tensors, objects, containers)
-    save_id = fields.hex(metadata.get("save_id"), '"save_id"', 32) if version >= 2 else ""
+    if kind == "part" and (objects or containers):
+        raise fields.fail('"objects"', "a part holds tensor entries only (the manifest holds the values)")
+    if kind == "index":
+        _check_tree(fields, tensors, objects, containers)
     return CheckpointIndex(
         directory=path.parent,
         prefix=prefix,
@@ -306,7 +342,7 @@ def parse_index(path: Path, document: object) -> CheckpointIndex:
     )
 
 
-def _check_digest(fields: _Fields, top: dict[str, object], metadata: dict[str, object]) -> None:
+def _check_digest(fields: Fields, top: dict[str, object], metadata: dict[str, object]) -> None:
     recorded = fields.hex(metadata.get("index_digest"), '"index_digest"', 32)
     content = {key: value for key, value in top.items() if key != "metadata"}
     content["metadata"] = {key: value for key, value in metadata.items() if key != "index_digest"}
@@ -333,7 +369,7 @@ def _shard_names(prefix: str, world_size: int, wanted: Iterable[str]) -> set[str
     return found
 
 
-def _check_world_size_v1(fields: _Fields, directory: Path, world_size: int) -> None:
+def _check_world_size_v1(fields: Fields, directory: Path, world_size: int) -> None:
     """Version 1 records no file list: a world size cannot exceed the files in the directory."""
     try:
         entries = sum(1 for _ in os.scandir(directory))
@@ -343,7 +379,7 @@ def _check_world_size_v1(fields: _Fields, directory: Path, world_size: int) -> N
         raise fields.fail('"world_size"', f"is {world_size} but {directory} holds only {entries} files")
 
 
-def _parse_files(fields: _Fields, metadata: dict[str, object], prefix: str, world_size: int) -> dict[str, FileRecord]:
+def _parse_files(fields: Fields, metadata: dict[str, object], prefix: str, world_size: int) -> dict[str, FileRecord]:
     raw = fields.obj(metadata.get("files"), '"files"')
     if len(raw) != world_size or _shard_names(prefix, world_size, raw) != set(raw):
         raise fields.fail('"files"', f"must list exactly the {world_size} shard files of {world_size} ranks")
@@ -357,7 +393,7 @@ def _parse_files(fields: _Fields, metadata: dict[str, object], prefix: str, worl
     return files
 
 
-def _parse_layout(fields: _Fields, name: str, entry: object) -> TensorLayout:
+def _parse_layout(fields: Fields, name: str, entry: object) -> TensorLayout:
     where = '"tensors" ' + name
     fields.name(name, where)
     layout = fields.obj(entry, where)
@@ -385,7 +421,7 @@ def _parse_layout(fields: _Fields, name: str, entry: object) -> TensorLayout:
 
 
 def _parse_pages(
-    fields: _Fields, metadata: dict[str, object], piece_bytes: dict[str, int], page_bytes: int
+    fields: Fields, metadata: dict[str, object], piece_bytes: dict[str, int], page_bytes: int
 ) -> dict[str, str]:
     raw = fields.obj(metadata.get("pages"), '"pages"')
     paged = {name for name, nbytes in piece_bytes.items() if nbytes > page_bytes}
@@ -399,7 +435,7 @@ def _parse_pages(
     }
 
 
-def _check_file_sizes(fields: _Fields, files: dict[str, FileRecord], weight_map: dict[str, str], piece_bytes: dict[str, int]) -> None:
+def _check_file_sizes(fields: Fields, files: dict[str, FileRecord], weight_map: dict[str, str], piece_bytes: dict[str, int]) -> None:
     """The tensors mapped to a file must fit in the size the index records for it (the file's
     real size is checked against that record before anything is read from it)."""
     mapped: dict[str, int] = {}
@@ -410,7 +446,7 @@ def _check_file_sizes(fields: _Fields, files: dict[str, FileRecord], weight_map:
             raise fields.fail(f'"files" {file!r} "size"', f"is {files[file].size} bytes but the tensors mapped to it hold {nbytes}")
 
 
-def _parse_object(fields: _Fields, name: str, value: object) -> object:
+def _parse_object(fields: Fields, name: str, value: object) -> object:
     where = '"objects" ' + name
     fields.name(name, where)
     if isinstance(value, dict):
@@ -422,7 +458,7 @@ def _parse_object(fields: _Fields, name: str, value: object) -> object:
     return value
 
 
-def _parse_container(fields: _Fields, name: str, kind: object) -> str:
+def _parse_container(fields: Fields, name: str, kind: object) -> str:
     where = '"containers" ' + name
     fields.name(name, where)
     if kind not in _CONTAINER_KINDS:
@@ -431,7 +467,7 @@ def _parse_container(fields: _Fields, name: str, kind: object) -> str:
 
 
 def _check_tree(
-    fields: _Fields, tensors: dict[str, TensorLayout], objects: dict[str, object], containers: dict[str, str]
+    fields: Fields, tensors: dict[str, TensorLayout], objects: dict[str, object], containers: dict[str, str]
 ) -> None:
     """The leaves and containers must form one tree: no name is both a value and a container (or
     two kinds of value), and every list or tuple holds exactly the positions 0..n-1."""
@@ -514,7 +550,7 @@ def _read_header(fd: int, path: Path, index: CheckpointIndex, rank: int) -> dict
     metadata = header.get("__metadata__")
     if index.format_version >= 2 and metadata != shard_header_metadata(rank, index.world_size, index.save_id):
         raise CorruptCheckpointError(f"{path}: the header's __metadata__ {_short(metadata)} is not rank {rank}'s of this save")
-    return _header_entries(_Fields(path), header, 8 + header_size, size)
+    return _header_entries(Fields(path), header, 8 + header_size, size)
 
 
 def _raise_header_mismatch(path: Path, header: dict[str, object], index: CheckpointIndex, size: int, record: FileRecord) -> None:
@@ -533,7 +569,7 @@ def _raise_header_mismatch(path: Path, header: dict[str, object], index: Checkpo
     )
 
 
-def _header_entries(fields: _Fields, header: dict[str, object], data_start: int, size: int) -> dict[str, HeaderEntry]:
+def _header_entries(fields: Fields, header: dict[str, object], data_start: int, size: int) -> dict[str, HeaderEntry]:
     entries: dict[str, HeaderEntry] = {}
     spans: list[tuple[int, int, str]] = []
     for name, raw in header.items():

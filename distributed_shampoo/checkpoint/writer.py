@@ -127,9 +127,14 @@ def _writev_all(fd: int, buffers: list[memoryview[int] | bytes]) -> None:
 
 def write_json(path: Path, text: str) -> None:
     """Writes a new text file and fsyncs it."""
+    write_new_file(path, text.encode())
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Writes a new file and fsyncs it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        _writev_all(fd, [text.encode()])
+        _writev_all(fd, [data])
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distributed_shampoo.checkpoint.format import checksum, index_digest
+from distributed_shampoo.checkpoint.index_parts import loader_files
 
 INDEX = "optimizer.safetensors.index.json"
 
@@ -27,7 +28,8 @@ def write_document(directory: Path, document: object) -> None:
 
 
 def reseal(directory: Path) -> None:
-    """Recomputes every file record and the index digest from the files as they are now."""
+    """Recomputes every file record and the index digest from the files as they are now, and
+    rebuilds the loader's files from the index (removes them if it is not well-formed enough)."""
     document = read_document(directory)
     metadata = document["metadata"]
     files = metadata["files"]
@@ -39,6 +41,21 @@ def reseal(directory: Path) -> None:
     metadata.pop("index_digest", None)
     metadata["index_digest"] = index_digest(document)
     write_document(directory, document)
+    drop_loader_files(directory)
+    if not isinstance(files, dict) or metadata.get("world_size") != len(files):
+        return  # one part per rank: an edited world size would make millions of them
+    try:
+        rebuilt = loader_files(document)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return  # a loader then reads the whole index, as for a checkpoint of format 2
+    for name, content in rebuilt.items():
+        (directory / name).write_bytes(content)
+
+
+def drop_loader_files(directory: Path) -> None:
+    """Removes the loader's files, so that every load reads the whole index (as in format 2)."""
+    for stale in [*directory.glob("*.manifest.json"), *directory.glob("*.lookup.bin"), *directory.glob("*.part-*.json")]:
+        stale.unlink()
 
 
 def edit_index(edit: Callable[[Document], None], sealed: bool = True) -> Callable[[Path], None]:
@@ -50,6 +67,8 @@ def edit_index(edit: Callable[[Document], None], sealed: bool = True) -> Callabl
         write_document(directory, document)
         if sealed:
             reseal(directory)
+        else:
+            drop_loader_files(directory)
 
     return apply
 

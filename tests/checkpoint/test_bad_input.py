@@ -27,7 +27,7 @@ from distributed_shampoo.checkpoint import (
 )
 from distributed_shampoo.checkpoint.format import MAX_INDEX_BYTES
 from tests.checkpoint.faults import flip_last_byte, sigkill_while_staging
-from tests.checkpoint.tamper import Document, edit_index, INDEX, replace_in_file, reseal, rewrite_header
+from tests.checkpoint.tamper import Document, drop_loader_files, edit_index, INDEX, replace_in_file, reseal, rewrite_header
 
 _SHARD = "optimizer-00001-of-00001.safetensors"
 
@@ -112,7 +112,7 @@ _DAMAGES: list[tuple[str, Callable[[Path], None], type[CheckpointError], str]] =
     ("header_rank_resealed", lambda d: (rewrite_header(d / _SHARD, _header_metadata_rank), reseal(d))[0], CorruptCheckpointError, r"the header's __metadata__ .* is not rank 0's of this save"),
     ("index_edited", edit_index(lambda d: d["metadata"].update(total_size=1), sealed=False), CorruptCheckpointError, r'"index_digest": the index content hashes to [0-9a-f]{32} but records [0-9a-f]{32}: the index was modified or damaged'),
     ("index_object_edited", _text_edit('\\"lr\\"]":0.1', '\\"lr\\"]":0.2'), CorruptCheckpointError, r"the index was modified or damaged"),
-    ("index_version", edit_index(lambda d: d["metadata"].update(format_version=3)), IncompatibleFormatError, r"format_version 3 is not supported \(this library reads 1, 2\)"),
+    ("index_version", edit_index(lambda d: d["metadata"].update(format_version=4)), IncompatibleFormatError, r"format_version 4 is not supported \(this library reads 1, 2, 3\)"),
     ("index_format", edit_index(lambda d: d["metadata"].update(format="other")), IncompatibleFormatError, r"format 'other' is not 'distributed_shampoo.checkpoint'"),
     ("index_no_metadata", edit_index(lambda d: d.pop("metadata"), sealed=False), CorruptCheckpointError, r'"metadata": expected an object, got None'),
     ("index_weight_map", edit_index(lambda d: d["weight_map"].pop('["a"]')), CorruptCheckpointError, r'"weight_map": lists other stored tensors than "tensors": extra \[\], missing \[\'\["a"\]\'\]'),
@@ -154,6 +154,26 @@ def _deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+_MANIFEST, _LOOKUP, _PART = "optimizer.manifest.json", "optimizer.lookup.bin", "optimizer.part-00001-of-00001.json"
+
+
+def _edit_loader_file(name: str, old: bytes, new: bytes) -> Callable[[Path], None]:
+    return lambda directory: replace_in_file(directory / name, old, new)
+
+
+# Damage to the loader's files: a load with a template reads them (not the index), and raises.
+_LOADER_DAMAGES: list[tuple[str, Callable[[Path], None], type[CheckpointError], str]] = [
+    ("manifest_edited", _edit_loader_file(_MANIFEST, b'\\"lr\\"]":0.1', b'\\"lr\\"]":0.2'), CorruptCheckpointError, r"manifest.json: \"index_digest\": .* the index was modified or damaged"),
+    ("manifest_garbage", lambda d: (d / _MANIFEST).write_bytes(b"\x00"), CorruptCheckpointError, r"manifest.json: the manifest is not valid JSON"),
+    ("manifest_fifo", lambda d: ((d / _MANIFEST).unlink(), os.mkfifo(d / _MANIFEST))[0], CorruptCheckpointError, r"the manifest is not a regular file \(it is a FIFO\)"),
+    ("lookup_flipped", lambda d: (d / _LOOKUP).write_bytes(bytes([(d / _LOOKUP).read_bytes()[0] ^ 1]) + (d / _LOOKUP).read_bytes()[1:]), CorruptCheckpointError, r"lookup.bin: the lookup table does not match the manifest's size and digest"),
+    ("lookup_truncated", lambda d: os.truncate(d / _LOOKUP, 12), CorruptCheckpointError, r"lookup.bin: the lookup table does not match the manifest's size and digest"),
+    ("lookup_missing", lambda d: (d / _LOOKUP).unlink(), CorruptCheckpointError, r"lookup table .*optimizer.lookup.bin does not exist"),
+    ("part_edited", _edit_loader_file(_PART, b'"shape":[1000]', b'"shape":[999]'), CorruptCheckpointError, r"part-00001-of-00001.json: \"index_digest\": .* the index was modified or damaged"),
+    ("part_missing", lambda d: (d / _PART).unlink(), CorruptCheckpointError, r"index part .*part-00001-of-00001.json does not exist"),
+]
+
+
 class BadInputTest(unittest.TestCase):
     def setUp(self) -> None:
         self._tmp = tempfile.TemporaryDirectory()
@@ -168,6 +188,7 @@ class BadInputTest(unittest.TestCase):
         self, _name: str, damage: Callable[[Path], None], error: type[CheckpointError], message: str
     ) -> None:
         damage(self.directory)
+        drop_loader_files(self.directory)  # every load reads the damaged index (the loader's files: below)
         template = {"a": torch.zeros(1000), "b": torch.zeros(10, 10, dtype=torch.float64), "lr": 0.0}
         with _deadline(20):
             with self.assertRaisesRegex(error, message):
@@ -182,6 +203,20 @@ class BadInputTest(unittest.TestCase):
         # A load that raised left the template as it was.
         self.assertTrue(torch.equal(template["a"], torch.zeros(1000)))  # pyre-ignore[6]
         self.assertEqual(template["lr"], 0.0)
+
+    @parameterized.expand(_LOADER_DAMAGES)
+    def test_damaged_loader_files_fail_template_loads_and_verify(
+        self, _name: str, damage: Callable[[Path], None], error: type[CheckpointError], message: str
+    ) -> None:
+        damage(self.directory)
+        template = {"a": torch.zeros(1000), "b": torch.zeros(10, 10, dtype=torch.float64), "lr": 0.0}
+        with _deadline(20):
+            with self.assertRaisesRegex(error, message):
+                load_checkpoint(self.directory, template)
+            self.assertFalse(check_checkpoint(self.directory).ok)
+            # Without a template, the whole index is read and the loader's files are not.
+            self.assertEqual(load_checkpoint(self.directory)["lr"], 0.1)
+        self.assertTrue(torch.equal(template["a"], torch.zeros(1000)))  # pyre-ignore[6]
 
     def test_index_and_header_that_disagree(self) -> None:
         edit_index(_set_shape)(self.directory)

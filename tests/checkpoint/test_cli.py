@@ -75,7 +75,7 @@ class CliTest(unittest.TestCase):
         self.assertEqual((status, err), (0, ""))
         summary = json.loads(out)
         index = read_checkpoint_index(self.checkpoint)
-        self.assertEqual((summary["world_size"], summary["format_version"], summary["total_size"]), (4, 2, index.total_size))
+        self.assertEqual((summary["world_size"], summary["format_version"], summary["total_size"]), (4, 3, index.total_size))
         self.assertEqual([f["rank"] for f in summary["files"].values()], [0, 1, 2, 3])
         self.assertEqual(sum(f["tensors"] for f in summary["files"].values()), len(index.weight_map))
         self.assertEqual(sum(f["bytes"] for f in summary["files"].values()), index.total_size)
@@ -89,7 +89,7 @@ class CliTest(unittest.TestCase):
         self.assertEqual(status, 0)
         lines = out.splitlines()
         self.assertEqual(lines[0], f"checkpoint {self.checkpoint}")
-        self.assertTrue(lines[1].startswith("format version 2, saved by 4 ranks, "), lines[1])
+        self.assertTrue(lines[1].startswith("format version 3, saved by 4 ranks, "), lines[1])
         self.assertIn("| 3 | optimizer-00004-of-00004.safetensors |", out)
         self.assertIn("| optimizer/state/0.weight |", out)
 

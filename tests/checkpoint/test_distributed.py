@@ -192,7 +192,8 @@ class DistributedCheckpointTest(unittest.TestCase):
         run_on_ranks(save_world, _save_sharded, self.directory, save_dim)
         index = verify_checkpoint(self.directory)
         files = sorted(os.listdir(self.directory))
-        self.assertEqual(len(files), save_world + 1)
+        # The shard files and the index, and the loader's files: the manifest, the lookup table, a part per rank.
+        self.assertEqual(len(files), save_world + 1 + 2 + save_world)
         # Replicated state is written once, by rank 0.
         self.assertEqual(index.weight_map['["state", "replicated"]'], f"optimizer-00001-of-{save_world:05d}.safetensors")
         self.assertEqual(index.weight_map['["state", "step"]'], f"optimizer-00001-of-{save_world:05d}.safetensors")

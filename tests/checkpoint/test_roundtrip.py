@@ -198,7 +198,14 @@ class FormatTest(unittest.TestCase):
             finally:
                 os.umask(old_umask)
             self.assertEqual(
-                sorted(os.listdir(directory)), ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+                sorted(os.listdir(directory)),
+                [
+                    "model-00001-of-00001.safetensors",
+                    "model.lookup.bin",
+                    "model.manifest.json",
+                    "model.part-00001-of-00001.json",
+                    "model.safetensors.index.json",
+                ],
             )
             index = json.loads((directory / "model.safetensors.index.json").read_text())
             self.assertEqual(
@@ -206,7 +213,7 @@ class FormatTest(unittest.TestCase):
                 {'["a"]': "model-00001-of-00001.safetensors", '["b"]': "model-00001-of-00001.safetensors"},
             )
             self.assertEqual(index["metadata"]["total_size"], 6 * 4 + 2 * 2)
-            self.assertEqual(index["metadata"]["format_version"], 2)
+            self.assertEqual(index["metadata"]["format_version"], 3)
             self.assertEqual(index["metadata"]["objects"], {'["n"]': 1})
             shard = directory / "model-00001-of-00001.safetensors"
             self.assertEqual(stat.S_IMODE(shard.stat().st_mode), 0o644)

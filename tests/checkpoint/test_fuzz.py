@@ -15,6 +15,9 @@ from torch.distributed.tensor import distribute_tensor, Replicate, Shard
 from distributed_shampoo.checkpoint import check_checkpoint, CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from distributed_shampoo.launch import run_on_ranks
 from tests.checkpoint.tamper import INDEX
+
+# Every this many bytes of the manifest and the index parts are flipped (the lookup table: all).
+_LOADER_STRIDE = 7
 from tests.checkpoint.test_trust import _equal
 
 # Each byte is tried with these masks: a low bit turns digits into neighbouring digits and
@@ -114,6 +117,16 @@ class FuzzTest(unittest.TestCase):
     def test_every_index_byte(self) -> None:
         index = self.directory / INDEX
         self.assertGreater(self._flip_each(index, range(len(index.read_bytes()))), 4000)
+
+    def test_a_sample_of_the_loader_files_bytes(self) -> None:
+        # A load into a template reads these instead of the index.
+        tried = sum(
+            self._flip_each(path, range(0, len(path.read_bytes()), _LOADER_STRIDE))
+            for path in sorted([*self.directory.glob("*.manifest.json"), *self.directory.glob("*.part-*.json")])
+        )
+        lookup = next(self.directory.glob("*.lookup.bin"))
+        tried += self._flip_each(lookup, range(len(lookup.read_bytes())))
+        self.assertGreater(tried, 900)
 
     def test_every_shard_header_byte_and_a_sample_of_data_bytes(self) -> None:
         for path in sorted(self.directory.glob("*.safetensors")):

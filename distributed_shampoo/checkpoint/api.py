@@ -45,6 +45,7 @@ from distributed_shampoo.checkpoint.format import (
     shard_file_name,
     shard_header_metadata,
 )
+from distributed_shampoo.checkpoint.gc_pause import paused_gc
 from distributed_shampoo.checkpoint.index_parts import loader_files, read_partial_index
 from distributed_shampoo.checkpoint.integrity import check_units, check_whole_and_pages, whole_unit
 from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare, leaf_names
@@ -124,7 +125,8 @@ def save_checkpoint(
         and nothing is published.
     """
     group = Group.resolve(process_group, timeout_s)
-    return finish_save(stage_save(group, checkpoint_dir, state_dict, metadata, prefix, overwrite), group)
+    with paused_gc():
+        return finish_save(stage_save(group, checkpoint_dir, state_dict, metadata, prefix, overwrite), group)
 
 
 @dataclass(frozen=True)
@@ -490,8 +492,9 @@ def load_checkpoint(
             cannot be filled (meta device, ``Partial`` DTensor, memory shared with another leaf).
         InvalidArgumentError: ``keys`` is not a key selection.
     """
-    plan, template = prepare_load(checkpoint_dir, state_dict, keys, strict, verify)
-    plan.apply()
+    with paused_gc():
+        plan, template = prepare_load(checkpoint_dir, state_dict, keys, strict, verify)
+        plan.apply()
     return template
 
 

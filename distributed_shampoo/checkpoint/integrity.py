@@ -157,6 +157,9 @@ def box_runs(
     """The byte ranges ``(offset in the piece, length)`` of a row-major box of a stored piece, in
     the box's row-major order: maximal runs that are contiguous in the piece (the trailing
     dimensions the box covers fully, plus the first one it covers partially)."""
+    if box_shape == piece_shape:  # the whole piece: one run
+        nbytes = math.prod(piece_shape) * itemsize
+        return [(0, nbytes)] if nbytes else []
     full = len(piece_shape)
     while full > 0 and box_shape[full - 1] == piece_shape[full - 1]:
         full -= 1

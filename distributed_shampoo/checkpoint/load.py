@@ -244,6 +244,9 @@ class LoadPlan:
             return  # an empty shard (uneven split) or an empty tensor: nothing to fill
         self._destinations.append((name, destination))
         for piece in layout.stored_pieces(name):
+            if piece.offsets == region_offsets and piece.shape == region_shape:  # the common case: read whole
+                self.reads.append(_PieceRead(name, piece, (0,) * len(region_shape), region_shape, destination))
+                continue
             low = [max(p, r) for p, r in zip(piece.offsets, region_offsets)]
             high = [min(p + ps, r + rs) for p, ps, r, rs in zip(piece.offsets, piece.shape, region_offsets, region_shape)]
             box_shape = tuple(h - lo for lo, h in zip(low, high))
@@ -259,8 +262,11 @@ class LoadPlan:
         (equal checksums of whole tensors), and is then read once."""
         spans: list[tuple[int, int, str, torch.Tensor]] = []
         for name, local in self._destinations:
-            start = local.untyped_storage().data_ptr() + int(local.storage_offset()) * local.element_size()
-            extent = (1 + sum((int(size) - 1) * int(stride) for size, stride in zip(local.shape, local.stride()))) * local.element_size()
+            start = local.data_ptr()  # the storage's address plus the offset, in bytes
+            if local.is_contiguous():
+                extent = local.numel() * local.element_size()
+            else:
+                extent = (1 + sum((int(size) - 1) * int(stride) for size, stride in zip(local.shape, local.stride()))) * local.element_size()
             spans.append((start, start + extent, name, local))
         spans.sort(key=lambda span: (span[0], span[1]))
         duplicates: set[str] = set()

@@ -26,7 +26,12 @@ from typing import cast
 import numpy as np
 import xxhash
 
-from distributed_shampoo.checkpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from distributed_shampoo.checkpoint.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointReplacedError,
+    CorruptCheckpointError,
+)
 from distributed_shampoo.checkpoint.format import (
     CheckpointIndex,
     lookup_file_name,
@@ -115,12 +120,12 @@ def read_partial_index(directory: Path, prefix: str, names: Iterable[str]) -> Ch
     manifest_path = directory / manifest_file_name(prefix)
     if not manifest_path.exists():
         return None
-    manifest_document = strict_json(read_small_file(manifest_path, "manifest", MAX_INDEX_BYTES, CheckpointNotFoundError), manifest_path, "manifest")
-    manifest = parse_index_document(manifest_path, manifest_document, "manifest")
+    manifest, manifest_document = _read_manifest(manifest_path)
     lookup_size, lookup_digest, part_digests = _loader_fields(manifest_path, manifest_document, manifest.world_size)
     lookup_path = directory / lookup_file_name(prefix)
     lookup = read_small_file(lookup_path, "lookup table", lookup_size, CorruptCheckpointError)
     if len(lookup) != lookup_size or xxhash.xxh3_64_hexdigest(lookup) != lookup_digest:
+        _raise_if_replaced(manifest_path, manifest)
         raise CorruptCheckpointError(f"{lookup_path}: the lookup table does not match the manifest's size and digest")
     records = np.frombuffer(lookup, dtype=_RECORD)
     if records.size and (np.any(records["part"] >= manifest.world_size) or np.any(records["hash"][1:] < records["hash"][:-1])):
@@ -138,12 +143,30 @@ def read_partial_index(directory: Path, prefix: str, names: Iterable[str]) -> Ch
         loaded = parse_index_document(path, document, "part", manifest)
         recorded = document["metadata"]["index_digest"] if isinstance(document, dict) and isinstance(document.get("metadata"), dict) else None
         if recorded != part_digests[part]:
+            _raise_if_replaced(manifest_path, manifest)
             raise CorruptCheckpointError(f"{path}: its digest is not the one the manifest records for part {part + 1}")
         tensors.update(loaded.tensors)
         weight_map.update(loaded.weight_map)
         checksums.update(loaded.checksums)
         pages.update(loaded.pages)
     return replace(manifest, tensors=tensors, weight_map=weight_map, checksums=checksums, pages=pages)
+
+
+def _read_manifest(path: Path) -> tuple[CheckpointIndex, object]:
+    """The manifest, validated, and its parsed document."""
+    document = strict_json(read_small_file(path, "manifest", MAX_INDEX_BYTES, CheckpointNotFoundError), path, "manifest")
+    return parse_index_document(path, document, "manifest"), document
+
+
+def _raise_if_replaced(path: Path, manifest: CheckpointIndex) -> None:
+    """Raises ``CheckpointReplacedError`` if the manifest now on disk is another save's: a file
+    read after it that does not match it is then the new save's, not damage."""
+    try:
+        current, _ = _read_manifest(path)
+    except CheckpointError:
+        return
+    if current.save_id != manifest.save_id:
+        raise CheckpointReplacedError(f"{path.parent} was replaced by another save while it was read")
 
 
 def _loader_fields(path: Path, document: object, world_size: int) -> tuple[int, str, list[str]]:

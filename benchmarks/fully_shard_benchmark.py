@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from distributed_shampoo import (
     AdamPreconditionerConfig,
@@ -33,6 +32,7 @@ from distributed_shampoo import (
     DistributedShampoo,
     FullyShardDistributedConfig,
 )
+from distributed_shampoo.checkpoint.plan import local_data
 from distributed_shampoo.launch import run_on_ranks
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 
@@ -45,10 +45,6 @@ def _model(width: int) -> torch.nn.Sequential:
         torch.nn.Linear(width // 2, width), torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(),
         torch.nn.Linear(width, 10),
     )
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def measure(rank: int, world_size: int, mode: str, width: int, max_dim: int, steps: int, out: str) -> None:
@@ -87,7 +83,7 @@ def measure(rank: int, world_size: int, mode: str, width: int, max_dim: int, ste
         "state": sum(
             value.nbytes for key, value in flatten(state).items() if isinstance(value, torch.Tensor) and json.loads(key)[-1] != "step"
         ),
-        "params_and_grads": sum(_local(p).nbytes * 2 for p in model.parameters()),
+        "params_and_grads": sum(local_data(p).nbytes * 2 for p in model.parameters()),
     }
     reports: list[object] = [None for _ in range(world_size)]
     dist.all_gather_object(reports, mine)

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import ParamsT
 
+from distributed_shampoo.checkpoint.plan import local_data
 from distributed_shampoo.distributor.block_distributor import BlockDistributor, DDPDistributor
 from distributed_shampoo.distributor.block_layout import BlockSpec, param_layouts, ParamLayout
 from distributed_shampoo.distributor.fully_shard_distributor import FullyShardDistributor
@@ -292,7 +293,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
         stepped = [param.grad is not None for param in self._params]
         self._distributor.agree_on_gradients(stepped)
-        local_params = [_local(param) for param in self._params]
+        local_params = [local_data(param) for param in self._params]
         # Per stepped parameter, this rank's gradient (with an L2 term unless decoupled) and, for
         # decoupled weight decay, the parameter: what the blocks' owners need.
         inputs: list[tuple[torch.Tensor, ...] | None] = []
@@ -302,7 +303,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 inputs.append(None)
                 continue
             self._steps[len(inputs)].add_(1)
-            local_grad = _local(grad)
+            local_grad = local_data(grad)
             if group.weight_decay == 0.0:
                 inputs.append((local_grad,))
             elif group.use_decoupled_weight_decay:
@@ -497,11 +498,6 @@ class DistributedShampoo(torch.optim.Optimizer):
             if param_id not in saved_state:
                 raise KeyError(f"load_state_dict: no state for parameter #{index}")
             update_param_state_dict_object(self._param_state(index), _mapping(saved_state, param_id))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter or gradient: a DTensor's local shard, else the tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _buffer(tensor: torch.Tensor | None, hyperparameter: str) -> torch.Tensor:

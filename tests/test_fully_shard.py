@@ -24,6 +24,7 @@ from distributed_shampoo import (
     DistributedShampoo,
     FullyShardDistributedConfig,
 )
+from distributed_shampoo.checkpoint.plan import local_data
 from distributed_shampoo.launch import run_on_ranks
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 from tests.trajectories import load_training_state, read_result, save_training_state, TrajectoryTestCase
@@ -82,10 +83,6 @@ def _fully_shard(model: torch.nn.Module, world_size: int) -> None:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -161,7 +158,7 @@ def report_ownership(rank: int, world_size: int, out: str) -> None:
         ),
         "sent": sent,
         "received": received,
-        "shard_bytes": sum(_local(param).nbytes for param in model.parameters()),
+        "shard_bytes": sum(local_data(param).nbytes for param in model.parameters()),
         # Each block's momentum has the block's shape: these are the owned blocks' gradient bytes.
         "owned_block_bytes": sum(cast(torch.Tensor, block_state["momentum"]).nbytes for block_state in owned_states),
     }
@@ -183,10 +180,10 @@ def refuse_bad_input(rank: int, world_size: int) -> None:
     model(torch.ones(2, 96)).sum().backward()
     if rank == 1:
         list(model.parameters())[1].grad = None
-    before = [_local(param).clone() for param in model.parameters()]
+    before = [local_data(param).clone() for param in model.parameters()]
     with _raises(RuntimeError, "parameters #[1] have a gradient on some ranks and none on others"):
         optimizer.step()
-    assert all(torch.equal(_local(param), old) for param, old in zip(model.parameters(), before)), "a refused step moved parameters"
+    assert all(torch.equal(local_data(param), old) for param, old in zip(model.parameters(), before)), "a refused step moved parameters"
     assert all(int(param_state["step"]) == 0 for param_state in optimizer.state.values()), "a refused step advanced a step count"
 
 

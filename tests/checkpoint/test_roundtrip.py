@@ -24,6 +24,7 @@ from distributed_shampoo.checkpoint import (
     verify_checkpoint,
 )
 from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME
+from tests.checkpoint.scratch import ScratchDirTest
 
 _DTYPES: list[tuple[str, torch.dtype]] = [(str(d).removeprefix("torch."), d) for d in DTYPE_TO_NAME]
 
@@ -44,14 +45,7 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-class RoundTripTest(unittest.TestCase):
-    def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory()
-        self.root = Path(self._tmp.name)
-
-    def tearDown(self) -> None:
-        self._tmp.cleanup()
-
+class RoundTripTest(ScratchDirTest):
     @parameterized.expand(_DTYPES)
     def test_every_dtype_and_shape_bit_exact(self, _name: str, dtype: torch.dtype) -> None:
         base = _random((6, 10), dtype, seed=1)

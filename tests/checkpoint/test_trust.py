@@ -13,7 +13,6 @@ import shutil
 import signal
 import tempfile
 import time
-import unittest
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +39,7 @@ from distributed_shampoo.checkpoint.cli import main
 from distributed_shampoo.checkpoint.load import prepare
 from distributed_shampoo.checkpoint.parse import read_index
 from tests.checkpoint.faults import flip_last_byte
+from tests.checkpoint.scratch import ScratchDirTest
 
 _V1: Path = Path(__file__).parent / "data" / "format_v1"
 
@@ -67,16 +67,7 @@ def _equal(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-class _TempDirTest(unittest.TestCase):
-    def setUp(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory()
-        self.root = Path(self._tmp.name)
-
-    def tearDown(self) -> None:
-        self._tmp.cleanup()
-
-
-class FormatVersion1Test(_TempDirTest):
+class FormatVersion1Test(ScratchDirTest):
     """Checkpoints written by format version 1 (no digests, no pages) still load and verify."""
 
     def test_loads_and_verifies(self) -> None:
@@ -104,7 +95,7 @@ class FormatVersion1Test(_TempDirTest):
             load_checkpoint(directory)
 
 
-class AllOrNothingLoadTest(_TempDirTest):
+class AllOrNothingLoadTest(ScratchDirTest):
     """A load that raises leaves every template tensor and value as it was."""
 
     def test_a_checksum_failure_in_the_last_tensor_changes_nothing(self) -> None:
@@ -130,7 +121,7 @@ class AllOrNothingLoadTest(_TempDirTest):
         self.assertTrue(_equal(template, {"w": torch.full((3,), 1.0), "extra": torch.zeros(2)}))
 
 
-class ReplacedWhileLoadingTest(_TempDirTest):
+class ReplacedWhileLoadingTest(ScratchDirTest):
     """Every file of a save carries its identity: a load never mixes two saves."""
 
     def test_files_of_a_newer_save_under_an_older_index_are_refused(self) -> None:
@@ -181,7 +172,7 @@ def _overwrite_until(directory: str, stop: str) -> None:
         save_checkpoint(directory, _numbered_state(step), overwrite=True)
 
 
-class SelectionAndTemplateTest(_TempDirTest):
+class SelectionAndTemplateTest(ScratchDirTest):
     """Selections and templates that would load nothing, or the wrong thing, are typed errors."""
 
     def setUp(self) -> None:
@@ -221,7 +212,7 @@ class SelectionAndTemplateTest(_TempDirTest):
         self.assertTrue(torch.equal(template_weight, weight))
 
 
-class RetentionTest(_TempDirTest):
+class RetentionTest(ScratchDirTest):
     """Retention never deletes what was just saved nor the newest good checkpoint, and moves a
     damaged one aside instead of counting it."""
 
@@ -290,7 +281,7 @@ def _race(directory: str, value: float, start: str, result: str) -> None:
         Path(result).write_text("lost")
 
 
-class PublishTest(_TempDirTest):
+class PublishTest(ScratchDirTest):
     """Create-if-absent is atomic, and only a checkpoint is ever replaced."""
 
     def test_of_two_racing_saves_exactly_one_wins(self) -> None:
@@ -376,7 +367,7 @@ def _overwrite_killed_midway(directory: str) -> None:
     save_checkpoint(directory, {"w": torch.full((2,), 9.0)}, overwrite=True)
 
 
-class NamesTest(_TempDirTest):
+class NamesTest(ScratchDirTest):
     """A prefix cannot leave the checkpoint's directory, and long names fit."""
 
     def test_a_prefix_with_a_path_is_refused_before_anything_is_written(self) -> None:
@@ -395,7 +386,7 @@ class NamesTest(_TempDirTest):
         self.assertEqual([p.name for p in self.root.iterdir()], [directory.name])
 
 
-class UntypedErrorsTest(_TempDirTest):
+class UntypedErrorsTest(ScratchDirTest):
     def test_conjugate_and_negative_views_are_saved_resolved(self) -> None:
         z = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
         x = torch.tensor([1.0, -2.0])

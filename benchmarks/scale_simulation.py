@@ -103,7 +103,6 @@ def shampoo_state(max_dim: int) -> ShampooState:
     grafting = Grafting(AdamPreconditionerConfig())
     _, blocks = param_layouts([shape for _, shape in shapes], [max_dim] * len(shapes))
     tensors_of_shape: dict[tuple[int, ...], dict[tuple[object, ...], tuple[int, ...]]] = {}
-    nbytes_of_shape: dict[tuple[int, ...], int] = {}
     for block in blocks:
         if block.shape not in tensors_of_shape:
             meta = torch.empty(0, device="meta")
@@ -113,13 +112,14 @@ def shampoo_state(max_dim: int) -> ShampooState:
                 for key, value in flatten(cast(dict[str, object], state.state_dict())).items()
                 if isinstance(value, torch.Tensor)
             }
-            nbytes_of_shape[block.shape] = block_state_nbytes(block.shape, torch.float32, hyperparameters, grafting, torch.float32)
     return ShampooState(
         names=[name for name, _ in shapes],
         block_params=[shapes[block.param_index][0] for block in blocks],
         block_keys=[block_key(block.block_index) for block in blocks],
         block_tensors=[tensors_of_shape[block.shape] for block in blocks],
-        block_nbytes=[nbytes_of_shape[block.shape] for block in blocks],
+        block_nbytes=[
+            block_state_nbytes(block.shape, torch.float32, hyperparameters, grafting, torch.float32) for block in blocks
+        ],
     )
 
 

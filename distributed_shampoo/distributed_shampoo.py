@@ -1,6 +1,7 @@
 # pyre-strict
-"""``DistributedShampoo``: blocked Shampoo with grafting, optionally distributed over DDP ranks."""
+"""``DistributedShampoo``: blocked Shampoo with grafting, optionally distributed over DDP or FSDP2 ranks."""
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
 from typing import TypeVar
@@ -66,6 +67,7 @@ class BlockState(OptimizerModule):
         self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
 
 
+@functools.cache  # blocks of one shape and group share it: a few distinct calls per model
 def block_state_nbytes(
     block_shape: tuple[int, ...],
     param_dtype: torch.dtype,

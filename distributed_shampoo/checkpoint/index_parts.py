@@ -85,9 +85,10 @@ def loader_files(document: Mapping[str, Mapping[str, object]]) -> dict[str, byte
             "user": {},
             "part": rank + 1,
         }
-        text = seal({"metadata": part_metadata, "weight_map": {piece: weight_map[piece] for piece in pieces}})
-        contents[part_file_name(prefix, rank, world_size)] = text.encode()
-        part_digests.append(_digest_of(text))
+        part_weight_map: dict[str, object] = {piece: weight_map[piece] for piece in pieces}
+        part: dict[str, dict[str, object]] = {"metadata": part_metadata, "weight_map": part_weight_map}
+        contents[part_file_name(prefix, rank, world_size)] = seal(part).encode()
+        part_digests.append(str(part["metadata"]["index_digest"]))  # set by seal
     records = np.array(sorted((name_hash(name), rank) for rank, names in enumerate(by_part) for name in names), dtype=_RECORD)
     lookup = records.tobytes()
     loader = {"lookup": {"size": len(lookup), "digest": xxhash.xxh3_64_hexdigest(lookup)}, "parts": part_digests}
@@ -99,13 +100,6 @@ def loader_files(document: Mapping[str, Mapping[str, object]]) -> dict[str, byte
 
 def _nbytes(entry: Mapping[str, object]) -> int:
     return math.prod(cast(list[int], entry["shape"])) * NAME_TO_DTYPE[str(entry["dtype"])].itemsize
-
-
-def _digest_of(text: str) -> str:
-    """The ``index_digest`` a document sealed by ``seal`` records (its last metadata field)."""
-    marker = '"index_digest":"'
-    start = text.rindex(marker) + len(marker)
-    return text[start : start + 32]
 
 
 def read_partial_index(directory: Path, prefix: str, names: Iterable[str]) -> CheckpointIndex | None:

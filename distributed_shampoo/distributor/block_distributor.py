@@ -91,9 +91,9 @@ class BlockDistributor(ABC):
 
         Returns:
             For each block this rank owns of a parameter not skipped, one block-shaped tensor
-            per given tensor, with row-major strides: matrix products round differently for
-            differently strided operands (even along dimensions of size 1), and the trajectory
-            must not depend on how the blocks reached their owner.
+            per given tensor, in memory of its own with row-major strides: matrix products round
+            differently for differently strided (even along dimensions of size 1) or aligned
+            operands, and the trajectory must not depend on how the blocks reached their owner.
         """
 
     @abstractmethod

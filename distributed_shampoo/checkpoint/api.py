@@ -49,7 +49,7 @@ from distributed_shampoo.checkpoint.gc_pause import paused_gc
 from distributed_shampoo.checkpoint.index_parts import loader_files, read_partial_index
 from distributed_shampoo.checkpoint.integrity import check_units, check_whole_and_pages, whole_unit
 from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare, leaf_names
-from distributed_shampoo.checkpoint.parse import check_header_matches, find_index_file, read_header, read_index
+from distributed_shampoo.checkpoint.parse import check_header_matches, find_index_file, read_header, read_index, strict_json
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
 from distributed_shampoo.checkpoint.reader import open_regular, read_small_file
 from distributed_shampoo.checkpoint.writer import tensor_bytes, write_json, write_new_file, write_safetensors, WrittenFile
@@ -594,15 +594,19 @@ def check_checkpoint(
 
 
 def _check_loader_files(index: CheckpointIndex, problems: list[CheckpointError]) -> None:
-    """The loader's files must be exactly what the index derives (they are rebuilt and compared)."""
+    """The loader's files must hold exactly what the index derives (they are rebuilt and compared:
+    the lookup table byte for byte, the JSON documents as parsed, whatever their key order)."""
     for file_name, expected in loader_files(index_document(index)).items():
         path = index.directory / file_name
         try:
             actual = read_small_file(path, "loader file", len(expected), MissingShardFileError)
+            same = actual == expected or (
+                file_name.endswith(".json") and strict_json(actual, path, "loader file") == json.loads(expected)
+            )
         except CheckpointError as error:
             problems.append(error)
             continue
-        if actual != expected:
+        if not same:
             problems.append(CorruptCheckpointError(f"{path}: does not match the index (a loader file was modified or damaged)"))
 
 

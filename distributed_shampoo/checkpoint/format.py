@@ -322,12 +322,18 @@ def index_document(index: CheckpointIndex, extra: Mapping[str, object] | None = 
     return {"metadata": metadata, "weight_map": weight_map}
 
 
+_SEALED_HEAD: str = '{"metadata":{'
+
+
 def seal(document: dict[str, dict[str, object]]) -> str:
-    """The text of an index-shaped document with its ``index_digest`` (over the rest)."""
+    """The text of an index-shaped document (``metadata``, non-empty, and ``weight_map``) with its
+    ``index_digest`` (over the rest), which is also set in ``document``."""
     document["metadata"].pop("index_digest", None)
-    document["metadata"]["index_digest"] = index_digest(document)
-    # Compact: with ``indent`` json falls back to its pure-Python encoder (~20 us per tensor).
-    return json.dumps(document, separators=(",", ":"), allow_nan=False) + "\n"
+    text = canonical_json(document)
+    document["metadata"]["index_digest"] = digest = xxhash.xxh3_128_hexdigest(text.encode())
+    # One encoding serves the digest and the file: the canonical text with the digest spliced in
+    # as the first field of "metadata" (which sorts first), a valid JSON text of the same document.
+    return f'{_SEALED_HEAD}"index_digest":"{digest}",{text[len(_SEALED_HEAD):]}\n'
 
 
 @dataclass(frozen=True)

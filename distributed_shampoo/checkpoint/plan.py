@@ -6,11 +6,12 @@ DTensors, or ``int``/``float``/``bool``/``str``/``None``. Leaves are named by th
 ``encode_key`` of their key path, e.g. ``["state", "fc.weight", "block_0", "momentum"]``.
 """
 
-import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import json
+from json.encoder import encode_basestring_ascii
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -26,7 +27,7 @@ from distributed_shampoo.checkpoint.format import (
     TensorLayout,
     tiling_problem,
 )
-from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, Key
+from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
 
 SCALAR_TYPES: tuple[type[object], ...] = (bool, int, float, str, type(None))
 # How a local plan marks a dict that is empty on that rank (the index records it as "dict").
@@ -38,45 +39,62 @@ Path = tuple[Key, ...]
 StateDict = Mapping[str, object] | Mapping[int, object] | Mapping[Key, object]
 
 
-def iter_leaves(state: StateDict, containers: dict[str, str] | None = None) -> Iterator[tuple[Path, object]]:
-    """Yields ``(key path, leaf)`` for every tensor and scalar in ``state``, depth first.
+def child_prefix(prefix: str, key: Key) -> str:
+    """The name of ``key`` under the node named ``prefix``, without its closing bracket ("" is the
+    root): ``close_name(child_prefix(...))`` equals ``encode_key`` of the path, but a walk builds
+    names a component at a time instead of encoding every path whole (the cost per leaf of a save
+    or load)."""
+    component = encode_basestring_ascii(key) if isinstance(key, str) else int.__repr__(key)
+    return f"{prefix}, {component}" if prefix else f"[{component}"
+
+
+def close_name(prefix: str) -> str:
+    """The ``encode_key`` name of the node ``child_prefix`` built ``prefix`` for."""
+    return f"{prefix}]" if prefix else "[]"
+
+
+def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> list[tuple[str, object]]:
+    """``(name, leaf)`` for every tensor and scalar in ``state``, depth first, named by
+    ``encode_key`` of the key path.
 
     Args:
         state: The nested state.
-        containers: If given, receives ``encode_key(path) -> "list" | "tuple" | "dict"`` for every
-            list, tuple and dict below the root (an empty dict as ``"empty dict"``): the index
-            keeps what rebuilding the nesting needs, and ranks are checked to agree on the rest.
+        containers: If given, receives ``name -> "list" | "tuple" | "dict"`` for every list,
+            tuple and dict below the root (an empty dict as ``"empty dict"``): the index keeps
+            what rebuilding the nesting needs, and ranks are checked to agree on the rest.
 
     Raises:
         UnsupportedValueError: For any other value or a key that is not str/int; names the key.
     """
+    leaves: list[tuple[str, object]] = []
 
-    def visit(node: object, path: Path) -> Iterator[tuple[Path, object]]:
+    def visit(node: object, prefix: str) -> None:
         if isinstance(node, torch.Tensor) or isinstance(node, SCALAR_TYPES):
-            yield path, node
+            leaves.append((close_name(prefix), node))
         elif isinstance(node, Mapping):
-            if containers is not None and path:
-                containers[encode_key(path)] = "dict" if node else EMPTY_DICT
+            if containers is not None and prefix:
+                containers[close_name(prefix)] = "dict" if node else EMPTY_DICT
             for key, value in node.items():
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise UnsupportedValueError(
-                        f"{encode_key(path)}: key {key!r} is a {type(key).__name__}; keys must be str or int"
+                        f"{close_name(prefix)}: key {key!r} is a {type(key).__name__}; keys must be str or int"
                     )
-                yield from visit(value, path + (key,))
+                visit(value, child_prefix(prefix, key))
         elif isinstance(node, (list, tuple)):
             if containers is not None:
-                containers[encode_key(path)] = "tuple" if isinstance(node, tuple) else "list"
+                containers[close_name(prefix)] = "tuple" if isinstance(node, tuple) else "list"
             for position, value in enumerate(node):
-                yield from visit(value, path + (position,))
+                visit(value, child_prefix(prefix, position))
         else:
             raise UnsupportedValueError(
-                f"{encode_key(path)}: cannot save a {type(node).__module__}.{type(node).__qualname__} "
+                f"{close_name(prefix)}: cannot save a {type(node).__module__}.{type(node).__qualname__} "
                 "without pickling; leaves must be tensors, DTensors, int, float, bool, str or None"
             )
 
     if not isinstance(state, Mapping):
         raise UnsupportedValueError(f"a state dict must be a mapping, got {type(state).__name__}")
-    yield from visit(state, ())
+    visit(state, "")
+    return leaves
 
 
 def dtype_name(name: str, dtype: torch.dtype) -> str:
@@ -150,9 +168,9 @@ def check_placements(name: str, tensor: DTensor, error: type[Exception]) -> None
             raise error(f"{name}: DTensor placement {placement} is not supported (only Replicate and Shard)")
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    """What one rank offers to write for one logical tensor (metadata only, picklable)."""
+class PlannedTensor(NamedTuple):
+    """What one rank offers to write for one logical tensor (metadata only, picklable). A named
+    tuple: a save makes and sends one per tensor, and tuples are the cheapest to build and pickle."""
 
     name: str
     dtype: str
@@ -188,25 +206,29 @@ def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor
     planned: list[PlannedTensor] = []
     data: dict[str, torch.Tensor] = {}
     objects: dict[str, object] = {}
-    for path, leaf in iter_leaves(state_dict, containers):
-        name = encode_key(path)
+    for name, leaf in named_leaves(state_dict, containers):
         if not isinstance(leaf, torch.Tensor):
             objects[name] = encode_object(leaf)
             continue
-        if leaf.is_sparse or leaf.layout != torch.strided:
+        if leaf.layout != torch.strided:
             raise UnsupportedValueError(f"{name}: only strided (dense) tensors can be saved, got {leaf.layout}")
         dtype = dtype_name(name, leaf.dtype)
         if leaf.device.type == "meta":
             raise UnsupportedValueError(f"{name}: a tensor on the meta device holds no data to save")
-        if isinstance(leaf, DTensor) and not _is_writer(name, leaf):
+        shape = tuple(leaf.shape)
+        if not isinstance(leaf, DTensor):  # the common case: a whole tensor, offered whole
+            planned.append(PlannedTensor(name, dtype, shape, (0,) * len(shape), shape, False))
+            data[name] = leaf
+            continue
+        if not _is_writer(name, leaf):
             continue
         offsets, local_shape, local = local_box(name, leaf, InconsistentStateError)
         if leaf.numel() == 0:  # nothing to shard: every rank offers the empty tensor whole
-            offsets, local_shape, local = (0,) * leaf.dim(), tuple(leaf.shape), torch.empty(leaf.shape, dtype=leaf.dtype)
-        chunked = local_shape != tuple(leaf.shape)
+            offsets, local_shape, local = (0,) * leaf.dim(), shape, torch.empty(shape, dtype=leaf.dtype)
+        chunked = local_shape != shape
         if chunked and math.prod(local_shape) == 0:
             continue  # an empty shard of an uneven split holds nothing to write
-        entry = PlannedTensor(name, dtype, tuple(leaf.shape), offsets, local_shape, chunked)
+        entry = PlannedTensor(name, dtype, shape, offsets, local_shape, chunked)
         planned.append(entry)
         data[entry.stored_name] = local
     return LocalPlan(tuple(planned), objects, containers), data

@@ -30,11 +30,12 @@ _IOV_MAX: int = 1024
 def tensor_bytes(tensor: torch.Tensor) -> memoryview[int]:
     """The tensor's values as row-major little-endian bytes, without a copy for contiguous CPU
     tensors (a conjugate or negative view is materialised: its bytes are not its values)."""
-    flat = tensor.detach().resolve_conj().resolve_neg()
+    flat = tensor.detach()
+    if flat.is_conj() or flat.is_neg():
+        flat = flat.resolve_conj().resolve_neg()
     if flat.device.type != "cpu":
         flat = flat.cpu()
-    flat = flat.contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.reshape(-1).view(torch.uint8).numpy())
 
 
 @dataclass(frozen=True)

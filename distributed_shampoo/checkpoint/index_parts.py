@@ -126,15 +126,17 @@ def read_partial_index(directory: Path, prefix: str, names: Iterable[str]) -> Ch
         raise CorruptCheckpointError(f"{lookup_path}: the lookup table is not sorted or names a part beyond {manifest.world_size}")
     hashes: list[int] = records["hash"].tolist()
     record_parts: list[int] = records["part"].tolist()
+    wanted = set(names)
     found: set[int] = set()
-    for wanted in {name_hash(name) for name in names}:
-        found.update(record_parts[bisect.bisect_left(hashes, wanted) : bisect.bisect_right(hashes, wanted)])
+    for name_key in {name_hash(name) for name in wanted}:
+        found.update(record_parts[bisect.bisect_left(hashes, name_key) : bisect.bisect_right(hashes, name_key)])
     parts = sorted(found)
     tensors, weight_map, checksums, pages = {}, {}, {}, {}
     for part in parts:
         path = directory / part_file_name(prefix, part, manifest.world_size)
-        document = strict_json(read_small_file(path, "index part", MAX_INDEX_BYTES, CorruptCheckpointError), path, "index part")
-        loaded = parse_index_document(path, document, "part", manifest)
+        text = read_small_file(path, "index part", MAX_INDEX_BYTES, CorruptCheckpointError)
+        document = strict_json(text, path, "index part")
+        loaded = parse_index_document(path, document, "part", manifest, wanted, text)
         recorded = document["metadata"]["index_digest"] if isinstance(document, dict) and isinstance(document.get("metadata"), dict) else None
         if recorded != part_digests[part]:
             _raise_if_replaced(manifest_path, manifest)
@@ -148,8 +150,9 @@ def read_partial_index(directory: Path, prefix: str, names: Iterable[str]) -> Ch
 
 def _read_manifest(path: Path) -> tuple[CheckpointIndex, object]:
     """The manifest, validated, and its parsed document."""
-    document = strict_json(read_small_file(path, "manifest", MAX_INDEX_BYTES, CheckpointNotFoundError), path, "manifest")
-    return parse_index_document(path, document, "manifest"), document
+    text = read_small_file(path, "manifest", MAX_INDEX_BYTES, CheckpointNotFoundError)
+    document = strict_json(text, path, "manifest")
+    return parse_index_document(path, document, "manifest", text=text), document
 
 
 def _raise_if_replaced(path: Path, manifest: CheckpointIndex) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations  # memoryview[int] annotations are not subscr
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import xxhash
 
@@ -24,11 +24,11 @@ from distributed_shampoo.checkpoint.reader import read_ranges, ReadRequest
 SCRATCH_BYTES: int = 8 << 20
 
 
-@dataclass(frozen=True)
-class Unit:
+class Unit(NamedTuple):
     """``nbytes`` bytes at absolute file ``offset`` whose checksum must be ``expected``.
 
-    ``name`` and ``what`` (e.g. ``" page 3"``) name it in a mismatch message.
+    ``name`` and ``what`` (e.g. ``" page 3"``) name it in a mismatch message. A named tuple: a
+    load makes one per piece it reads.
     """
 
     name: str

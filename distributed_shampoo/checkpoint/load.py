@@ -16,7 +16,7 @@ A load runs in two phases so that a failure leaves the template as it was:
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -31,8 +31,8 @@ from distributed_shampoo.checkpoint.errors import (
 from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, DTYPE_TO_NAME, HeaderEntry
 from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
-from distributed_shampoo.checkpoint.plan import check_placements, local_box, SCALAR_TYPES, StateDict
-from distributed_shampoo.checkpoint.reader import open_regular, read_ranges, ReadRequest
+from distributed_shampoo.checkpoint.plan import check_placements, child_prefix, close_name, local_box, SCALAR_TYPES, StateDict
+from distributed_shampoo.checkpoint.reader import open_regular, prefetch, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
 
@@ -45,9 +45,8 @@ KeySelection = Key | Iterable[Key | Sequence[Key]]
 _TEMPORARY_BYTES: int = 64 << 20
 
 
-@dataclass(frozen=True)
-class _PieceRead:
-    """One saved piece's overlap with one template tensor's region."""
+class _PieceRead(NamedTuple):
+    """One saved piece's overlap with one template tensor's region (a named tuple: one per read)."""
 
     name: str  # the logical tensor
     piece: ChunkLayout
@@ -57,19 +56,23 @@ class _PieceRead:
 
 
 class OpenFiles:
-    """The shard files a load reads, open for the whole load, with their validated headers."""
+    """The shard files that hold the stored ``pieces`` a load reads, open for the whole load, with
+    their headers validated (the entries of ``pieces``)."""
 
-    def __init__(self, index: CheckpointIndex, file_names: Iterable[str]) -> None:
+    def __init__(self, index: CheckpointIndex, pieces: Iterable[str]) -> None:
         self.index = index
         self.fds: dict[str, int] = {}
         self.headers: dict[str, dict[str, HeaderEntry]] = {}
+        by_file: dict[str, list[str]] = {}
+        for piece in pieces:
+            by_file.setdefault(index.weight_map[piece], []).append(piece)
         try:
-            for file_name in sorted(set(file_names)):
+            for file_name in sorted(by_file):
                 path = index.directory / file_name
                 self.fds[file_name] = fd = open_regular(path, "shard file", MissingShardFileError)
-                # "<prefix>-<rank + 1>-of-<world>.safetensors", as parse_index checked.
+                # "<prefix>-<rank + 1>-of-<world>.safetensors", as the index parser checked.
                 rank = int(file_name[len(index.prefix) + 1 : file_name.rindex("-of-")]) - 1
-                self.headers[file_name] = read_header(fd, path, index, rank)
+                self.headers[file_name] = read_header(fd, path, index, rank, by_file[file_name])
         except BaseException:
             self.close()
             raise
@@ -81,12 +84,11 @@ class OpenFiles:
             IndexMismatchError: The file lacks it or stores another dtype or shape.
         """
         file_name = self.index.weight_map[stored_name]
-        return check_header_entry(
-            self.index.directory / file_name,
-            stored_name,
-            self.headers[file_name].get(stored_name),
-            *self.index.piece_layouts[stored_name],
-        )
+        entry = self.headers[file_name].get(stored_name)
+        dtype, shape = self.index.piece_layouts[stored_name]
+        if entry is not None and entry.dtype == dtype and entry.shape == shape:
+            return entry
+        return check_header_entry(self.index.directory / file_name, stored_name, entry, dtype, shape)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -130,18 +132,18 @@ def leaf_names(template: StateDict) -> list[str]:
     (a value where a tensor was saved is an error ``LoadPlan`` reports, so it is looked up too)."""
     names: list[str] = []
 
-    def visit(node: object, path: tuple[Key, ...]) -> None:
+    def visit(node: object, prefix: str) -> None:
         if isinstance(node, torch.Tensor) or isinstance(node, SCALAR_TYPES):
-            names.append(encode_key(path))
+            names.append(close_name(prefix))
         elif isinstance(node, Mapping):
             for key, child in node.items():
                 if isinstance(key, (str, int)) and not isinstance(key, bool):
-                    visit(child, path + (key,))
+                    visit(child, child_prefix(prefix, key))
         elif isinstance(node, (list, tuple)):
             for position, child in enumerate(node):
-                visit(child, path + (position,))
+                visit(child, child_prefix(prefix, position))
 
-    visit(template, ())
+    visit(template, "")
     return names
 
 
@@ -172,24 +174,27 @@ class LoadPlan:
         self._matched: set[tuple[Key, ...]] = set()
         self._selection = keys
         self._entries: list[HeaderEntry] = []  # of ``reads``, found by ``check()``
-        self._walk(template, ())
+        self._walk(template, (), "")
         if strict:
             self._check_complete(keys)
         self._check_aliasing()
         self.files: OpenFiles | None = None
 
-    def _walk(self, node: object, path: tuple[Key, ...]) -> object:
-        """Plans the load of ``node``; returns what should replace it (itself, unless a value)."""
+    def _walk(self, node: object, path: tuple[Key, ...], prefix: str) -> object:
+        """Plans the load of ``node`` (at ``path``, whose name ``child_prefix`` built as
+        ``prefix``); returns what should replace it (itself, unless a value)."""
         if isinstance(node, Mapping):
             for key, child in node.items():
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TemplateMismatchError(f"{list(path)}: template key {key!r} is not a str or int")
-                replacement = self._walk(child, path + (key,))
+                replacement = self._walk(child, path + (key,), child_prefix(prefix, key))
                 if replacement is not child:
                     self.assignments.append((node, key, replacement))
             return node
         if isinstance(node, (list, tuple)):
-            replacements = [self._walk(child, path + (position,)) for position, child in enumerate(node)]
+            replacements = [
+                self._walk(child, path + (position,), child_prefix(prefix, position)) for position, child in enumerate(node)
+            ]
             if isinstance(node, list):
                 self.assignments += [(node, p, new) for p, (new, old) in enumerate(zip(replacements, node)) if new is not old]
                 return node
@@ -197,8 +202,8 @@ class LoadPlan:
             return type(node)(replacements) if changed else node
         if not selected(path, self._selection):
             return node
-        self._matched.update(prefix for prefix in self._selection or () if path[: len(prefix)] == prefix)
-        name = encode_key(path)
+        self._matched.update(selected_path for selected_path in self._selection or () if path[: len(selected_path)] == selected_path)
+        name = close_name(prefix)
         if isinstance(node, torch.Tensor):
             if name in self.index.tensors:
                 self._plan_tensor(name, node)
@@ -237,6 +242,12 @@ class LoadPlan:
         if leaf.device.type == "meta" or leaf.layout != torch.strided or leaf.is_conj() or leaf.is_neg():
             what = "on the meta device (it holds no memory)" if leaf.device.type == "meta" else "not a plain strided tensor"
             raise TemplateMismatchError(f"{name}: the template tensor is {what} and cannot be filled")
+        if not isinstance(leaf, DTensor) and not layout.chunks:  # the common case: a whole tensor, read whole
+            if leaf.numel():
+                (piece,) = layout.stored_pieces(name)
+                self._destinations.append((name, leaf))
+                self.reads.append(_PieceRead(name, piece, (0,) * leaf.dim(), layout.shape, leaf))
+            return
         if isinstance(leaf, DTensor):
             check_placements(name, leaf, TemplateMismatchError)
         region_offsets, region_shape, destination = local_box(name, leaf, TemplateMismatchError)
@@ -294,19 +305,16 @@ class LoadPlan:
             and a_local.stride() == b_local.stride()
         )
 
-    def file_names(self) -> set[str]:
-        """The shard files this load reads."""
-        return {self.index.weight_map[read.piece.name] for read in self.reads}
-
     def check(self, files: OpenFiles | None = None) -> None:
         """Phase 1: opens the files (or takes ``files``), validates headers, verifies checksums.
 
         Raises:
             CheckpointError: The files are missing, damaged, or belong to another save.
         """
-        self.files = opened = files or OpenFiles(self.index, self.file_names())
+        self.files = opened = files or OpenFiles(self.index, [read.piece.name for read in self.reads])
         try:
             self._entries = entries = [opened.entry(read.piece.name) for read in self.reads]
+            self._prefetch(opened, entries)
             if not self.verify:
                 return
             units: dict[str, list[Unit]] = {}
@@ -322,6 +330,19 @@ class LoadPlan:
         except BaseException:
             self.close()
             raise
+
+    def _prefetch(self, files: OpenFiles, entries: list[HeaderEntry]) -> None:
+        """Starts the disk reading every byte range this load copies, before the first is read."""
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for read, entry in zip(self.reads, entries):
+            ranges = by_file.setdefault(self.index.weight_map[read.piece.name], [])
+            if read.box_shape == read.piece.shape:
+                ranges.append((entry.begin, entry.end - entry.begin))
+            else:
+                itemsize = self.index.tensors[read.name].dtype.itemsize
+                ranges += [(entry.begin + offset, length) for offset, length in box_runs(read.piece.shape, read.box_start, read.box_shape, itemsize)]
+        for file_name, ranges in by_file.items():
+            prefetch(files.fds[file_name], ranges)
 
     def apply(self) -> None:
         """Phase 2: fills the template (``check()`` first). Closes the files.
@@ -386,6 +407,8 @@ class LoadPlan:
 def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> list[ReadRequest]:
     """Requests that fill ``buffer`` (contiguous, box-shaped) from the piece stored at ``entry``."""
     data = tensor_bytes(buffer)
+    if read.box_shape == read.piece.shape:
+        return [ReadRequest(entry.begin, data)]
     requests: list[ReadRequest] = []
     position = 0
     for offset, length in box_runs(read.piece.shape, read.box_start, read.box_shape, buffer.element_size()):
@@ -457,7 +480,7 @@ def _parent(root: dict[Key, object], path: Sequence[Key]) -> dict[Key, object]:
     node = root
     for key in path[:-1]:
         child = node.setdefault(key, {})
-        if not isinstance(child, dict):  # parse_index rejects a leaf that is also a container
+        if not isinstance(child, dict):  # the index parser rejects a leaf that is also a container
             raise TemplateMismatchError(f"{encode_key(path)}: {key!r} is both a value and a container")
         node = child
     return node
@@ -494,7 +517,7 @@ def _open_holding(index: CheckpointIndex, names: Iterable[str]) -> OpenFiles:
     """Opens the files of the named tensors and checks that their headers hold them as the index
     says: only then may memory be allocated for them."""
     pieces = [piece.name for name in names for piece in index.tensors[name].stored_pieces(name)]
-    files = OpenFiles(index, {index.weight_map[piece] for piece in pieces})
+    files = OpenFiles(index, pieces)
     try:
         for piece in pieces:
             files.entry(piece)

@@ -11,10 +11,11 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
+import xxhash
 
 from distributed_shampoo.checkpoint.errors import (
     CheckpointNotFoundError,
@@ -216,16 +217,16 @@ def read_index(directory: str | os.PathLike[str]) -> CheckpointIndex:
     """
     path = find_index_file(Path(directory))
     data = read_small_file(path, "index", MAX_INDEX_BYTES, CheckpointNotFoundError)
-    return parse_index(path, strict_json(data, path, "index"))
-
-
-def parse_index(path: Path, document: object) -> CheckpointIndex:
-    """Validates a parsed index document (see ``read_index``)."""
-    return parse_index_document(path, document, "index")
+    return parse_index_document(path, strict_json(data, path, "index"), "index", text=data)
 
 
 def parse_index_document(
-    path: Path, document: object, kind: str, manifest: CheckpointIndex | None = None
+    path: Path,
+    document: object,
+    kind: str,
+    manifest: CheckpointIndex | None = None,
+    wanted: Collection[str] | None = None,
+    text: bytes | None = None,
 ) -> CheckpointIndex:
     """Validates an index-shaped document: the whole index (``kind`` "index"), a loader's
     manifest ("manifest": everything but the tensor entries) or an index part ("part": tensor
@@ -233,7 +234,11 @@ def parse_index_document(
 
     Each kind checks everything it holds: the digest, every field's type, and the cross-checks
     among its own entries. Only the whole index can be checked as a whole (``total_size``, the
-    tree of leaves and containers, every file's total).
+    tree of leaves and containers, every file's total). A part read for the tensors ``wanted``
+    keeps and checks only their entries (beyond the digest, which covers it all): a loading rank's
+    work follows what it loads, not how the saving ranks grouped the entries. ``text``, the bytes
+    ``document`` was parsed from, lets a text laid out as ``seal`` writes it be checked against
+    its digest without encoding the document again.
 
     Raises:
         IncompatibleFormatError, CorruptCheckpointError: As ``read_index``.
@@ -259,7 +264,7 @@ def parse_index_document(
             f"{path}: checksum_algorithm {_short(metadata.get('checksum_algorithm'))} is not {CHECKSUM_ALGORITHM!r}"
         )
     if version >= 2:
-        _check_digest(fields, top, metadata)
+        _check_digest(fields, top, metadata, text)
     try:
         prefix = check_prefix(metadata.get("prefix"))
     except InvalidArgumentError as error:
@@ -282,35 +287,31 @@ def parse_index_document(
         page_bytes = fields.integer(metadata.get("page_bytes"), '"page_bytes"', minimum=1) if version >= 2 else PAGE_BYTES
     if version == 1:
         _check_world_size_v1(fields, path.parent, world_size)
-    tensors = {
-        name: _parse_layout(fields, name, entry)
-        for name, entry in fields.obj(metadata.get("tensors"), '"tensors"').items()
-    }
+    raw_tensors = fields.obj(metadata.get("tensors"), '"tensors"')
+    if wanted is not None:
+        raw_tensors = {name: raw_tensors[name] for name in wanted if name in raw_tensors}
+    # A wanted name is the load's own encoding of a template path, canonical by construction.
+    tensors = {name: _parse_layout(fields, name, entry, check_name=wanted is None) for name, entry in raw_tensors.items()}
     if kind == "manifest" and (tensors or weight_map):
         raise fields.fail('"tensors"', "a manifest holds no tensor entries (the parts do)")
     pieces = {piece.name: (layout.dtype, piece.shape) for name, layout in tensors.items() for piece in layout.stored_pieces(name)}
-    weight_map = {name: fields.text(file, '"weight_map" ' + name) for name, file in weight_map.items()}
-    if set(weight_map) != set(pieces):
-        raise fields.fail('"weight_map"', f'lists other stored tensors than "tensors": {_difference(weight_map, pieces)}')
+    partial = wanted is not None
+    weight_map = _piece_entries(fields, weight_map, pieces, '"weight_map"', partial, fields.text)
     shard_files = set(files) if version >= 2 else _shard_names(prefix, world_size, weight_map.values())
     unknown_files = set(weight_map.values()) - shard_files
     if unknown_files:
         raise fields.fail('"weight_map"', f"names files outside this checkpoint: {sorted(unknown_files)[:3]}")
-    checksums = {
-        name: fields.hex(digest, '"checksums" ' + name, 16)
-        for name, digest in fields.obj(metadata.get("checksums"), '"checksums"').items()
-    }
-    if set(checksums) != set(pieces):
-        raise fields.fail('"checksums"', f'lists other stored tensors than "tensors": {_difference(checksums, pieces)}')
+    raw_checksums = fields.obj(metadata.get("checksums"), '"checksums"')
+    checksums = _piece_entries(fields, raw_checksums, pieces, '"checksums"', partial, lambda value, field: fields.hex(value, field, 16))
     total_size = fields.integer(metadata.get("total_size"), '"total_size"')
     stored_bytes = sum(layout.nbytes for layout in tensors.values())
-    if kind != "manifest" and total_size != stored_bytes:
+    if kind != "manifest" and not partial and total_size != stored_bytes:
         raise fields.fail('"total_size"', f"is {total_size} but the tensors hold {stored_bytes} bytes")
     pages: dict[str, str] = {}
     if version >= 2:
         piece_bytes = {name: math.prod(shape) * dtype.itemsize for name, (dtype, shape) in pieces.items()}
         _check_file_sizes(fields, files, weight_map, piece_bytes)
-        pages = _parse_pages(fields, metadata, piece_bytes, page_bytes)
+        pages = _parse_pages(fields, metadata, piece_bytes, page_bytes, partial)
     objects = {
         name: _parse_object(fields, name, value)
         for name, value in fields.obj(metadata.get("objects"), '"objects"').items()
@@ -342,8 +343,14 @@ def parse_index_document(
     )
 
 
-def _check_digest(fields: Fields, top: dict[str, object], metadata: dict[str, object]) -> None:
+def _check_digest(fields: Fields, top: dict[str, object], metadata: dict[str, object], text: bytes | None) -> None:
     recorded = fields.hex(metadata.get("index_digest"), '"index_digest"', 32)
+    sealed_head = b'{"metadata":{"index_digest":"' + recorded.encode() + b'",'
+    if text is not None and text.startswith(sealed_head):
+        # ``seal``'s layout: the digest is of the rest of the text, read as it is.
+        canonical = b'{"metadata":{' + text[len(sealed_head) :].rstrip(b"\n")
+        if xxhash.xxh3_128_hexdigest(canonical) == recorded:
+            return
     content = {key: value for key, value in top.items() if key != "metadata"}
     content["metadata"] = {key: value for key, value in metadata.items() if key != "index_digest"}
     try:
@@ -393,9 +400,10 @@ def _parse_files(fields: Fields, metadata: dict[str, object], prefix: str, world
     return files
 
 
-def _parse_layout(fields: Fields, name: str, entry: object) -> TensorLayout:
+def _parse_layout(fields: Fields, name: str, entry: object, check_name: bool = True) -> TensorLayout:
     where = '"tensors" ' + name
-    fields.name(name, where)
+    if check_name:
+        fields.name(name, where)
     layout = fields.obj(entry, where)
     dtype_name = layout.get("dtype")
     if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
@@ -420,18 +428,34 @@ def _parse_layout(fields: Fields, name: str, entry: object) -> TensorLayout:
     return TensorLayout(shape, NAME_TO_DTYPE[dtype_name], tuple(chunks))
 
 
+def _piece_entries(
+    fields: Fields, raw: dict[str, object], pieces: Collection[str], field: str, partial: bool, parse: Callable[[object, str], str]
+) -> dict[str, str]:
+    """The ``field`` entries of the stored ``pieces``, parsed: exactly theirs, or (``partial``)
+    at least theirs, the others left unread."""
+    if not partial:
+        if raw.keys() != set(pieces):
+            raise fields.fail(field, f'lists other stored tensors than "tensors": {_difference(raw, pieces)}')
+        return {name: parse(value, f"{field} {name}") for name, value in raw.items()}
+    missing = [name for name in pieces if name not in raw]
+    if missing:
+        raise fields.fail(field, f'lacks stored tensors that "tensors" holds: {sorted(missing)[:2]}')
+    return {name: parse(raw[name], f"{field} {name}") for name in pieces}
+
+
 def _parse_pages(
-    fields: Fields, metadata: dict[str, object], piece_bytes: dict[str, int], page_bytes: int
+    fields: Fields, metadata: dict[str, object], piece_bytes: dict[str, int], page_bytes: int, partial: bool
 ) -> dict[str, str]:
     raw = fields.obj(metadata.get("pages"), '"pages"')
     paged = {name for name, nbytes in piece_bytes.items() if nbytes > page_bytes}
-    if set(raw) != paged:
-        raise fields.fail('"pages"', f"must list exactly the stored tensors larger than one page: {_difference(raw, paged)}")
+    listed = {name for name in piece_bytes if name in raw} if partial else set(raw)
+    if listed != paged:
+        raise fields.fail('"pages"', f"must list exactly the stored tensors larger than one page: {_difference(listed, paged)}")
     # Kept as the concatenated text (``page_digest`` slices one out): splitting millions of
     # digests is most of the time a large state's index takes to parse.
     return {
-        name: fields.hex(text, f'"pages" {_short(name)}', 16 * -(-piece_bytes[name] // page_bytes))
-        for name, text in raw.items()
+        name: fields.hex(raw[name], f'"pages" {_short(name)}', 16 * -(-piece_bytes[name] // page_bytes))
+        for name in paged
     }
 
 
@@ -503,15 +527,19 @@ def _difference(a: Iterable[str], b: Iterable[str]) -> str:
     return f"extra {extra}, missing {missing}"
 
 
-def read_header(fd: int, path: Path, index: CheckpointIndex, rank: int) -> dict[str, HeaderEntry]:
+def read_header(
+    fd: int, path: Path, index: CheckpointIndex, rank: int, names: Collection[str] | None = None
+) -> dict[str, HeaderEntry]:
     """Reads and validates the header of shard file ``rank`` of ``index``, open as ``fd``.
 
     Version 2: the file's size and header digest must be the ones the index records, and the
-    header must name the index's save. Always: the same rules as the safetensors library (the
-    entries tile the data section exactly), with every field type-checked.
+    header must name the index's save. Then every entry is type-checked and, as the safetensors
+    library requires, the entries must tile the data section exactly; with ``names`` (a load's
+    pieces) only those entries are kept and checked, each to lie within the data section (the
+    others' bytes are not read, so their layout cannot change what the load returns).
 
     Returns:
-        Stored name -> entry with absolute file offsets.
+        Stored name -> entry with absolute file offsets (with ``names``: those the header holds).
 
     Raises:
         CheckpointReplacedError: The file belongs to another save than the index (the checkpoint
@@ -520,12 +548,12 @@ def read_header(fd: int, path: Path, index: CheckpointIndex, rank: int) -> dict[
             the data section, bytes past its end, a header the index does not describe.
     """
     try:
-        return _read_header(fd, path, index, rank)
+        return _read_header(fd, path, index, rank, names)
     except OSError as error:
         raise CheckpointReadError(f"{path}: reading the header failed: {error.strerror or error}") from None
 
 
-def _read_header(fd: int, path: Path, index: CheckpointIndex, rank: int) -> dict[str, HeaderEntry]:
+def _read_header(fd: int, path: Path, index: CheckpointIndex, rank: int, names: Collection[str] | None) -> dict[str, HeaderEntry]:
     size = os.fstat(fd).st_size
     prefix = os.pread(fd, 8, 0)
     if len(prefix) < 8:
@@ -550,7 +578,9 @@ def _read_header(fd: int, path: Path, index: CheckpointIndex, rank: int) -> dict
     metadata = header.get("__metadata__")
     if index.format_version >= 2 and metadata != shard_header_metadata(rank, index.world_size, index.save_id):
         raise CorruptCheckpointError(f"{path}: the header's __metadata__ {_short(metadata)} is not rank {rank}'s of this save")
-    return _header_entries(Fields(path), header, 8 + header_size, size)
+    if names is None:
+        return _header_entries(Fields(path), header, 8 + header_size, size)
+    return _some_header_entries(Fields(path), header, names, 8 + header_size, size)
 
 
 def _raise_header_mismatch(path: Path, header: dict[str, object], index: CheckpointIndex, size: int, record: FileRecord) -> None:
@@ -569,37 +599,53 @@ def _raise_header_mismatch(path: Path, header: dict[str, object], index: Checkpo
     )
 
 
+def _header_entry(fields: Fields, name: str, raw: object, data_start: int) -> HeaderEntry:
+    """One header entry, type-checked; its offsets made absolute."""
+    where = "header entry " + name
+    info = fields.obj(raw, where)
+    dtype_name = info.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
+        raise fields.fail(where, f"unknown dtype {_short(dtype_name)}")
+    dtype = NAME_TO_DTYPE[dtype_name]
+    shape = fields.dims(info.get("shape"), f'{where} "shape"')
+    offsets = fields.dims(info.get("data_offsets"), f'{where} "data_offsets"')
+    if len(offsets) != 2:
+        raise fields.fail(f'{where} "data_offsets"', f"expected [begin, end], got {list(offsets)}")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise fields.fail(
+            where, f"spans {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {math.prod(shape) * dtype.itemsize}"
+        )
+    return HeaderEntry(dtype, shape, data_start + begin, data_start + end)
+
+
+def _some_header_entries(
+    fields: Fields, header: dict[str, object], names: Collection[str], data_start: int, size: int
+) -> dict[str, HeaderEntry]:
+    entries: dict[str, HeaderEntry] = {}
+    for name in names:
+        if name != "__metadata__" and name in header:
+            entries[name] = entry = _header_entry(fields, name, header[name], data_start)
+            if entry.end > size:
+                raise CorruptCheckpointError(f"{fields.path}: truncated: {name} ends at byte {entry.end} of a {size}-byte file")
+    return entries
+
+
 def _header_entries(fields: Fields, header: dict[str, object], data_start: int, size: int) -> dict[str, HeaderEntry]:
     entries: dict[str, HeaderEntry] = {}
-    spans: list[tuple[int, int, str]] = []
     for name, raw in header.items():
-        if name == "__metadata__":
-            continue
-        where = "header entry " + name
-        info = fields.obj(raw, where)
-        dtype_name = info.get("dtype")
-        if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
-            raise fields.fail(where, f"unknown dtype {_short(dtype_name)}")
-        dtype = NAME_TO_DTYPE[dtype_name]
-        shape = fields.dims(info.get("shape"), f'{where} "shape"')
-        offsets = fields.dims(info.get("data_offsets"), f'{where} "data_offsets"')
-        if len(offsets) != 2:
-            raise fields.fail(f'{where} "data_offsets"', f"expected [begin, end], got {list(offsets)}")
-        begin, end = offsets
-        if end - begin != math.prod(shape) * dtype.itemsize:
+        if name != "__metadata__":
+            entries[name] = _header_entry(fields, name, raw, data_start)
+    position = data_start
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end, item[0])):
+        if entry.begin != position:
             raise fields.fail(
-                where, f"spans {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {math.prod(shape) * dtype.itemsize}"
+                f"header entry {_short(name)}", f"data starts at {entry.begin - data_start}, expected {position - data_start}"
             )
-        entries[name] = HeaderEntry(dtype, shape, data_start + begin, data_start + end)
-        spans.append((begin, end, name))
-    position = 0
-    for begin, end, name in sorted(spans):
-        if begin != position:
-            raise fields.fail(f"header entry {_short(name)}", f"data starts at {begin}, expected {position}")
-        position = end
-    if data_start + position != size:
-        state = "truncated" if data_start + position > size else "has trailing bytes"
-        raise CorruptCheckpointError(f"{fields.path}: {state}: {size} bytes on disk, header describes {data_start + position}")
+        position = entry.end
+    if position != size:
+        state = "truncated" if position > size else "has trailing bytes"
+        raise CorruptCheckpointError(f"{fields.path}: {state}: {size} bytes on disk, header describes {position}")
     return entries
 
 

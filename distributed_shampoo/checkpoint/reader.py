@@ -6,8 +6,8 @@ from __future__ import annotations  # memoryview[int] annotations are not subscr
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from distributed_shampoo.checkpoint.errors import CheckpointError, CheckpointReadError, CorruptCheckpointError
 
@@ -17,9 +17,9 @@ _MAX_GAP: int = 64 << 10
 _IOV_MAX: int = 1024
 
 
-@dataclass(frozen=True)
-class ReadRequest:
-    """Read ``buffer.nbytes`` bytes at absolute file ``offset`` into ``buffer``."""
+class ReadRequest(NamedTuple):
+    """Read ``buffer.nbytes`` bytes at absolute file ``offset`` into ``buffer`` (a named tuple: a
+    load makes one per piece it reads)."""
 
     offset: int
     buffer: memoryview[int]
@@ -123,6 +123,22 @@ def read_ranges(fd: int, path: Path, requests: list[ReadRequest]) -> None:
         group_end = request.offset + request.buffer.nbytes
     if group:
         _preadv_all(fd, path, group, group_start)
+
+
+def prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Asks the kernel to start reading the byte ranges ``(offset, length)`` of the file now, all
+    at once: scattered ranges read one after another wait for the disk once per range (ranges
+    closer than 64 KiB are asked for as one)."""
+    end = -1
+    start = 0
+    for offset, length in sorted(ranges):
+        if offset - end > _MAX_GAP:
+            if end >= 0:
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+            start = offset
+        end = max(end, offset + length)
+    if end >= 0:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
 
 def _preadv_all(fd: int, path: Path, buffers: list[memoryview[int]], offset: int) -> None:

@@ -9,7 +9,8 @@ The model: 80 layers, hidden 8192, FFN 28672, vocabulary 128256, 64 query and 8 
 dim 128 (q, k, v, o, gate, up and down projections, two norms per layer, embedding, final norm,
 untied head). Its Shampoo state in fp32 with Adam grafting and ``betas=(0.9, 0.999)``: per block,
 factor matrices and inverse roots per dimension, the grafting accumulator and the filtered
-gradient; per parameter, its step (which every rank holds, as under ``DDPDistributedConfig``).
+gradient; the parameter group's step, in its first parameter's state (which every rank holds,
+as under ``DDPDistributedConfig``).
 Ownership is the optimizer's own ``block_owners`` over ``block_state_nbytes``.
 
 Per world size W, each simulated rank's state dict holds its blocks as tensors without memory of
@@ -124,10 +125,10 @@ def shampoo_state(max_dim: int) -> ShampooState:
 
 
 def rank_state(state: ShampooState, owners: tuple[int, ...], rank: int) -> dict[str, object]:
-    """What ``distributed_state_dict`` returns on ``rank``, with memoryless tensors."""
-    params: dict[str, dict[str, object]] = {}
-    for name in state.names:
-        params[name] = {STEP: torch.zeros((), dtype=torch.int64)}
+    """What ``distributed_state_dict`` returns on ``rank`` (one parameter group: its step in the
+    first parameter's state), with memoryless tensors."""
+    params: dict[str, dict[str, object]] = {name: {} for name in state.names}
+    params[state.names[0]][STEP] = torch.zeros((), dtype=torch.int64)
     for param, key, tensors, owner in zip(state.block_params, state.block_keys, state.block_tensors, owners):
         if owner != rank:
             continue

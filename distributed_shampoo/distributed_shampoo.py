@@ -104,22 +104,24 @@ class DistributedShampoo(torch.optim.Optimizer):
     of, and computes the update for, only the blocks ``distribute_buffer_sizes`` gives it, and the
     updates are all-gathered so that every rank applies the same step.
 
-    At step ``t`` (per parameter, counting from 1), for each block with gradient ``G``:
+    At step ``t`` (the parameter group's calls of ``step()``, counting from 1, whether or not a
+    parameter had a gradient), for each block with gradient ``G``:
 
     1. ``G += weight_decay * W`` unless ``use_decoupled_weight_decay``.
     2. Each factor ``F_i = beta2 F_i + (1 - beta2) G_(i) G_(i)^T`` (a plain sum when ``beta2 == 1``),
        and the grafting accumulator is updated with ``G``.
     3. ``M = beta1 M + (1 - beta1) G``, divided by ``1 - beta1^t`` with ``use_bias_correction``
        (``M = G`` when ``beta1 == 0``).
-    4. When ``t % precondition_frequency == 0``: ``R_i = (F_i / c + epsilon I)^(-1/(2k))`` for a
-       block of order ``k``, with ``c = 1 - beta2^t`` if ``use_bias_correction`` and ``beta2 < 1``,
-       else 1.
+    4. At ``t = start_preconditioning_step`` and at every later multiple of
+       ``precondition_frequency``: ``R_i = (F_i / c + epsilon I)^(-1/(2k))`` for a block of order
+       ``k``, with ``c = 1 - beta2^t`` if ``use_bias_correction`` and ``beta2 < 1``, else 1.
     5. Direction ``D``: from step ``start_preconditioning_step`` on (-1 means
        ``precondition_frequency``), ``M`` multiplied by every ``R_i`` along dimension ``i``, rescaled
        to the grafting direction's norm when grafting; before it, the grafting direction of ``M``,
        or ``M`` itself without grafting.
     6. ``D += weight_decay * W`` if ``use_decoupled_weight_decay``; with momentum,
-       ``B = momentum B + (1 - dampening) D`` and ``D = B`` (``D += momentum B`` with Nesterov).
+       ``B = momentum B + (1 - dampening) D`` and ``D = B`` (with Nesterov,
+       ``D = (1 - dampening) D + momentum B``).
     7. ``W -= lr * D``.
 
     Args:
@@ -213,9 +215,13 @@ class DistributedShampoo(torch.optim.Optimizer):
         ]
         self._distributor: BlockDistributor = self._make_distributor(distributed_config, state_nbytes)
         self._block_states: dict[int, BlockState] = {}
-        self._steps: list[torch.Tensor] = []
+        # One step count per parameter group, as in the reference implementation: it counts the
+        # group's calls of ``step()``, whether or not a parameter had a gradient.
+        self._group_steps: list[torch.Tensor] = [torch.zeros((), dtype=torch.int64) for _ in self.param_groups]
+        self._group_of: list[int] = [index for index, group in enumerate(self.param_groups) for _ in group["params"]]
+        # Each group's first parameter: its state holds the group's step.
+        self._group_firsts: list[int] = list(accumulate((len(group["params"]) for group in self.param_groups[:-1]), initial=0))
         for param_index, (param, hyperparameters) in enumerate(zip(self._params, param_hyperparameters)):
-            self._steps.append(torch.zeros((), dtype=torch.int64))
             for position in self._layouts[param_index].block_positions:
                 if self._distributor.is_owned(position):
                     block = self._blocks[position]
@@ -251,8 +257,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         return self._distributor.bytes_sent, self._distributor.bytes_received
 
     def _param_state(self, param_index: int) -> ParamState:
-        """A fresh dict holding the parameter's step and owned blocks' state (the live tensors)."""
-        state: ParamState = {STEP: self._steps[param_index]}
+        """A fresh dict holding the owned blocks' state (the live tensors) and, for the first
+        parameter of a group, the group's step."""
+        group_index = self._group_of[param_index]
+        state: ParamState = {STEP: self._group_steps[group_index]} if self._group_firsts[group_index] == param_index else {}
         for position in self._layouts[param_index].block_positions:
             block_state = self._block_states.get(position)
             if block_state is not None:
@@ -264,10 +272,13 @@ class DistributedShampoo(torch.optim.Optimizer):
 
         Raises:
             RuntimeError: After construction: the block list and its ownership are fixed then.
+            ValueError: The group has no parameters.
         """
         if hasattr(self, "_distributor"):
             raise RuntimeError("DistributedShampoo: parameter groups cannot be added after construction")
         super().add_param_group(param_group)
+        if not self.param_groups[-1]["params"]:
+            raise ValueError("DistributedShampoo: a parameter group has no parameters (its step count would have no home)")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -295,6 +306,8 @@ class DistributedShampoo(torch.optim.Optimizer):
                 raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
         stepped = [param.grad is not None for param in self._params]
         self._distributor.agree_on_gradients(stepped)
+        for group_step in self._group_steps:
+            group_step.add_(1)
         local_params = [local_data(param) for param in self._params]
         # Per stepped parameter, this rank's gradient (with an L2 term unless decoupled) and, for
         # decoupled weight decay, the parameter: what the blocks' owners need.
@@ -304,7 +317,6 @@ class DistributedShampoo(torch.optim.Optimizer):
             if grad is None:
                 inputs.append(None)
                 continue
-            self._steps[len(inputs)].add_(1)
             local_grad = local_data(grad)
             if group.weight_decay == 0.0:
                 inputs.append((local_grad,))
@@ -321,7 +333,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 block_inputs[0].to(torch.promote_types(dtype, torch.float32)),
                 block_inputs[1].to(dtype) if len(block_inputs) > 1 else None,
                 hyperparameters[param_index],
-                int(self._steps[param_index]),
+                int(self._group_steps[self._group_of[param_index]]),
             )
         for param_index, target, update in self._distributor.block_updates(local_params, directions, stepped):
             target.add_(update.to(target.dtype), alpha=-hyperparameters[param_index].lr)
@@ -352,7 +364,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             bias_correction1 = 1.0 - beta1**step if hyperparameters.use_bias_correction else 1.0
             filtered = filtered_grad.to(grad.dtype) / bias_correction1
 
-        if step % hyperparameters.precondition_frequency == 0:
+        if hyperparameters.computes_roots_at(step):
             use_bias_correction2 = hyperparameters.use_bias_correction and beta2 < 1.0
             state.shampoo.compute_inverse_roots(hyperparameters.epsilon, 1.0 - beta2**step if use_bias_correction2 else 1.0)
 
@@ -372,7 +384,9 @@ class DistributedShampoo(torch.optim.Optimizer):
             momentum = _buffer(state.momentum, "momentum")
             momentum.mul_(hyperparameters.momentum).add_(direction, alpha=1.0 - hyperparameters.dampening)
             direction = (
-                direction.add(momentum, alpha=hyperparameters.momentum) if hyperparameters.use_nesterov else momentum
+                direction.mul(1.0 - hyperparameters.dampening).add_(momentum, alpha=hyperparameters.momentum)
+                if hyperparameters.use_nesterov
+                else momentum
             )
         return direction
 
@@ -401,7 +415,8 @@ class DistributedShampoo(torch.optim.Optimizer):
         ``{"state": {name: {"step": t, "block_<i>": {"shampoo": {"factor_matrices": {0: ..},
         "inv_factor_matrices": {0: ..}}, "adagrad": .., "filtered_grad": .., "momentum": ..}}},
         "param_groups": {name: {hyperparameter: value}}}``, holding only the blocks this rank owns
-        (``i`` is the block's index within its parameter). The tensors are the optimizer's own
+        (``i`` is the block's index within its parameter); ``step``, the group's step count, is in
+        the state of each group's first parameter only, as in the reference. The tensors are the optimizer's own
         (no copies): ``save_checkpoint`` writes them, and ``load_checkpoint`` can fill them in place.
 
         Args:
@@ -449,8 +464,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         if save_param_groups:
             saved_groups = _mapping(state_dict, "param_groups")
             # Parameters of a group share its hyperparameters: read them from its first parameter.
-            firsts = accumulate((len(group["params"]) for group in self.param_groups[:-1]), initial=0)
-            self._load_hyperparameters([(repr(names[first]), _mapping(saved_groups, names[first])) for first in firsts])
+            self._load_hyperparameters([(repr(names[first]), _mapping(saved_groups, names[first])) for first in self._group_firsts])
         state = _mapping(state_dict, "state")
         for index, name in enumerate(names):
             if name not in state:

@@ -167,6 +167,12 @@ class ShampooHyperparameters:
         """The first step that uses Shampoo's direction (-1 means ``precondition_frequency``)."""
         return self.precondition_frequency if self.start_preconditioning_step == -1 else self.start_preconditioning_step
 
+    def computes_roots_at(self, step: int) -> bool:
+        """Whether the inverse roots are computed at ``step``: at the first preconditioned step,
+        then at every later multiple of ``precondition_frequency`` (the reference's schedule)."""
+        start = self.first_preconditioned_step
+        return step == start or (step > start and step % self.precondition_frequency == 0)
+
     @classmethod
     def from_group(cls, group: Mapping[str, object]) -> "ShampooHyperparameters":
         """Reads and validates a parameter group's hyperparameters.
@@ -212,8 +218,7 @@ class ShampooHyperparameters:
                 values.start_preconditioning_step == -1
                 or values.start_preconditioning_step >= values.precondition_frequency,
                 f"Invalid start_preconditioning_step: {values.start_preconditioning_step}. Must be -1 or "
-                f">= precondition_frequency ({values.precondition_frequency}): the inverse roots are first "
-                "computed at step precondition_frequency.",
+                f">= precondition_frequency ({values.precondition_frequency}).",
             ),
             (
                 values.momentum > 0.0 or not values.use_nesterov,

@@ -45,6 +45,7 @@ class Setting:
     frequency: int = 1
     start: int = 1
     grafting: GraftingConfig | None = None
+    steps: int = 5
 
     def optimizer(self, params: list[torch.Tensor], max_preconditioner_dim: int = 1024) -> DistributedShampoo:
         return DistributedShampoo(
@@ -87,7 +88,7 @@ def reference_trajectory(setting: Setting, weight: torch.Tensor, grads: list[tor
             accumulator = grafting.beta2 * accumulator + (1 - grafting.beta2) * g * g
         filtered = s.beta1 * filtered + (1 - s.beta1) * g if s.beta1 else g
         corrected = filtered / (1 - s.beta1**t) if s.bias_correction and s.beta1 else filtered
-        if t % s.frequency == 0:
+        if t == s.start or (t > s.start and t % s.frequency == 0):  # the reference's schedule
             c = 1 - s.beta2**t if s.bias_correction and s.beta2 < 1 else 1.0
             root_left, root_right = explicit_root(left / c, 4, s.epsilon), explicit_root(right / c, 4, s.epsilon)
         if isinstance(grafting, AdaGradPreconditionerConfig):
@@ -108,7 +109,7 @@ def reference_trajectory(setting: Setting, weight: torch.Tensor, grads: list[tor
             direction = direction + s.weight_decay * w
         if s.momentum:
             momentum = s.momentum * momentum + (1 - s.dampening) * direction
-            direction = direction + s.momentum * momentum if s.nesterov else momentum
+            direction = (1 - s.dampening) * direction + s.momentum * momentum if s.nesterov else momentum
         w = w - s.lr * direction
     return w
 
@@ -201,6 +202,11 @@ class AgainstReferenceTest(unittest.TestCase):
             ("momentum", Setting(momentum=0.9)),
             ("momentum_dampening", Setting(momentum=0.9, dampening=0.3)),
             ("nesterov", Setting(momentum=0.9, nesterov=True)),
+            ("nesterov_dampening", Setting(momentum=0.9, dampening=0.3, nesterov=True)),
+            # Roots computed at step 7, then at 10 (not at 5): the first preconditioned step uses fresh roots.
+            ("start_not_a_multiple_of_frequency", Setting(frequency=5, start=7, steps=11)),
+            ("start_not_a_multiple_of_frequency_grafted",
+             Setting(frequency=5, start=7, steps=11, beta2=0.9, grafting=AdamPreconditionerConfig(beta2=0.9, epsilon=1e-3))),
             ("everything", Setting(beta1=0.9, beta2=0.99, momentum=0.5, nesterov=True, weight_decay=0.01, frequency=2, start=2,
                                    grafting=AdamPreconditionerConfig(beta2=0.99, epsilon=1e-3))),
         ]
@@ -209,7 +215,7 @@ class AgainstReferenceTest(unittest.TestCase):
         generator = torch.Generator().manual_seed(5)
         weight = torch.nn.Parameter(torch.randn(6, 4, generator=generator))
         initial = weight.detach().clone()
-        grads = random_grads((6, 4), steps=5, seed=6)
+        grads = random_grads((6, 4), steps=setting.steps, seed=6)
         # 6 * 4 > max_preconditioner_dim = 6: one unmerged 2-D block.
         run(setting.optimizer([weight], max_preconditioner_dim=6), [weight], [[grad] for grad in grads])
         torch.testing.assert_close(weight.detach().double(), reference_trajectory(setting, initial, grads), rtol=1e-4, atol=1e-5)
@@ -250,10 +256,32 @@ class ParameterShapesTest(unittest.TestCase):
         optimizer = Setting(momentum=0.9, beta1=0.9).optimizer([used, unused])
         run(optimizer, [used, unused], [[torch.ones(3, 2), None]] * 3)
         self.assertTrue(torch.equal(unused.detach(), torch.ones(2, 2)))
-        self.assertEqual(int(optimizer.state[unused]["step"]), 0)
-        self.assertEqual(int(optimizer.state[used]["step"]), 3)
         self.assertTrue(torch.equal(optimizer.state[unused]["block_0"]["momentum"], torch.zeros(4)))
         self.assertFalse(torch.equal(used.detach(), torch.ones(3, 2)))
+
+    def test_one_step_count_per_group_advanced_by_every_step(self) -> None:
+        # As in the reference: the group's first parameter holds the step, which counts step()
+        # calls, so a parameter's first gradient at step 3 is bias-corrected with t = 3.
+        first, late = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+        other = torch.nn.Parameter(torch.zeros(1))
+        optimizer = DistributedShampoo(
+            [{"params": [first, late]}, {"params": [other]}], lr=1.0, betas=(0.9, 1.0), start_preconditioning_step=10,
+        )
+        run(optimizer, [first, late, other], [[torch.ones(2), None, None], [torch.ones(2), None, None], [torch.ones(2), torch.ones(3), None]])
+        self.assertEqual([int(optimizer.state[p]["step"]) for p in (first, other)], [3, 3])
+        self.assertNotIn("step", optimizer.state[late])
+        # Before start_preconditioning_step, without grafting, the update is the bias-corrected filtered gradient.
+        torch.testing.assert_close(late.detach(), torch.full((3,), -0.1 / (1 - 0.9**3)))
+        self.assertTrue(torch.equal(other.detach(), torch.zeros(1)))
+
+    def test_nesterov_scales_the_direction_by_one_minus_dampening(self) -> None:
+        # Step 1: B = (1 - d) D, and the reference's Nesterov update is (1 - d) D + m B = (1 - d)(1 + m) D.
+        updates = []
+        for momentum, nesterov in ((0.0, False), (0.9, True)):
+            weight = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+            run(Setting(momentum=momentum, dampening=0.3, nesterov=nesterov).optimizer([weight]), [weight], [[torch.arange(1.0, 4.0, dtype=torch.float64)]])
+            updates.append(weight.detach())
+        torch.testing.assert_close(updates[1], updates[0] * (0.7 * 1.9), rtol=1e-12, atol=0.0)
 
     def test_bfloat16_factors_store_the_float32_factors_rounded(self) -> None:
         grads = random_grads((5, 3), steps=4, seed=7)
@@ -300,8 +328,7 @@ class ValidationTest(unittest.TestCase):
             ({"max_preconditioner_dim": 2.5}, "Invalid max_preconditioner_dim: 2.5. Must be an int."),
             ({"precondition_frequency": 0}, "Invalid precondition_frequency: 0. Must be >= 1."),
             ({"precondition_frequency": 4, "start_preconditioning_step": 2},
-             "Invalid start_preconditioning_step: 2. Must be -1 or >= precondition_frequency (4): the inverse roots "
-             "are first computed at step precondition_frequency."),
+             "Invalid start_preconditioning_step: 2. Must be -1 or >= precondition_frequency (4)."),
             ({"use_nesterov": True}, "Invalid use_nesterov: True. Nesterov momentum needs momentum > 0."),
             ({"use_bias_correction": 1}, "Invalid use_bias_correction: 1. Must be a bool."),
             ({"preconditioner_dtype": torch.float64},
@@ -355,6 +382,10 @@ class ValidationTest(unittest.TestCase):
     def test_fully_shard_config_needs_dtensor_parameters(self) -> None:
         with self.assertRaisesRegex(ValueError, r"^FullyShardDistributedConfig: parameter #0 is a Parameter, not a DTensor; apply"):
             DistributedShampoo([torch.nn.Parameter(torch.ones(2))], distributed_config=FullyShardDistributedConfig())
+
+    def test_empty_parameter_group(self) -> None:
+        with self.assertRaisesRegex(ValueError, r"^DistributedShampoo: a parameter group has no parameters"):
+            DistributedShampoo([{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": []}])
 
     def test_param_groups_cannot_be_added_later(self) -> None:
         optimizer = DistributedShampoo([torch.nn.Parameter(torch.ones(2))])

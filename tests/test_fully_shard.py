@@ -184,7 +184,7 @@ def refuse_bad_input(rank: int, world_size: int) -> None:
     with _raises(RuntimeError, "parameters #[1] have a gradient on some ranks and none on others"):
         optimizer.step()
     assert all(torch.equal(local_data(param), old) for param, old in zip(model.parameters(), before)), "a refused step moved parameters"
-    assert all(int(param_state["step"]) == 0 for param_state in optimizer.state.values()), "a refused step advanced a step count"
+    assert all(int(param_state["step"]) == 0 for param_state in optimizer.state.values() if "step" in param_state), "a refused step advanced a step count"
 
 
 @contextlib.contextmanager

@@ -260,7 +260,9 @@ class DistributedShampoo(torch.optim.Optimizer):
         """A fresh dict holding the owned blocks' state (the live tensors) and, for the first
         parameter of a group, the group's step."""
         group_index = self._group_of[param_index]
-        state: ParamState = {STEP: self._group_steps[group_index]} if self._group_firsts[group_index] == param_index else {}
+        state: ParamState = {}
+        if self._group_firsts[group_index] == param_index:
+            state[STEP] = self._group_steps[group_index]
         for position in self._layouts[param_index].block_positions:
             block_state = self._block_states.get(position)
             if block_state is not None:

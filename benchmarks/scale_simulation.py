@@ -183,7 +183,7 @@ def simulate(state: ShampooState, world_size: int, resume_at: int, scratch: Path
         files.append(WrittenFile(checksums, pages, FileRecord(1 << 40, "0123456789abcdef")))
     record_bytes = [len(pickle.dumps(written)) for written in files]
     target = scratch / f"ckpt-{world_size}"
-    staged = StagedSave(target, staging_dir(target, save_id[:16]), save_id, "optimizer", global_plan, [], {}, {}, True)
+    staged = StagedSave(target, staging_dir(target, save_id[:16]), save_id, "optimizer", global_plan, [], [], {}, True)
     staged.staging.mkdir()
     commit_s, _ = _timed(lambda: commit_index(staged, global_plan, world_size, files))
     index_path = target / "optimizer.safetensors.index.json"

@@ -6,6 +6,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload, TypeVar
@@ -141,9 +142,12 @@ class StagedSave:
         plan: Every rank's writes and the index's layouts, on rank 0 (which commits); None on
             the other ranks.
         writes: This rank's ``(stored name, tensor)`` pairs, in write order.
-        replicas: Checksums of the replicated tensors this rank holds but another rank writes.
+        replicas: The replicated tensors this rank holds but another rank writes (their checksums
+            are compared with the writer's).
         metadata: The user metadata for the index.
         overwrite: Whether an existing ``target`` may be replaced.
+        failed: Why this rank cannot go on (its ``snapshot`` failed): ``finish_save`` then writes
+            nothing and fails the save on every rank.
     """
 
     target: Path
@@ -152,9 +156,10 @@ class StagedSave:
     prefix: str
     plan: GlobalPlan | None
     writes: list[tuple[str, torch.Tensor]]
-    replicas: dict[str, str]
+    replicas: list[tuple[str, torch.Tensor]]
     metadata: Mapping[str, object] | None
     overwrite: bool
+    failed: BaseException | None = None
 
 
 def _shared(error: BaseException, rank: int, target: Path) -> CheckpointError:
@@ -184,36 +189,57 @@ def stage_save(
     metadata: Mapping[str, object] | None,
     prefix: str,
     overwrite: bool,
+    snapshot: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> StagedSave:
     """The first half of a save: plan on every rank; rank 0 gathers the plans, decides who writes
     what, and sends each rank its decisions (two collectives on ``group``).
 
     Rank 0 checks the target and creates the staging directory. A failure on any rank raises on
     every rank (the same error class), and the staging directory is removed.
+
+    Args:
+        snapshot: Called with this rank's tensors (stored name -> tensor) while the ranks exchange
+            their plans, in this thread; what it returns (e.g. copies in staging buffers) is what
+            the save writes. What it raises is kept in ``StagedSave.failed``.
     """
     target = Path(checkpoint_dir).absolute()
     prepared, local_plan_data, own_prepare_error = _prepare(group, target, state_dict, metadata, prefix, overwrite)
     staging = staging_dir(target, prepared.save_id[:16]) if prepared.save_id is not None else None
     global_plan: GlobalPlan | None = None
+    tensors, failed = local_plan_data, None
     try:
-        # Plans go to rank 0, which decides and sends each rank only its own part.
-        everyone = group.gather_to_first(prepared)
-        decisions: list[_Decision] | None = None
-        if everyone is not None:
-            global_plan, decisions = _decide(everyone, target)
-        decision = group.scatter_from_first(decisions)
+        if snapshot is None:
+            global_plan, decision = _exchange_plans(group, prepared, target)
+        else:  # the copies overlap the exchange: the collectives wait without the GIL
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distributed_shampoo-plan") as pool:
+                exchanged = pool.submit(_exchange_plans, group, prepared, target)
+                try:
+                    tensors = snapshot(local_plan_data)
+                except BaseException as error:  # the other ranks are committed to the save: fail it everywhere
+                    failed = error
+                global_plan, decision = exchanged.result()
         if decision.error is not None:
             own = decision.failed_rank == group.rank and own_prepare_error is not None
             raise own_prepare_error if own and own_prepare_error is not None else decision.error
-        replicas = {name: checksum(tensor_bytes(local_plan_data[name])) for name in decision.replicas}
     except BaseException as error:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise _local(error, group.rank, target)
-    writes = [(name, local_plan_data[name]) for name in decision.writes]
+    writes = [(name, tensors[name]) for name in decision.writes]
+    replicas = [(name, tensors[name]) for name in decision.replicas]
     return StagedSave(
-        target, staging_dir(target, decision.save_id[:16]), decision.save_id, prefix, global_plan, writes, replicas, metadata, overwrite
+        target, staging_dir(target, decision.save_id[:16]), decision.save_id, prefix, global_plan, writes, replicas, metadata, overwrite, failed
     )
+
+
+def _exchange_plans(group: Group, prepared: "_Prepared", target: Path) -> tuple[GlobalPlan | None, "_Decision"]:
+    """Plans go to rank 0, which decides and sends each rank only its own part."""
+    everyone = group.gather_to_first(prepared)
+    global_plan: GlobalPlan | None = None
+    decisions: list[_Decision] | None = None
+    if everyone is not None:
+        global_plan, decisions = _decide(everyone, target)
+    return global_plan, group.scatter_from_first(decisions)
 
 
 @dataclass(frozen=True)
@@ -245,17 +271,16 @@ def _decide(everyone: list[_Prepared], target: Path) -> tuple[GlobalPlan | None,
     return None, [_Decision(save_id, (), (), error, rank) for _ in everyone]
 
 
-def finish_save(staged: StagedSave, group: Group, failed: BaseException | None = None) -> Path:
+def finish_save(staged: StagedSave, group: Group) -> Path:
     """The second half of a save: write this rank's file, then rank 0 commits the index.
 
     Two collectives on ``group`` (which must hold the same ranks, in the same order, as the group
     that staged the save): gather the written files' records on rank 0, broadcast the outcome.
 
     Args:
-        staged: What ``stage_save`` returned.
-        group: The ranks finishing the save together.
-        failed: Set when this rank failed between staging and writing: it writes nothing and
+        staged: What ``stage_save`` returned. If ``staged.failed``, this rank writes nothing and
             reports the failure, so that every rank fails the save instead of waiting.
+        group: The ranks finishing the save together.
 
     Returns:
         The published checkpoint directory.
@@ -266,14 +291,14 @@ def finish_save(staged: StagedSave, group: Group, failed: BaseException | None =
     """
     own_error: BaseException | None = None
     try:
-        if failed is not None:
-            raise failed
+        if staged.failed is not None:
+            raise staged.failed
         written = write_safetensors(
             staged.staging / shard_file_name(staged.prefix, group.rank, group.world_size),
             staged.writes,
             shard_header_metadata(group.rank, group.world_size, staged.save_id),
         )
-        mine = _Written(written, staged.replicas, None)
+        mine = _Written(written, {name: checksum(tensor_bytes(tensor)) for name, tensor in staged.replicas}, None)
     except BaseException as error:  # reported to every rank so that none waits for this one
         own_error = error
         mine = _Written(None, {}, _shared(error, group.rank, staged.target))

@@ -1,9 +1,10 @@
 # pyre-strict
 """Asynchronous saves: staging blocks training, writing and committing run in the background.
 
-``save_async`` plans the save with the other ranks (one collective on the training process group,
-in the caller's thread) and copies this rank's tensors into CPU staging buffers (pinned when CUDA
-is available, reused by the next save of the same shapes). It then returns a ``CheckpointFuture``;
+``save_async`` plans the save with the other ranks (collectives on the training process group, in
+a thread it waits for) while it copies this rank's tensors into CPU staging buffers (pinned when
+CUDA is available, reused by the next save of the same shapes), so training waits for the copies
+and little else. It then returns a ``CheckpointFuture``;
 a background thread writes the file, fsyncs it, and commits. The background thread talks to the
 other ranks only through a gloo process group of its own, created with the checkpointer, so it
 never issues a collective on the training process group.
@@ -13,7 +14,6 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,10 +28,8 @@ from distributed_shampoo.checkpoint.plan import StateDict
 from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
 
 
-def _finish_and_notify(
-    staged: StagedSave, group: Group, after_commit: Callable[[Path], None] | None, failed: BaseException | None
-) -> Path:
-    published = finish_save(staged, group, failed)
+def _finish_and_notify(staged: StagedSave, group: Group, after_commit: Callable[[Path], None] | None) -> Path:
+    published = finish_save(staged, group)
     if after_commit is not None:
         try:
             after_commit(published)
@@ -150,36 +148,29 @@ class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
         if self._closed:
             raise AsyncSaveError(f"cannot save {checkpoint_dir}: this AsyncCheckpointer is closed")
         self.wait()
-        failed: BaseException | None = None
         with paused_gc():  # the part of the save that blocks training
-            staged = stage_save(self._group, checkpoint_dir, state_dict, metadata, prefix, overwrite)
-            try:
-                staged = self._copy_to_staging_buffers(staged)
-            except BaseException as error:  # the other ranks are committed to the save: fail it everywhere
-                failed = error
+            staged = stage_save(self._group, checkpoint_dir, state_dict, metadata, prefix, overwrite, self._copy_to_staging_buffers)
         future = CheckpointFuture(
-            self._executor.submit(_finish_and_notify, staged, self._background_group, after_commit, failed),
+            self._executor.submit(_finish_and_notify, staged, self._background_group, after_commit),
             staged.target,
         )
         self._in_flight = future
         return future
 
-    def _copy_to_staging_buffers(self, staged: StagedSave) -> StagedSave:
+    def _copy_to_staging_buffers(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copies this rank's tensors into CPU buffers kept for the next save of the same layout."""
         pin = torch.cuda.is_available()
         buffers: dict[str, torch.Tensor] = {}
-        copies: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in staged.writes:
+        for name, tensor in tensors.items():
             buffer = self._buffers.get(name)
             if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
                 buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
             buffer.copy_(tensor.detach(), non_blocking=pin)
             buffers[name] = buffer
-            copies.append((name, buffer))
         if pin:
             torch.cuda.synchronize()  # the non-blocking copies must land before training resumes
         self._buffers = buffers
-        return replace(staged, writes=copies)
+        return buffers
 
     def wait(self) -> None:
         """Waits for the save in flight, if any, without raising its failure (see its future)."""

@@ -182,7 +182,7 @@ def rewrite_checkpoint(
             _report(progress, rank + 1, world_size)
         writes = tuple(tuple(names) for names in writes_per_rank)
         plan = GlobalPlan(writes, tuple(() for _ in writes), layouts, index.objects, index.containers)
-        staged = StagedSave(target, staging, save_id, index.prefix, plan, [], {}, index.user_metadata, False)
+        staged = StagedSave(target, staging, save_id, index.prefix, plan, [], [], index.user_metadata, False)
         return commit_index(staged, plan, world_size, written)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

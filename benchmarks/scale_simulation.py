@@ -44,7 +44,7 @@ import torch
 
 from distributed_shampoo.checkpoint.api import _Decision, _Prepared, commit_index, StagedSave
 from distributed_shampoo.checkpoint.commit import new_save_id, staging_dir
-from distributed_shampoo.checkpoint.format import FileRecord, PAGE_BYTES, shard_file_name
+from distributed_shampoo.checkpoint.format import FileRecord, PAGE_BYTES
 from distributed_shampoo.checkpoint.index_parts import read_partial_index
 from distributed_shampoo.checkpoint.load import leaf_names, LoadPlan
 from distributed_shampoo.checkpoint.parse import read_index

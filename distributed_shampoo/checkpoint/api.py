@@ -101,7 +101,8 @@ def save_checkpoint(
         checkpoint_dir: The checkpoint's directory (created; its parent must be shared by all
             ranks).
         state_dict: Nested dicts (str/int keys), lists and tuples of tensors, DTensors and
-            ``int``/``float``/``bool``/``str``/``None``. A plain tensor under the same key on
+            ``int``/``float``/``bool``/``str``/``None``, torch dtypes and this package's config
+            dataclasses (stored as typed JSON, see ``values``). A plain tensor under the same key on
             several ranks is replicated state: it must be identical on all of them and is written
             once (by the lowest rank).
         process_group: The ranks saving together.

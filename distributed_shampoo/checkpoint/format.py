@@ -20,6 +20,7 @@ import torch
 import xxhash
 
 from distributed_shampoo.checkpoint.errors import ChecksumMismatchError, InvalidArgumentError
+from distributed_shampoo.checkpoint.values import encode_value
 
 FORMAT_NAME = "distributed_shampoo.checkpoint"
 FORMAT_VERSION = 3
@@ -268,14 +269,6 @@ class CheckpointIndex:
         return [shard_file_name(self.prefix, rank, self.world_size) for rank in range(self.world_size)]
 
 
-def encode_object(value: object) -> object:
-    """JSON form of a non-tensor leaf; non-finite floats become ``{"float": "inf"|"-inf"|"nan"}``
-    because JSON has no literal for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"float": str(value)}
-    return value
-
-
 def canonical_json(document: object) -> str:
     """The canonical text of a JSON document (sorted keys, no spaces, ASCII): what the index
     digest covers, so any change of content changes it while the layout of the file does not."""
@@ -312,7 +305,7 @@ def index_document(index: CheckpointIndex, extra: Mapping[str, object] | None = 
         "tensors": tensors,
         "checksums": index.checksums,
         "pages": index.pages,
-        "objects": {name: encode_object(value) for name, value in index.objects.items()},
+        "objects": {name: encode_value(value) for name, value in index.objects.items()},
         "containers": index.containers,
         "user": index.user_metadata,
         **(extra or {}),

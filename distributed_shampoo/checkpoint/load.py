@@ -31,7 +31,8 @@ from distributed_shampoo.checkpoint.errors import (
 from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, DTYPE_TO_NAME, HeaderEntry
 from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
-from distributed_shampoo.checkpoint.plan import check_placements, child_prefix, close_name, local_box, SCALAR_TYPES, StateDict
+from distributed_shampoo.checkpoint.plan import check_placements, child_prefix, close_name, local_box, StateDict
+from distributed_shampoo.checkpoint.values import is_value
 from distributed_shampoo.checkpoint.reader import open_regular, prefetch, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
@@ -133,7 +134,7 @@ def leaf_names(template: StateDict) -> list[str]:
     names: list[str] = []
 
     def visit(node: object, prefix: str) -> None:
-        if isinstance(node, torch.Tensor) or isinstance(node, SCALAR_TYPES):
+        if isinstance(node, torch.Tensor) or is_value(node):
             names.append(close_name(prefix))
         elif isinstance(node, Mapping):
             for key, child in node.items():
@@ -215,7 +216,7 @@ class LoadPlan:
             else:
                 self._missing.append(name)
             return node
-        if isinstance(node, SCALAR_TYPES):
+        if is_value(node):
             if name in self.index.objects:
                 return _convert(name, self.index.objects[name], node)
             if name in self.index.tensors:

@@ -52,6 +52,7 @@ from distributed_shampoo.checkpoint.format import (
     tiling_problem,
 )
 from distributed_shampoo.checkpoint.reader import read_small_file
+from distributed_shampoo.checkpoint.values import decode_value
 from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, Key
 
 _HEX: frozenset[str] = frozenset("0123456789abcdef")
@@ -59,7 +60,6 @@ _HEX: frozenset[str] = frozenset("0123456789abcdef")
 # ``encode_key`` writes it: a name of this form is canonical without re-encoding it.
 _SIMPLE_KEY: str = r'(?:"[ !#-\[\]-~]*"|0|-?[1-9][0-9]{0,17})'
 _CANONICAL_NAME: re.Pattern[str] = re.compile(rf"\[{_SIMPLE_KEY}(?:, {_SIMPLE_KEY})*\]")
-_FLOAT_WORDS: tuple[str, ...] = ("inf", "-inf", "nan")
 _CONTAINER_KINDS: tuple[str, ...] = ("list", "tuple", "dict")
 
 
@@ -473,13 +473,7 @@ def _check_file_sizes(fields: Fields, files: dict[str, FileRecord], weight_map: 
 def _parse_object(fields: Fields, name: str, value: object) -> object:
     where = '"objects" ' + name
     fields.name(name, where)
-    if isinstance(value, dict):
-        if list(value) != ["float"] or value["float"] not in _FLOAT_WORDS:
-            raise fields.fail(where, f'expected a JSON scalar or {{"float": "inf"|"-inf"|"nan"}}, got {_short(value)}')
-        return float(str(value["float"]))
-    if value is not None and not isinstance(value, (bool, int, float, str)):
-        raise fields.fail(where, f"expected a JSON scalar, got {_short(value)}")
-    return value
+    return decode_value(value, lambda problem: fields.fail(where, f"{problem} (in {_short(value)})"))
 
 
 def _parse_container(fields: Fields, name: str, kind: object) -> str:

@@ -2,14 +2,15 @@
 """Pure planning: which leaves a state dict holds, and which rank writes which tensor.
 
 A state dict is any nesting of dicts (str or int keys), lists and tuples whose leaves are tensors,
-DTensors, or ``int``/``float``/``bool``/``str``/``None``. Leaves are named by the utils'
+DTensors, or values (``int``/``float``/``bool``/``str``/``None``, torch dtypes, this package's
+config dataclasses: ``values``). Leaves are named by the utils'
 ``encode_key`` of their key path, e.g. ``["state", "fc.weight", "block_0", "momentum"]``.
 """
 
-import math
 import json
-from json.encoder import encode_basestring_ascii
+import math
 from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring_ascii
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
@@ -22,14 +23,13 @@ from distributed_shampoo.checkpoint.format import (
     chunk_name,
     ChunkLayout,
     DTYPE_TO_NAME,
-    encode_object,
     NAME_TO_DTYPE,
     TensorLayout,
     tiling_problem,
 )
+from distributed_shampoo.checkpoint.values import CONFIG_TYPES, encode_value, is_value
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
 
-SCALAR_TYPES: tuple[type[object], ...] = (bool, int, float, str, type(None))
 # How a local plan marks a dict that is empty on that rank (the index records it as "dict").
 EMPTY_DICT = "empty dict"
 
@@ -69,7 +69,7 @@ def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> 
     leaves: list[tuple[str, object]] = []
 
     def visit(node: object, prefix: str) -> None:
-        if isinstance(node, torch.Tensor) or isinstance(node, SCALAR_TYPES):
+        if isinstance(node, torch.Tensor) or is_value(node):
             leaves.append((close_name(prefix), node))
         elif isinstance(node, Mapping):
             if containers is not None and prefix:
@@ -88,7 +88,8 @@ def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> 
         else:
             raise UnsupportedValueError(
                 f"{close_name(prefix)}: cannot save a {type(node).__module__}.{type(node).__qualname__} "
-                "without pickling; leaves must be tensors, DTensors, int, float, bool, str or None"
+                "without pickling; leaves must be tensors, DTensors, int, float, bool, str, None, torch dtypes "
+                f"or this package's configs ({', '.join(sorted(CONFIG_TYPES))})"
             )
 
     if not isinstance(state, Mapping):
@@ -208,7 +209,7 @@ def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor
     objects: dict[str, object] = {}
     for name, leaf in named_leaves(state_dict, containers):
         if not isinstance(leaf, torch.Tensor):
-            objects[name] = encode_object(leaf)
+            objects[name] = encode_value(leaf)
             continue
         if leaf.layout != torch.strided:
             raise UnsupportedValueError(f"{name}: only strided (dense) tensors can be saved, got {leaf.layout}")

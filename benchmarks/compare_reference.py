@@ -1,0 +1,135 @@
+# pyre-strict
+"""Our DistributedShampoo against the reference implementation, step by step, in float64.
+
+Runs both optimizers, each in its own process (the two packages share the import name
+``distributed_shampoo``), on the same model, data and full-batch loss for ``--steps`` steps, for
+every option both implement, and reports the largest parameter difference relative to how far
+the parameters moved. The reference's own float32-vs-float64 gap, from a third run, is the
+yardstick: a difference well below it is rounding.
+
+    python -m benchmarks.compare_reference --reference /path/to/optimizers   # a checkout at 18178f4
+
+The reference is not a dependency: the checkout is put on ``PYTHONPATH`` of its process only.
+This file imports nothing of ours at module level, since it also runs inside the reference's
+process.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Each case: the constructor's hyperparameters shared by both implementations, the grafting
+# (name, options), and whether one parameter has no gradient on every other step.
+CASES: dict[str, dict[str, object]] = {
+    "plain": {},
+    "beta2 EMA, bias-corrected": {"betas": (0.0, 0.95)},
+    "beta1, bias-corrected": {"betas": (0.9, 1.0)},
+    "beta1, no bias correction": {"betas": (0.9, 0.99), "use_bias_correction": False},
+    "SGD grafting": {"grafting": ("sgd", {})},
+    "AdaGrad grafting": {"grafting": ("adagrad", {"epsilon": 1e-3})},
+    "RMSprop grafting": {"grafting": ("rmsprop", {"beta2": 0.9, "epsilon": 1e-3})},
+    "Adam grafting": {"grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}), "betas": (0.9, 0.99)},
+    "momentum": {"momentum": 0.9},
+    "momentum, dampening": {"momentum": 0.9, "dampening": 0.3},
+    "Nesterov": {"momentum": 0.9, "use_nesterov": True},
+    "Nesterov, dampening": {"momentum": 0.9, "dampening": 0.3, "use_nesterov": True},
+    "decoupled weight decay": {"weight_decay": 0.01},
+    "L2 weight decay": {"weight_decay": 0.01, "use_decoupled_weight_decay": False},
+    "frequency 5, start 7": {"precondition_frequency": 5, "start_preconditioning_step": 7},
+    "frequency 5, start 7, Adam grafting": {
+        "precondition_frequency": 5, "start_preconditioning_step": 7, "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}),
+    },
+    "a gradient missing every other step": {"betas": (0.9, 0.99), "skip_grad": True},
+}
+
+
+def _model(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(16, 6, generator=generator, dtype=torch.float64).to(dtype)
+    targets = torch.randn(16, 3, generator=generator, dtype=torch.float64).to(dtype)
+    return model, inputs, targets
+
+
+def _grafting(spec: object) -> object:
+    """The grafting config of whichever ``distributed_shampoo`` this process imports."""
+    import distributed_shampoo as package
+
+    if spec is None:
+        return None
+    assert isinstance(spec, tuple)
+    name, options = spec
+    reference = hasattr(package, "AdamGraftingConfig")
+    classes = {
+        "sgd": "SGDGraftingConfig" if reference else "SGDPreconditionerConfig",
+        "adagrad": "AdaGradGraftingConfig" if reference else "AdaGradPreconditionerConfig",
+        "rmsprop": "RMSpropGraftingConfig" if reference else "RMSpropPreconditionerConfig",
+        "adam": "AdamGraftingConfig" if reference else "AdamPreconditionerConfig",
+    }
+    return getattr(package, classes[name])(**options)
+
+
+def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
+    """Runs one case with the ``distributed_shampoo`` on this process's path; saves every step's parameters."""
+    import distributed_shampoo as package
+
+    torch.set_num_threads(1)
+    dtype = getattr(torch, dtype_name)
+    options = dict(CASES[case])
+    grafting = _grafting(options.pop("grafting", None))
+    skip_grad = bool(options.pop("skip_grad", False))
+    model, inputs, targets = _model(dtype)
+    optimizer = package.DistributedShampoo(
+        model.parameters(), lr=0.05, epsilon=1e-6, max_preconditioner_dim=4, grafting_config=grafting, **options
+    )
+    trajectory = [torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone()]
+    for step in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        if skip_grad and step % 2 == 1:
+            model[2].bias.grad = None
+        optimizer.step()
+        trajectory.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone())
+    torch.save(torch.stack(trajectory), out)
+
+
+def _run(case: str, dtype: str, steps: int, path: str, out: Path) -> torch.Tensor:
+    env = {**os.environ, "PYTHONPATH": path}
+    subprocess.run(
+        [sys.executable, __file__, "--worker", case, dtype, str(steps), str(out)], env=env, check=True, capture_output=True
+    )
+    return torch.load(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", help="a checkout of facebookresearch/optimizers at 18178f4")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        case, dtype, steps, out = args.worker
+        worker(case, dtype, int(steps), out)
+        return
+    ours = str(Path(__file__).resolve().parents[1])
+    print(f"{args.steps} steps, lr 0.05, epsilon 1e-6, blocks of at most 4, an MLP 6-5-3 (53 parameters), float64")
+    print("| case | ours vs reference (float64) | reference float32 vs float64 | ratio |\n|---|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as scratch:
+        for case in CASES:
+            reference = _run(case, "float64", args.steps, args.reference, Path(scratch, "reference.pt"))
+            reference32 = _run(case, "float32", args.steps, args.reference, Path(scratch, "reference32.pt"))
+            mine = _run(case, "float64", args.steps, ours, Path(scratch, "ours.pt"))
+            moved = (reference - reference[0]).abs().max().item()
+            gap = (mine - reference).abs().max().item() / moved
+            yardstick = (reference32 - reference).abs().max().item() / moved
+            print(f"| {case} | {gap:.2e} | {yardstick:.2e} | {gap / yardstick:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -85,6 +85,11 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
     grafting = _grafting(options.pop("grafting", None))
     skip_grad = bool(options.pop("skip_grad", False))
     model, inputs, targets = _model(dtype)
+    # Factors in the parameters' dtype on both sides (the reference stores them in float32 unless told).
+    if hasattr(package, "RootInvShampooPreconditionerConfig"):
+        options["preconditioner_config"] = package.RootInvShampooPreconditionerConfig(factor_matrix_dtype=dtype)
+    else:
+        options["preconditioner_dtype"] = dtype
     optimizer = package.DistributedShampoo(
         model.parameters(), lr=0.05, epsilon=1e-6, max_preconditioner_dim=4, grafting_config=grafting, **options
     )

@@ -29,9 +29,9 @@ from distributed_shampoo.shampoo_types import (
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, update_param_state_dict_object
 
-# The dtypes factor matrices may be stored in (they are updated in float32, see
-# ``shampoo_preconditioner``).
-PRECONDITIONER_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
+# The dtypes factor matrices may be stored in (they are updated in float32, or in float64 when
+# stored in float64, see ``shampoo_preconditioner``).
+PRECONDITIONER_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 # A parameter's state: its step count and the blocks this rank owns (see ``distributed_state_dict``).
 ParamState = dict[Key, object]
@@ -143,8 +143,9 @@ class DistributedShampoo(torch.optim.Optimizer):
         use_decoupled_weight_decay: AdamW-style weight decay instead of an L2 term in the gradient.
         grafting_config: The grafted diagonal optimizer, or None for none.
         distributed_config: Distribute blocks over ranks, or None for one process.
-        preconditioner_dtype: Storage dtype of the factors and inverse roots (float32, bfloat16
-            or float16); they are computed on in float32 and float64.
+        preconditioner_dtype: Storage dtype of the factors and inverse roots (float64, float32,
+            bfloat16 or float16); factors are updated in float32 (float64 when stored in float64),
+            roots computed in float64.
 
     Raises:
         ValueError: An invalid hyperparameter (named in the message), or a non-contiguous

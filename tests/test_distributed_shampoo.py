@@ -47,7 +47,9 @@ class Setting:
     grafting: GraftingConfig | None = None
     steps: int = 5
 
-    def optimizer(self, params: list[torch.Tensor], max_preconditioner_dim: int = 1024) -> DistributedShampoo:
+    def optimizer(
+        self, params: list[torch.Tensor], max_preconditioner_dim: int = 1024, preconditioner_dtype: torch.dtype = torch.float32
+    ) -> DistributedShampoo:
         return DistributedShampoo(
             params,
             lr=self.lr,
@@ -63,6 +65,7 @@ class Setting:
             use_bias_correction=self.bias_correction,
             use_decoupled_weight_decay=self.decoupled,
             grafting_config=self.grafting,
+            preconditioner_dtype=preconditioner_dtype,
         )
 
 
@@ -220,6 +223,18 @@ class AgainstReferenceTest(unittest.TestCase):
         run(setting.optimizer([weight], max_preconditioner_dim=6), [weight], [[grad] for grad in grads])
         torch.testing.assert_close(weight.detach().double(), reference_trajectory(setting, initial, grads), rtol=1e-4, atol=1e-5)
 
+    def test_float64_factors_follow_the_float64_formula_to_rounding(self) -> None:
+        # Float32 factors (the default) agree to ~1e-5 above; stored and updated in float64, to 1e-12.
+        setting = Setting(beta1=0.9, beta2=0.99, momentum=0.5, dampening=0.2, nesterov=True, weight_decay=0.01, frequency=3, start=4,
+                          grafting=AdamPreconditionerConfig(beta2=0.99, epsilon=1e-3), steps=9)
+        weight = torch.nn.Parameter(torch.randn(6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+        initial = weight.detach().clone()
+        grads = [grad.double() for grad in random_grads((6, 4), steps=setting.steps, seed=6)]
+        optimizer = setting.optimizer([weight], max_preconditioner_dim=6, preconditioner_dtype=torch.float64)
+        run(optimizer, [weight], [[grad] for grad in grads])
+        self.assertEqual(optimizer.state[weight]["block_0"]["shampoo"]["factor_matrices"][0].dtype, torch.float64)
+        torch.testing.assert_close(weight.detach(), reference_trajectory(setting, initial, grads), rtol=1e-12, atol=1e-12)
+
     def test_decoupled_and_l2_weight_decay_differ(self) -> None:
         weights = []
         for decoupled in (True, False):
@@ -331,8 +346,8 @@ class ValidationTest(unittest.TestCase):
              "Invalid start_preconditioning_step: 2. Must be -1 or >= precondition_frequency (4)."),
             ({"use_nesterov": True}, "Invalid use_nesterov: True. Nesterov momentum needs momentum > 0."),
             ({"use_bias_correction": 1}, "Invalid use_bias_correction: 1. Must be a bool."),
-            ({"preconditioner_dtype": torch.float64},
-             "Invalid preconditioner_dtype: torch.float64. Must be one of (torch.bfloat16, torch.float16, torch.float32)."),
+            ({"preconditioner_dtype": torch.int64},
+             "Invalid preconditioner_dtype: torch.int64. Must be one of (torch.bfloat16, torch.float16, torch.float32, torch.float64)."),
         ]
     )
     def test_invalid_hyperparameter_is_named(self, kwargs: dict[str, object], message: str) -> None:

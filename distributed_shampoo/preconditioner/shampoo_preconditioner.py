@@ -10,8 +10,9 @@ from distributed_shampoo.utils.shampoo_quantization import (
     QuantizedTensorList,
 )
 
-# Factors are accumulated in float32 whatever their storage dtype, and their inverse roots are
-# computed in float64: the eigenvalues of an accumulated factor span many orders of magnitude.
+# Factors are accumulated in float32 (float64 when stored in float64) whatever their storage
+# dtype, and their inverse roots are computed in float64: the eigenvalues of an accumulated factor
+# span many orders of magnitude.
 FACTOR_COMPUTATION_DTYPE: torch.dtype = torch.float32
 ROOT_COMPUTATION_DTYPE: torch.dtype = torch.float64
 
@@ -44,7 +45,7 @@ class ShampooPreconditioner(OptimizerModule):
         block_info: The block; its ``allocate_zeros_tensor`` allocates the matrices on its
             parameter's device.
         block_shape: The block's shape (at least one dimension).
-        dtype: The storage dtype of the factors and roots (float32, bfloat16 or float16).
+        dtype: The storage dtype of the factors and roots (float64, float32, bfloat16 or float16).
     """
 
     def __init__(self, block_info: BlockInfo, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -62,11 +63,11 @@ class ShampooPreconditioner(OptimizerModule):
 
         ``G_(i)`` is the gradient block unfolded along dimension ``i``.
         """
-        grad = grad.to(FACTOR_COMPUTATION_DTYPE)
+        storage_dtype = self.factor_matrices[0].dtype
+        computation_dtype = torch.promote_types(storage_dtype, FACTOR_COMPUTATION_DTYPE)
+        grad = grad.to(computation_dtype)
         dims = range(grad.dim())
-        storage = QuantizedTensorList(
-            [(factor, None, None) for factor in self.factor_matrices], self.factor_matrices[0].dtype, FACTOR_COMPUTATION_DTYPE
-        )
+        storage = QuantizedTensorList([(factor, None, None) for factor in self.factor_matrices], storage_dtype, computation_dtype)
         with DequantizeQuantizedTensorListContext(storage) as factors:
             for dim, factor in enumerate(factors.dequantized_value):
                 others = [other for other in dims if other != dim]

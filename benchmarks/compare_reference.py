@@ -15,11 +15,13 @@ process.
 """
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -57,10 +59,15 @@ def _model(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor, torch.Ten
     return model, inputs, targets
 
 
-def _grafting(spec: object) -> object:
-    """The grafting config of whichever ``distributed_shampoo`` this process imports."""
-    import distributed_shampoo as package
+def _package() -> ModuleType:
+    """Whichever ``distributed_shampoo`` this process imports: ours or the reference (so its
+    attributes are looked up by name)."""
+    return importlib.import_module("distributed_shampoo")
 
+
+def _grafting(spec: object) -> object:
+    """The grafting config of this process's ``distributed_shampoo``."""
+    package = _package()
     if spec is None:
         return None
     assert isinstance(spec, tuple)
@@ -77,8 +84,7 @@ def _grafting(spec: object) -> object:
 
 def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
     """Runs one case with the ``distributed_shampoo`` on this process's path; saves every step's parameters."""
-    import distributed_shampoo as package
-
+    package = _package()
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
     options = dict(CASES[case])
@@ -130,9 +136,9 @@ def main() -> None:
             reference = _run(case, "float64", args.steps, args.reference, Path(scratch, "reference.pt"))
             reference32 = _run(case, "float32", args.steps, args.reference, Path(scratch, "reference32.pt"))
             mine = _run(case, "float64", args.steps, ours, Path(scratch, "ours.pt"))
-            moved = (reference - reference[0]).abs().max().item()
-            gap = (mine - reference).abs().max().item() / moved
-            yardstick = (reference32 - reference).abs().max().item() / moved
+            moved = float((reference - reference[0]).abs().max())
+            gap = float((mine - reference).abs().max()) / moved
+            yardstick = float((reference32 - reference).abs().max()) / moved
             print(f"| {case} | {gap:.2e} | {yardstick:.2e} | {gap / yardstick:.3f} |", flush=True)
 
 

@@ -116,8 +116,8 @@ class DistributedShampoo(torch.optim.Optimizer):
        ``precondition_frequency``: ``R_i = (F_i / c + epsilon I)^(-1/(2k))`` for a block of order
        ``k``, with ``c = 1 - beta2^t`` if ``use_bias_correction`` and ``beta2 < 1``, else 1.
     5. Direction ``D``: from step ``start_preconditioning_step`` on (-1 means
-       ``precondition_frequency``), ``M`` multiplied by every ``R_i`` along dimension ``i``, rescaled
-       to the grafting direction's norm when grafting; before it, the grafting direction of ``M``,
+       ``precondition_frequency``), ``M`` multiplied by every ``R_i`` along dimension ``i``, times
+       ``|grafting direction| / (|D| + 1e-16)`` when grafting; before it, the grafting direction of ``M``,
        or ``M`` itself without grafting.
     6. ``D += weight_decay * W`` if ``use_decoupled_weight_decay``; with momentum,
        ``B = momentum B + (1 - dampening) D`` and ``D = B`` (with Nesterov,
@@ -375,8 +375,8 @@ class DistributedShampoo(torch.optim.Optimizer):
         if step >= hyperparameters.first_preconditioned_step:
             direction = state.shampoo.precondition(filtered)
             if grafted is not None:
-                shampoo_norm = torch.linalg.vector_norm(direction)
-                scale = torch.where(shampoo_norm > 0, torch.linalg.vector_norm(grafted) / shampoo_norm, 0.0)
+                # As the reference: the grafting norm over the Shampoo norm plus 1e-16.
+                scale = torch.linalg.vector_norm(grafted) / (torch.linalg.vector_norm(direction) + 1e-16)
                 direction = direction * scale
         else:
             direction = grafted if grafted is not None else filtered

@@ -23,9 +23,11 @@ from distributed_shampoo.preconditioner.shampoo_preconditioner import matrix_inv
 
 
 def explicit_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor:
-    """``(matrix + epsilon I)^(-1/root)`` through float64 eigh, written out independently."""
+    """``(matrix + epsilon I)^(-1/root)`` through float64 eigh, written out independently (eigenvalues
+    below epsilon shifted up together, as the reference's default ``PerturbationConfig`` does)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix.double() + epsilon * torch.eye(matrix.shape[0], dtype=torch.float64))
-    return eigenvectors @ torch.diag(eigenvalues.clamp_min(epsilon) ** (-1.0 / root)) @ eigenvectors.T
+    shift = max(epsilon - float(eigenvalues.min()), 0.0)
+    return eigenvectors @ torch.diag((eigenvalues + shift) ** (-1.0 / root)) @ eigenvectors.T
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def reference_trajectory(setting: Setting, weight: torch.Tensor, grads: list[tor
         if t >= s.start:
             direction = root_left @ corrected @ root_right
             if grafting is not None:
-                direction = direction * grafted.norm() / direction.norm()
+                direction = direction * grafted.norm() / (direction.norm() + 1e-16)
         else:
             direction = grafted
         if s.weight_decay and s.decoupled:
@@ -178,12 +180,16 @@ class ExactMathTest(unittest.TestCase):
         expected = -(kronecker @ g.reshape(-1)).reshape(3, 4, 5)
         torch.testing.assert_close(weight.detach().double(), expected, rtol=1e-5, atol=1e-6)
 
-    def test_matrix_inverse_root_clamps_eigenvalues_that_rounding_made_negative(self) -> None:
+    def test_matrix_inverse_root_shifts_eigenvalues_below_epsilon(self) -> None:
+        # A factor that rounding (here: 1e-3 on purpose) made indefinite: eigenvalues 14 - 1e-3,
+        # -1e-3, -1e-3. Plus epsilon 1e-4 the smallest is -9e-4; all shift by 1e-3, so the root is
+        # that of 14 (on v) and 1e-4 (orthogonal to it).
         vector = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
-        singular = vector @ vector.T - 1e-9 * torch.eye(3, dtype=torch.float64)
-        root = matrix_inverse_root(singular, 2, 1e-4)
-        self.assertTrue(bool(torch.isfinite(root).all()))
-        torch.testing.assert_close(root @ root @ (vector @ vector.T + 1e-4 * torch.eye(3, dtype=torch.float64)), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-3)
+        indefinite = vector @ vector.T - 1e-3 * torch.eye(3, dtype=torch.float64)
+        root = matrix_inverse_root(indefinite, 2, 1e-4)
+        expected = explicit_root(vector @ vector.T, 2, 1e-4)
+        torch.testing.assert_close(root, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(root @ root @ (vector @ vector.T + 1e-4 * torch.eye(3, dtype=torch.float64)), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
 class AgainstReferenceTest(unittest.TestCase):

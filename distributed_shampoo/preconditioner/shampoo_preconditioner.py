@@ -20,8 +20,11 @@ ROOT_COMPUTATION_DTYPE: torch.dtype = torch.float64
 def matrix_inverse_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor:
     """Returns ``(matrix + epsilon * I)^(-1/root)`` of a symmetric positive semi-definite matrix.
 
-    Computed by a symmetric eigendecomposition in float64. Eigenvalues that rounding made
-    negative are clamped to zero before ``epsilon`` is added, so the result is always finite.
+    Computed as the reference implementation does by default (its ``PerturbationConfig``): a
+    symmetric eigendecomposition of ``matrix + epsilon * I`` in float64; if its smallest
+    eigenvalue ``l`` is below ``epsilon`` (rounding, or a matrix that is not positive
+    semi-definite), every eigenvalue is shifted by ``epsilon - l``, so the smallest is
+    ``epsilon`` and the result is always finite.
 
     Args:
         matrix: A symmetric ``(n, n)`` matrix.
@@ -31,9 +34,13 @@ def matrix_inverse_root(matrix: torch.Tensor, root: int, epsilon: float) -> torc
     Returns:
         A float64 ``(n, n)`` matrix.
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix.to(ROOT_COMPUTATION_DTYPE))
-    scaled = eigenvalues.clamp_min(0.0).add(epsilon).pow(-1.0 / root)
-    return (eigenvectors * scaled) @ eigenvectors.T
+    matrix = matrix.to(ROOT_COMPUTATION_DTYPE)
+    identity = torch.eye(matrix.shape[0], dtype=ROOT_COMPUTATION_DTYPE, device=matrix.device)
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix + epsilon * identity)
+    smallest = float(eigenvalues.min())
+    if smallest < epsilon:
+        eigenvalues = eigenvalues.add(-smallest).add(epsilon)
+    return (eigenvectors * eigenvalues.pow(-1.0 / root)) @ eigenvectors.T
 
 
 class ShampooPreconditioner(OptimizerModule):

@@ -6,22 +6,30 @@ See ``docs/optimizer.md`` for the optimizer and ``docs/checkpoint.md`` for check
 
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.shampoo_types import (
+    AdaGradGraftingConfig,
     AdaGradPreconditionerConfig,
+    AdamGraftingConfig,
     AdamPreconditionerConfig,
     DDPDistributedConfig,
     FullyShardDistributedConfig,
     GraftingConfig,
+    RMSpropGraftingConfig,
     RMSpropPreconditionerConfig,
+    SGDGraftingConfig,
     SGDPreconditionerConfig,
 )
 
 __all__ = [
+    "AdaGradGraftingConfig",
     "AdaGradPreconditionerConfig",
+    "AdamGraftingConfig",
     "AdamPreconditionerConfig",
     "DDPDistributedConfig",
     "DistributedShampoo",
     "FullyShardDistributedConfig",
     "GraftingConfig",
+    "RMSpropGraftingConfig",
     "RMSpropPreconditionerConfig",
+    "SGDGraftingConfig",
     "SGDPreconditionerConfig",
 ]

@@ -82,6 +82,32 @@ class AdamPreconditionerConfig(_SquaredGradientEMAConfig):
 
 
 @dataclass(frozen=True)
+class SGDGraftingConfig(SGDPreconditionerConfig):
+    """The reference implementation's name for ``SGDPreconditionerConfig``."""
+
+
+@dataclass(frozen=True)
+class AdaGradGraftingConfig(AdaGradPreconditionerConfig):
+    """The reference implementation's name for ``AdaGradPreconditionerConfig`` (epsilon 1e-10)."""
+
+
+@dataclass(frozen=True)
+class RMSpropGraftingConfig(RMSpropPreconditionerConfig):
+    """The reference implementation's RMSprop grafting: ``RMSpropPreconditionerConfig`` with its
+    default ``epsilon``, 1e-10 (this package's default is 1e-8)."""
+
+    epsilon: float = 1e-10
+
+
+@dataclass(frozen=True)
+class AdamGraftingConfig(AdamPreconditionerConfig):
+    """The reference implementation's Adam grafting: ``AdamPreconditionerConfig`` with its
+    default ``epsilon``, 1e-10 (this package's default is 1e-8)."""
+
+    epsilon: float = 1e-10
+
+
+@dataclass(frozen=True)
 class DDPDistributedConfig:
     """Distributes Shampoo blocks over the ranks of the default process group.
 

@@ -10,13 +10,17 @@ import torch
 from parameterized import parameterized
 
 from distributed_shampoo import (
+    AdaGradGraftingConfig,
     AdaGradPreconditionerConfig,
+    AdamGraftingConfig,
     AdamPreconditionerConfig,
     DDPDistributedConfig,
     DistributedShampoo,
     FullyShardDistributedConfig,
     GraftingConfig,
+    RMSpropGraftingConfig,
     RMSpropPreconditionerConfig,
+    SGDGraftingConfig,
     SGDPreconditionerConfig,
 )
 from distributed_shampoo.preconditioner.shampoo_preconditioner import matrix_inverse_root
@@ -240,6 +244,17 @@ class AgainstReferenceTest(unittest.TestCase):
         run(optimizer, [weight], [[grad] for grad in grads])
         self.assertEqual(optimizer.state[weight]["block_0"]["shampoo"]["factor_matrices"][0].dtype, torch.float64)
         torch.testing.assert_close(weight.detach(), reference_trajectory(setting, initial, grads), rtol=1e-12, atol=1e-12)
+
+    def test_reference_grafting_names_with_the_reference_defaults(self) -> None:
+        self.assertEqual([AdaGradGraftingConfig().epsilon, RMSpropGraftingConfig().epsilon, AdamGraftingConfig().epsilon], [1e-10] * 3)
+        self.assertEqual([RMSpropGraftingConfig().beta2, AdamGraftingConfig().beta2], [0.99, 0.999])
+        self.assertIsInstance(SGDGraftingConfig(), SGDPreconditionerConfig)
+        weights = []
+        for grafting in (AdamPreconditionerConfig(beta2=0.9, epsilon=1e-3), AdamGraftingConfig(beta2=0.9, epsilon=1e-3)):
+            weight = torch.nn.Parameter(torch.ones(6, 4))
+            run(Setting(grafting=grafting, beta1=0.9).optimizer([weight]), [weight], [[grad] for grad in random_grads((6, 4), steps=3, seed=2)])
+            weights.append(weight.detach())
+        self.assertTrue(torch.equal(weights[0], weights[1]))
 
     def test_decoupled_and_l2_weight_decay_differ(self) -> None:
         weights = []

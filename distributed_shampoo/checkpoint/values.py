@@ -22,11 +22,15 @@ from collections.abc import Callable
 import torch
 
 from distributed_shampoo.shampoo_types import (
+    AdaGradGraftingConfig,
     AdaGradPreconditionerConfig,
+    AdamGraftingConfig,
     AdamPreconditionerConfig,
     DDPDistributedConfig,
     FullyShardDistributedConfig,
+    RMSpropGraftingConfig,
     RMSpropPreconditionerConfig,
+    SGDGraftingConfig,
     SGDPreconditionerConfig,
 )
 
@@ -38,6 +42,10 @@ CONFIG_TYPES: dict[str, type[object]] = {
         AdaGradPreconditionerConfig,
         RMSpropPreconditionerConfig,
         AdamPreconditionerConfig,
+        SGDGraftingConfig,
+        AdaGradGraftingConfig,
+        RMSpropGraftingConfig,
+        AdamGraftingConfig,
         DDPDistributedConfig,
         FullyShardDistributedConfig,
     )

@@ -16,6 +16,7 @@ from distributed_shampoo.checkpoint import (
 )
 from distributed_shampoo.shampoo_types import (
     AdaGradPreconditionerConfig,
+    AdamGraftingConfig,
     AdamPreconditionerConfig,
     DDPDistributedConfig,
     FullyShardDistributedConfig,
@@ -30,6 +31,7 @@ _CONFIGS: dict[str, object] = {
     "adagrad": AdaGradPreconditionerConfig(epsilon=1e-3),
     "rmsprop": RMSpropPreconditionerConfig(beta2=0.95, epsilon=1e-6),
     "adam": AdamPreconditionerConfig(beta2=0.9),
+    "adam, the reference's name": AdamGraftingConfig(beta2=0.95),
     "ddp": DDPDistributedConfig(num_trainers_per_group=2, communication_dtype=torch.bfloat16),
     "fsdp": FullyShardDistributedConfig(),
 }
@@ -70,7 +72,7 @@ class ConfigValuesTest(ScratchDirTest):
         save_checkpoint(self.root / "ckpt", self._state())
         objects = _objects(read_document(self.root / "ckpt"))
         self.assertEqual(
-            objects['["param_groups", 4, "grafting_config"]'],
+            objects['["param_groups", 5, "grafting_config"]'],
             {"config": "DDPDistributedConfig", "fields": {"num_trainers_per_group": 2, "communication_dtype": {"dtype": "bfloat16"}}},
         )
         self.assertEqual(objects['["dtype"]'], {"dtype": "float16"})

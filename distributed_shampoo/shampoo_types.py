@@ -153,6 +153,21 @@ class FullyShardDistributedConfig:
     """
 
 
+# Every config class of this package: what a checkpoint may hold as a value (``checkpoint.values``).
+CONFIG_CLASSES: tuple[type[object], ...] = (
+    SGDPreconditionerConfig,
+    AdaGradPreconditionerConfig,
+    RMSpropPreconditionerConfig,
+    AdamPreconditionerConfig,
+    SGDGraftingConfig,
+    AdaGradGraftingConfig,
+    RMSpropGraftingConfig,
+    AdamGraftingConfig,
+    DDPDistributedConfig,
+    FullyShardDistributedConfig,
+)
+
+
 # The per-group hyperparameters, in the order of ``DistributedShampoo``'s constructor.
 HYPERPARAMETERS: tuple[str, ...] = (
     "lr",

@@ -21,35 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from distributed_shampoo.shampoo_types import (
-    AdaGradGraftingConfig,
-    AdaGradPreconditionerConfig,
-    AdamGraftingConfig,
-    AdamPreconditionerConfig,
-    DDPDistributedConfig,
-    FullyShardDistributedConfig,
-    RMSpropGraftingConfig,
-    RMSpropPreconditionerConfig,
-    SGDGraftingConfig,
-    SGDPreconditionerConfig,
-)
+from distributed_shampoo.shampoo_types import CONFIG_CLASSES
 
 # The config classes a checkpoint may hold, by class name.
-CONFIG_TYPES: dict[str, type[object]] = {
-    cls.__name__: cls
-    for cls in (
-        SGDPreconditionerConfig,
-        AdaGradPreconditionerConfig,
-        RMSpropPreconditionerConfig,
-        AdamPreconditionerConfig,
-        SGDGraftingConfig,
-        AdaGradGraftingConfig,
-        RMSpropGraftingConfig,
-        AdamGraftingConfig,
-        DDPDistributedConfig,
-        FullyShardDistributedConfig,
-    )
-}
+CONFIG_TYPES: dict[str, type[object]] = {cls.__name__: cls for cls in CONFIG_CLASSES}
 # The dtypes a checkpoint may hold as values, by name.
 DTYPES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype

@@ -32,6 +32,7 @@ CASES: dict[str, dict[str, object]] = {
     "beta2 EMA, bias-corrected": {"betas": (0.0, 0.95)},
     "beta1, bias-corrected": {"betas": (0.9, 1.0)},
     "beta1, no bias correction": {"betas": (0.9, 0.99), "use_bias_correction": False},
+    "beta3 (NAdam-like)": {"betas": (0.9, 1.0), "beta3": 0.81},
     "SGD grafting": {"grafting": ("sgd", {})},
     "AdaGrad grafting": {"grafting": ("adagrad", {"epsilon": 1e-3})},
     "RMSprop grafting": {"grafting": ("rmsprop", {"beta2": 0.9, "epsilon": 1e-3})},

@@ -97,7 +97,7 @@ class ShampooState:
 def shampoo_state(max_dim: int) -> ShampooState:
     shapes = transformer_shapes()
     hyperparameters = ShampooHyperparameters(
-        lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-12, momentum=0.0, dampening=0.0, weight_decay=0.0,
+        lr=1e-3, beta1=0.9, beta2=0.999, beta3=-1.0, epsilon=1e-12, momentum=0.0, dampening=0.0, weight_decay=0.0,
         max_preconditioner_dim=max_dim, precondition_frequency=100, start_preconditioning_step=-1, use_nesterov=False,
         use_bias_correction=True, use_decoupled_weight_decay=True,
     )

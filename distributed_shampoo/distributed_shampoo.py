@@ -110,8 +110,9 @@ class DistributedShampoo(torch.optim.Optimizer):
     1. ``G += weight_decay * W`` unless ``use_decoupled_weight_decay``.
     2. Each factor ``F_i = beta2 F_i + (1 - beta2) G_(i) G_(i)^T`` (a plain sum when ``beta2 == 1``),
        and the grafting accumulator is updated with ``G``.
-    3. ``M = beta1 M + (1 - beta1) G``, divided by ``1 - beta1^t`` with ``use_bias_correction``
-       (``M = G`` when ``beta1 == 0``).
+    3. The step uses ``beta3 M + (1 - beta3) G`` (``beta3 = beta1`` when -1: the updated
+       ``M``), divided by ``1 - beta3 beta1^(t-1)`` with ``use_bias_correction``; then
+       ``M = beta1 M + (1 - beta1) G``. (``M = G`` when ``beta1 == 0``.)
     4. At ``t = start_preconditioning_step`` and at every later multiple of
        ``precondition_frequency``: ``R_i = (F_i / c + epsilon I)^(-1/(2k))`` for a block of order
        ``k``, with ``c = 1 - beta2^t`` if ``use_bias_correction`` and ``beta2 < 1``, else 1.
@@ -130,6 +131,8 @@ class DistributedShampoo(torch.optim.Optimizer):
         lr: The learning rate (>= 0).
         betas: ``(beta1, beta2)``: the gradient filter in [0, 1) and the factor EMA in (0, 1]
             (1 sums the factors, as AdaGrad does).
+        beta3: The filter coefficient of the current step's gradient average, in [0, 1); -1
+            means ``beta1`` (e.g. ``beta1 ** 2`` gives a NAdam-like step), as in the reference.
         epsilon: Added to every eigenvalue of a factor before its inverse root (> 0).
         momentum: Heavy-ball momentum in [0, 1).
         dampening: Momentum dampening in [0, 1).
@@ -158,6 +161,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         params: ParamsT,
         lr: float = 1e-2,
         betas: tuple[float, float] = (0.9, 1.0),
+        beta3: float = -1.0,
         epsilon: float = 1e-12,
         momentum: float = 0.0,
         dampening: float = 0.0,
@@ -180,6 +184,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 (
                     lr,
                     betas,
+                    beta3,
                     epsilon,
                     momentum,
                     dampening,
@@ -363,9 +368,12 @@ class DistributedShampoo(torch.optim.Optimizer):
         filtered = grad
         if beta1 != 0.0:
             filtered_grad = _buffer(state.filtered_grad, "betas[0]")
+            beta3 = hyperparameters.current_gradient_beta
+            # With beta3 != beta1 this step uses its own average of the gradient (e.g. NAdam-like).
+            current = filtered_grad.lerp(grad.to(filtered_grad.dtype), 1.0 - beta3) if beta3 != beta1 else filtered_grad
             filtered_grad.lerp_(grad.to(filtered_grad.dtype), 1.0 - beta1)
-            bias_correction1 = 1.0 - beta1**step if hyperparameters.use_bias_correction else 1.0
-            filtered = filtered_grad.to(grad.dtype) / bias_correction1
+            bias_correction1 = 1.0 - beta3 * beta1 ** (step - 1) if hyperparameters.use_bias_correction else 1.0
+            filtered = current.to(grad.dtype) / bias_correction1
 
         if hyperparameters.computes_roots_at(step):
             use_bias_correction2 = hyperparameters.use_bias_correction and beta2 < 1.0

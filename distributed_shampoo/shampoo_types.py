@@ -172,6 +172,7 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
 HYPERPARAMETERS: tuple[str, ...] = (
     "lr",
     "betas",
+    "beta3",
     "epsilon",
     "momentum",
     "dampening",
@@ -192,6 +193,7 @@ class ShampooHyperparameters:
     lr: float
     beta1: float
     beta2: float
+    beta3: float
     epsilon: float
     momentum: float
     dampening: float
@@ -207,6 +209,11 @@ class ShampooHyperparameters:
     def first_preconditioned_step(self) -> int:
         """The first step that uses Shampoo's direction (-1 means ``precondition_frequency``)."""
         return self.precondition_frequency if self.start_preconditioning_step == -1 else self.start_preconditioning_step
+
+    @property
+    def current_gradient_beta(self) -> float:
+        """The EMA coefficient of the filtered gradient a step uses (``beta3``; -1 means ``beta1``)."""
+        return self.beta1 if self.beta3 == -1.0 else self.beta3
 
     def computes_roots_at(self, step: int) -> bool:
         """Whether the inverse roots are computed at ``step``: at the first preconditioned step,
@@ -228,6 +235,7 @@ class ShampooHyperparameters:
             lr=_number("lr", group["lr"]),
             beta1=_number("betas[0]", betas[0]),
             beta2=_number("betas[1]", betas[1]),
+            beta3=_number("beta3", group["beta3"]),
             epsilon=_number("epsilon", group["epsilon"]),
             momentum=_number("momentum", group["momentum"]),
             dampening=_number("dampening", group["dampening"]),
@@ -243,6 +251,7 @@ class ShampooHyperparameters:
             (values.lr >= 0.0, f"Invalid lr: {values.lr}. Must be >= 0."),
             (0.0 <= values.beta1 < 1.0, f"Invalid betas[0]: {values.beta1}. Must be in [0, 1)."),
             (0.0 < values.beta2 <= 1.0, f"Invalid betas[1]: {values.beta2}. Must be in (0, 1]."),
+            (values.beta3 == -1.0 or 0.0 <= values.beta3 < 1.0, f"Invalid beta3: {values.beta3}. Must be -1 or in [0, 1)."),
             (values.epsilon > 0.0, f"Invalid epsilon: {values.epsilon}. Must be > 0."),
             (0.0 <= values.momentum < 1.0, f"Invalid momentum: {values.momentum}. Must be in [0, 1)."),
             (0.0 <= values.dampening < 1.0, f"Invalid dampening: {values.dampening}. Must be in [0, 1)."),

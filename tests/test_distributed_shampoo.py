@@ -41,6 +41,7 @@ class Setting:
     lr: float = 0.1
     beta1: float = 0.0
     beta2: float = 1.0
+    beta3: float = -1.0
     epsilon: float = 1e-2
     momentum: float = 0.0
     dampening: float = 0.0
@@ -60,6 +61,7 @@ class Setting:
             params,
             lr=self.lr,
             betas=(self.beta1, self.beta2),
+            beta3=self.beta3,
             epsilon=self.epsilon,
             momentum=self.momentum,
             dampening=self.dampening,
@@ -95,8 +97,10 @@ def reference_trajectory(setting: Setting, weight: torch.Tensor, grads: list[tor
             accumulator = accumulator + g * g
         elif isinstance(grafting, (RMSpropPreconditionerConfig, AdamPreconditionerConfig)):
             accumulator = grafting.beta2 * accumulator + (1 - grafting.beta2) * g * g
+        beta3 = s.beta1 if s.beta3 == -1 else s.beta3
+        current = beta3 * filtered + (1 - beta3) * g if s.beta1 else g
         filtered = s.beta1 * filtered + (1 - s.beta1) * g if s.beta1 else g
-        corrected = filtered / (1 - s.beta1**t) if s.bias_correction and s.beta1 else filtered
+        corrected = current / (1 - beta3 * s.beta1 ** (t - 1)) if s.bias_correction and s.beta1 else current
         if t == s.start or (t > s.start and t % s.frequency == 0):  # the reference's schedule
             c = 1 - s.beta2**t if s.bias_correction and s.beta2 < 1 else 1.0
             root_left, root_right = explicit_root(left / c, 4, s.epsilon), explicit_root(right / c, 4, s.epsilon)
@@ -202,6 +206,8 @@ class AgainstReferenceTest(unittest.TestCase):
             ("plain", Setting()),
             ("beta1_bias_corrected", Setting(beta1=0.9)),
             ("beta1_not_bias_corrected", Setting(beta1=0.9, bias_correction=False)),
+            ("beta3_nadam_like", Setting(beta1=0.9, beta3=0.81)),
+            ("beta3_not_bias_corrected", Setting(beta1=0.9, beta3=0.5, bias_correction=False)),
             ("beta2_ema_bias_corrected", Setting(beta2=0.95)),
             ("beta2_ema_not_bias_corrected", Setting(beta2=0.95, bias_correction=False)),
             ("sgd_grafting", Setting(grafting=SGDPreconditionerConfig(), beta1=0.5)),
@@ -356,6 +362,7 @@ class ValidationTest(unittest.TestCase):
             ({"betas": (1.0, 1.0)}, "Invalid betas[0]: 1.0. Must be in [0, 1)."),
             ({"betas": (0.9, 0.0)}, "Invalid betas[1]: 0.0. Must be in (0, 1]."),
             ({"betas": (0.9,)}, "Invalid betas: (0.9,). Must be a pair (beta1, beta2)."),
+            ({"beta3": 1.0}, "Invalid beta3: 1.0. Must be -1 or in [0, 1)."),
             ({"epsilon": 0.0}, "Invalid epsilon: 0.0. Must be > 0."),
             ({"momentum": 1.0}, "Invalid momentum: 1.0. Must be in [0, 1)."),
             ({"dampening": -0.1}, "Invalid dampening: -0.1. Must be in [0, 1)."),
@@ -474,7 +481,7 @@ class StateDictTest(unittest.TestCase):
         assert isinstance(groups, dict)
         self.assertEqual(groups["2.bias"]["betas"], (0.9, 0.99))
         self.assertEqual(sorted(groups["2.bias"]), sorted([
-            "lr", "betas", "epsilon", "momentum", "dampening", "weight_decay", "max_preconditioner_dim",
+            "lr", "betas", "beta3", "epsilon", "momentum", "dampening", "weight_decay", "max_preconditioner_dim",
             "precondition_frequency", "start_preconditioning_step", "use_nesterov", "use_bias_correction",
             "use_decoupled_weight_decay",
         ]))

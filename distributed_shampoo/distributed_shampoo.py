@@ -2,6 +2,7 @@
 """``DistributedShampoo``: blocked Shampoo with grafting, optionally distributed over DDP or FSDP2 ranks."""
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
 from typing import TypeVar
@@ -202,6 +203,12 @@ class DistributedShampoo(torch.optim.Optimizer):
         self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
         group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
+        if any(group.use_nesterov and group.momentum == 0.0 for group in group_hyperparameters):
+            # As the reference: a warning, not an error (the step runs without momentum).
+            warnings.warn(
+                "DistributedShampoo: use_nesterov is set but momentum is 0; continuing without momentum or Nesterov",
+                stacklevel=2,
+            )
         param_hyperparameters = self._per_param(group_hyperparameters)
         for param_index, param in enumerate(self._params):
             if not isinstance(param, DTensor) and not param.is_contiguous():

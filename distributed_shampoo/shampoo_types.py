@@ -270,10 +270,6 @@ class ShampooHyperparameters:
                 f"Invalid start_preconditioning_step: {values.start_preconditioning_step}. Must be -1 or "
                 f">= precondition_frequency ({values.precondition_frequency}).",
             ),
-            (
-                values.momentum > 0.0 or not values.use_nesterov,
-                "Invalid use_nesterov: True. Nesterov momentum needs momentum > 0.",
-            ),
         )
         for ok, message in checks:
             if not ok:

@@ -2,6 +2,7 @@
 """Single-process behaviour of ``DistributedShampoo`` against explicit matrix formulas."""
 
 import math
+import warnings
 from collections.abc import Sequence
 import unittest
 from dataclasses import dataclass
@@ -372,7 +373,6 @@ class ValidationTest(unittest.TestCase):
             ({"precondition_frequency": 0}, "Invalid precondition_frequency: 0. Must be >= 1."),
             ({"precondition_frequency": 4, "start_preconditioning_step": 2},
              "Invalid start_preconditioning_step: 2. Must be -1 or >= precondition_frequency (4)."),
-            ({"use_nesterov": True}, "Invalid use_nesterov: True. Nesterov momentum needs momentum > 0."),
             ({"use_bias_correction": 1}, "Invalid use_bias_correction: 1. Must be a bool."),
             ({"preconditioner_dtype": torch.int64},
              "Invalid preconditioner_dtype: torch.int64. Must be one of (torch.bfloat16, torch.float16, torch.float32, torch.float64)."),
@@ -425,6 +425,18 @@ class ValidationTest(unittest.TestCase):
     def test_fully_shard_config_needs_dtensor_parameters(self) -> None:
         with self.assertRaisesRegex(ValueError, r"^FullyShardDistributedConfig: parameter #0 is a Parameter, not a DTensor; apply"):
             DistributedShampoo([torch.nn.Parameter(torch.ones(2))], distributed_config=FullyShardDistributedConfig())
+
+    def test_nesterov_without_momentum_warns_and_runs_without_momentum(self) -> None:
+        weights = []
+        for nesterov in (False, True):
+            weight = torch.nn.Parameter(torch.ones(3))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                optimizer = DistributedShampoo([weight], use_nesterov=nesterov)
+            self.assertEqual([str(w.message) for w in caught], ["DistributedShampoo: use_nesterov is set but momentum is 0; continuing without momentum or Nesterov"] if nesterov else [])
+            run(optimizer, [weight], [[torch.arange(3.0)]] * 2)
+            weights.append(weight.detach())
+        self.assertTrue(torch.equal(weights[0], weights[1]))
 
     def test_empty_parameter_group(self) -> None:
         with self.assertRaisesRegex(ValueError, r"^DistributedShampoo: a parameter group has no parameters"):

@@ -329,6 +329,15 @@ def seal(document: dict[str, dict[str, object]]) -> str:
     return f'{_SEALED_HEAD}"index_digest":"{digest}",{text[len(_SEALED_HEAD):]}\n'
 
 
+def sealed_content(text: bytes, digest: str) -> bytes | None:
+    """The canonical text ``seal`` hashed, if ``text`` is laid out as ``seal`` writes it with
+    ``digest``; else None (another layout: check it by re-encoding)."""
+    head = f'{_SEALED_HEAD}"index_digest":"{digest}",'.encode()
+    if not text.startswith(head):
+        return None
+    return _SEALED_HEAD.encode() + text[len(head) :].rstrip(b"\n")
+
+
 @dataclass(frozen=True)
 class HeaderEntry:
     """A tensor in a safetensors file: dtype, shape and absolute byte range in the file."""

@@ -54,6 +54,11 @@ class _PieceRead(NamedTuple):
     box_start: tuple[int, ...]  # in the piece's coordinates
     box_shape: tuple[int, ...]
     target: torch.Tensor  # the template's memory for the box (a view of its local tensor)
+    runs: list[tuple[int, int]]  # the box's byte ranges (offset in the piece, length), ``box_runs``
+
+
+def _piece_read(name: str, piece: ChunkLayout, box_start: tuple[int, ...], box_shape: tuple[int, ...], target: torch.Tensor) -> _PieceRead:
+    return _PieceRead(name, piece, box_start, box_shape, target, box_runs(piece.shape, box_start, box_shape, target.element_size()))
 
 
 class OpenFiles:
@@ -247,7 +252,7 @@ class LoadPlan:
             if leaf.numel():
                 (piece,) = layout.stored_pieces(name)
                 self._destinations.append((name, leaf))
-                self.reads.append(_PieceRead(name, piece, (0,) * leaf.dim(), layout.shape, leaf))
+                self.reads.append(_piece_read(name, piece, (0,) * leaf.dim(), layout.shape, leaf))
             return
         if isinstance(leaf, DTensor):
             check_placements(name, leaf, TemplateMismatchError)
@@ -257,7 +262,7 @@ class LoadPlan:
         self._destinations.append((name, destination))
         for piece in layout.stored_pieces(name):
             if piece.offsets == region_offsets and piece.shape == region_shape:  # the common case: read whole
-                self.reads.append(_PieceRead(name, piece, (0,) * len(region_shape), region_shape, destination))
+                self.reads.append(_piece_read(name, piece, (0,) * len(region_shape), region_shape, destination))
                 continue
             low = [max(p, r) for p, r in zip(piece.offsets, region_offsets)]
             high = [min(p + ps, r + rs) for p, ps, r, rs in zip(piece.offsets, piece.shape, region_offsets, region_shape)]
@@ -266,7 +271,7 @@ class LoadPlan:
                 continue
             box_start = tuple(lo - p for lo, p in zip(low, piece.offsets))
             target = destination[tuple(slice(lo - r, h - r) for lo, h, r in zip(low, high, region_offsets))]
-            self.reads.append(_PieceRead(name, piece, box_start, box_shape, target))
+            self.reads.append(_piece_read(name, piece, box_start, box_shape, target))
 
     def _check_aliasing(self) -> None:
         """Template tensors that share memory would receive two values in one place; an exact
@@ -324,8 +329,7 @@ class LoadPlan:
                 if read.box_shape == read.piece.shape:
                     file_units.append(whole_unit(read.piece.name, entry, self.index))
                 else:
-                    runs = box_runs(read.piece.shape, read.box_start, read.box_shape, self.index.tensors[read.name].dtype.itemsize)
-                    file_units += units_for_ranges(read.piece.name, entry, self.index, runs)
+                    file_units += units_for_ranges(read.piece.name, entry, self.index, read.runs)
             for file_name, file_units in units.items():
                 check_units(opened.fds[file_name], self.index.directory / file_name, file_units)
         except BaseException:
@@ -337,11 +341,7 @@ class LoadPlan:
         by_file: dict[str, list[tuple[int, int]]] = {}
         for read, entry in zip(self.reads, entries):
             ranges = by_file.setdefault(self.index.weight_map[read.piece.name], [])
-            if read.box_shape == read.piece.shape:
-                ranges.append((entry.begin, entry.end - entry.begin))
-            else:
-                itemsize = self.index.tensors[read.name].dtype.itemsize
-                ranges += [(entry.begin + offset, length) for offset, length in box_runs(read.piece.shape, read.box_start, read.box_shape, itemsize)]
+            ranges += [(entry.begin + offset, length) for offset, length in read.runs]
         for file_name, ranges in by_file.items():
             prefetch(files.fds[file_name], ranges)
 
@@ -408,11 +408,9 @@ class LoadPlan:
 def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> list[ReadRequest]:
     """Requests that fill ``buffer`` (contiguous, box-shaped) from the piece stored at ``entry``."""
     data = tensor_bytes(buffer)
-    if read.box_shape == read.piece.shape:
-        return [ReadRequest(entry.begin, data)]
     requests: list[ReadRequest] = []
     position = 0
-    for offset, length in box_runs(read.piece.shape, read.box_start, read.box_shape, buffer.element_size()):
+    for offset, length in read.runs:
         requests.append(ReadRequest(entry.begin + offset, data[position : position + length]))
         position += length
     return requests

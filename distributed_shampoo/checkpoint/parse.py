@@ -47,6 +47,7 @@ from distributed_shampoo.checkpoint.format import (
     PAGE_BYTES,
     part_file_name,
     READABLE_VERSIONS,
+    sealed_content,
     shard_header_metadata,
     TensorLayout,
     tiling_problem,
@@ -345,12 +346,9 @@ def parse_index_document(
 
 def _check_digest(fields: Fields, top: dict[str, object], metadata: dict[str, object], text: bytes | None) -> None:
     recorded = fields.hex(metadata.get("index_digest"), '"index_digest"', 32)
-    sealed_head = b'{"metadata":{"index_digest":"' + recorded.encode() + b'",'
-    if text is not None and text.startswith(sealed_head):
-        # ``seal``'s layout: the digest is of the rest of the text, read as it is.
-        canonical = b'{"metadata":{' + text[len(sealed_head) :].rstrip(b"\n")
-        if xxhash.xxh3_128_hexdigest(canonical) == recorded:
-            return
+    canonical = sealed_content(text, recorded) if text is not None else None
+    if canonical is not None and xxhash.xxh3_128_hexdigest(canonical) == recorded:
+        return  # ``seal``'s layout: the digest is of the rest of the text, read as it is
     content = {key: value for key, value in top.items() if key != "metadata"}
     content["metadata"] = {key: value for key, value in metadata.items() if key != "index_digest"}
     try:

@@ -8,10 +8,9 @@ different number: resharding) with a cold page cache (``posix_fadvise(DONTNEED)`
 barrier to barrier, so the slowest rank counts; the median of ``--repeats`` is reported.
 
 Every timed save writes into a directory the previous run's deletion just emptied. On the VM these
-numbers come from, writing 228 MiB into a new file took 0.7-1.4 s while the memory was pages never
-used before, and 0.05-0.07 s once it reused pages a deleted file freed (a plain ``write()`` loop);
-a benchmark that keeps some
-methods' output and deletes others' measures that instead of the methods.
+numbers come from, writing into memory pages never used before costs many times more than writing
+into pages a deleted file freed; a benchmark that keeps some methods' output and deletes others'
+measures that instead of the methods.
 
     python benchmarks/checkpoint_benchmark.py --out docs/benchmark-results.json
 """

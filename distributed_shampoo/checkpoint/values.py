@@ -43,7 +43,7 @@ SCALAR_TYPES: tuple[type[object], ...] = (bool, int, float, str, type(None))
 
 def is_value(node: object) -> bool:
     """Whether ``node`` is a leaf a checkpoint stores in the index: a scalar, a dtype, a config."""
-    return isinstance(node, SCALAR_TYPES) or isinstance(node, torch.dtype) or _is_config(node)
+    return isinstance(node, SCALAR_TYPES) or (isinstance(node, torch.dtype) and node in _DTYPE_NAMES) or _is_config(node)
 
 
 def _is_config(value: object) -> bool:
@@ -55,7 +55,7 @@ def encode_value(value: object) -> object:
     already encoded value stays the same)."""
     if isinstance(value, float) and not math.isfinite(value):
         return {"float": str(value)}
-    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
+    if isinstance(value, torch.dtype):  # one of ``DTYPES`` (``is_value``)
         return {"dtype": _DTYPE_NAMES[value]}
     if _is_config(value):
         return {
@@ -76,7 +76,7 @@ def decode_value(raw: object, fail: Callable[[str], Exception], depth: int = 0) 
         What ``fail`` makes: not one of the forms above, an unknown type or dtype, other fields
             than the class has, a field of the wrong type, or a value the class refuses.
     """
-    if raw is None or isinstance(raw, (bool, int, float, str)):
+    if isinstance(raw, SCALAR_TYPES):
         return raw
     if not isinstance(raw, dict):
         raise fail(f"expected a JSON scalar or a typed value, got {type(raw).__name__}")

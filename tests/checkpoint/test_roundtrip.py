@@ -152,6 +152,7 @@ class RoundTripTest(ScratchDirTest):
         [
             ("object", {"x": object()}, r'\["x"\]: cannot save a builtins.object without pickling'),
             ("set", {"a": {"b": {1, 2}}}, r'\["a", "b"\]: cannot save a builtins.set'),
+            ("complex_dtype", {"d": torch.complex64}, r'\["d"\]: cannot save a torch.dtype without pickling'),
             ("tuple_key", {"a": {(1, 2): 1}}, r'\["a"\]: key \(1, 2\) is a tuple; keys must be str or int'),
             ("complex128", {"c": torch.zeros(2, dtype=torch.complex128)}, r'\["c"\]: dtype torch.complex128 cannot be stored'),
             ("sparse", {"s": torch.eye(2).to_sparse()}, r'\["s"\]: only strided \(dense\) tensors'),

@@ -42,12 +42,13 @@ from distributed_shampoo.checkpoint.format import (
     FIRST_VERSION_WITH_PARTS,
     index_document,
     index_file_name,
+    manifest_file_name,
     seal,
     shard_file_name,
     shard_header_metadata,
 )
 from distributed_shampoo.checkpoint.gc_pause import paused_gc
-from distributed_shampoo.checkpoint.index_parts import loader_files, read_partial_index
+from distributed_shampoo.checkpoint.index_parts import loader_files, read_partial_index, wants_loader_files
 from distributed_shampoo.checkpoint.integrity import check_units, check_whole_and_pages, whole_unit
 from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare, leaf_names
 from distributed_shampoo.checkpoint.parse import check_header_matches, find_index_file, read_header, read_index, strict_json
@@ -438,9 +439,11 @@ def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: l
         files={shard_file_name(staged.prefix, rank, world_size): w.record for rank, w in enumerate(files)},
     )
     document = index_document(index)
-    write_json(staged.staging / index_file_name(staged.prefix), seal(document))
-    for file_name, content in loader_files(document).items():
-        write_new_file(staged.staging / file_name, content)
+    text = seal(document)
+    write_json(staged.staging / index_file_name(staged.prefix), text)
+    if wants_loader_files(len(text)):
+        for file_name, content in loader_files(document).items():
+            write_new_file(staged.staging / file_name, content)
     publish(staged.staging, target, staged.save_id[:16], staged.overwrite)
     return index
 
@@ -550,9 +553,9 @@ def _index_for_load(directory: Path, template: StateDict | None) -> CheckpointIn
     if template is not None:
         index_path = find_index_file(directory)
         prefix = index_path.name[: -len(index_file_name(""))]
-        partial = read_partial_index(directory, prefix, leaf_names(template))
-        if partial is not None:
-            return partial
+        names = leaf_names(template)
+        partial = read_partial_index(directory, prefix, names)
+        return partial if partial is not None else read_index(directory, wanted=names)
     return read_index(directory)
 
 
@@ -614,9 +617,21 @@ def check_checkpoint(
             problems.append(_as_problem(error, path))
         if progress is not None:
             progress(rank + 1, len(files))
-    if index.format_version >= FIRST_VERSION_WITH_PARTS:
+    if index.format_version >= FIRST_VERSION_WITH_PARTS and _has_loader_files(index):
         _check_loader_files(index, problems)
     return VerificationReport(index, tuple(problems), len(files))
+
+
+def _has_loader_files(index: CheckpointIndex) -> bool:
+    """Whether the checkpoint has, or its save wrote, the loader's files (a manifest is there, or
+    the index is as large as a save writes them for)."""
+    directory = index.directory
+    if (directory / manifest_file_name(index.prefix)).exists():
+        return True
+    try:
+        return wants_loader_files((directory / index_file_name(index.prefix)).stat().st_size)
+    except OSError:
+        return True  # the index vanished after it was read: report the loader's files as missing too
 
 
 def _check_loader_files(index: CheckpointIndex, problems: list[CheckpointError]) -> None:

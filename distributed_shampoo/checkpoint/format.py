@@ -329,13 +329,19 @@ def seal(document: dict[str, dict[str, object]]) -> str:
     return f'{_SEALED_HEAD}"index_digest":"{digest}",{text[len(_SEALED_HEAD):]}\n'
 
 
-def sealed_content(text: bytes, digest: str) -> bytes | None:
-    """The canonical text ``seal`` hashed, if ``text`` is laid out as ``seal`` writes it with
-    ``digest``; else None (another layout: check it by re-encoding)."""
-    head = f'{_SEALED_HEAD}"index_digest":"{digest}",'.encode()
-    if not text.startswith(head):
+_SEALED_DIGEST_HEAD: bytes = f'{_SEALED_HEAD}"index_digest":"'.encode()
+
+
+def sealed_digest(text: bytes) -> str | None:
+    """The digest ``text`` starts with, if ``text`` is exactly what ``seal`` writes: its layout,
+    and that digest is of the rest (the canonical text); else None (another layout: check it by
+    re-encoding)."""
+    end = len(_SEALED_DIGEST_HEAD) + 32
+    if not text.startswith(_SEALED_DIGEST_HEAD) or text[end : end + 2] != b'",':
         return None
-    return _SEALED_HEAD.encode() + text[len(head) :].rstrip(b"\n")
+    digest = text[len(_SEALED_DIGEST_HEAD) : end].decode("ascii", errors="replace")
+    content = _SEALED_HEAD.encode() + text[end + 2 :].rstrip(b"\n")
+    return digest if xxhash.xxh3_128_hexdigest(content) == digest else None
 
 
 @dataclass(frozen=True)

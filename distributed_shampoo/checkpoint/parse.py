@@ -15,7 +15,6 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
-import xxhash
 
 from distributed_shampoo.checkpoint.errors import (
     CheckpointNotFoundError,
@@ -47,7 +46,7 @@ from distributed_shampoo.checkpoint.format import (
     PAGE_BYTES,
     part_file_name,
     READABLE_VERSIONS,
-    sealed_content,
+    sealed_digest,
     shard_header_metadata,
     TensorLayout,
     tiling_problem,
@@ -92,16 +91,17 @@ def strict_json(data: bytes, path: Path, what: str) -> object:
     """Parses JSON that must be exactly what this layer writes: duplicate keys, ``NaN`` and
     ``Infinity`` literals and numbers out of float range are errors.
 
-    Fast path: text that is byte for byte what ``json.dumps(..., separators=(",", ":"))`` makes
-    of its own parse (what this layer writes) can hold none of these, so the slower checking
-    parser runs only on other text.
+    Fast paths: text that is byte for byte what ``seal`` writes (its digest matches the rest), or
+    what ``json.dumps(..., separators=(",", ":"))`` makes of its own parse, can hold none of these,
+    so the slower checking parser runs only on other text. (Sealed text holds them only if it was
+    forged along with its digest, which no checksum can prevent; the schema checks still apply.)
 
     Raises:
         CorruptCheckpointError: Names ``path`` and what is wrong.
     """
     try:
         document = json.loads(data)
-        if json.dumps(document, separators=(",", ":"), allow_nan=False).encode() == data.rstrip(b"\n"):
+        if sealed_digest(data) is not None or json.dumps(document, separators=(",", ":"), allow_nan=False).encode() == data.rstrip(b"\n"):
             return document
     except (ValueError, UnicodeDecodeError, RecursionError):
         pass  # the checking parser says what is wrong
@@ -206,8 +206,9 @@ def find_index_file(directory: Path) -> Path:
     return directory / candidates[0]
 
 
-def read_index(directory: str | os.PathLike[str]) -> CheckpointIndex:
-    """Reads and validates the index of the checkpoint in ``directory``.
+def read_index(directory: str | os.PathLike[str], wanted: Collection[str] | None = None) -> CheckpointIndex:
+    """Reads and validates the index of the checkpoint in ``directory``: the whole of it, or (with
+    ``wanted``, logical tensor names) only those tensors' entries, as ``parse_index_document``.
 
     Raises:
         CheckpointNotFoundError: No complete checkpoint there.
@@ -218,7 +219,7 @@ def read_index(directory: str | os.PathLike[str]) -> CheckpointIndex:
     """
     path = find_index_file(Path(directory))
     data = read_small_file(path, "index", MAX_INDEX_BYTES, CheckpointNotFoundError)
-    return parse_index_document(path, strict_json(data, path, "index"), "index", text=data)
+    return parse_index_document(path, strict_json(data, path, "index"), "index", wanted=wanted, text=data)
 
 
 def parse_index_document(
@@ -235,8 +236,8 @@ def parse_index_document(
 
     Each kind checks everything it holds: the digest, every field's type, and the cross-checks
     among its own entries. Only the whole index can be checked as a whole (``total_size``, the
-    tree of leaves and containers, every file's total). A part read for the tensors ``wanted``
-    keeps and checks only their entries (beyond the digest, which covers it all): a loading rank's
+    tree of leaves and containers, every file's total). A part or an index read for the tensors
+    ``wanted`` keeps and checks only their entries (beyond the digest, which covers it all): a loading rank's
     work follows what it loads, not how the saving ranks grouped the entries. ``text``, the bytes
     ``document`` was parsed from, lets a text laid out as ``seal`` writes it be checked against
     its digest without encoding the document again.
@@ -323,7 +324,7 @@ def parse_index_document(
     }
     if kind == "part" and (objects or containers):
         raise fields.fail('"objects"', "a part holds tensor entries only (the manifest holds the values)")
-    if kind == "index":
+    if kind == "index" and not partial:
         _check_tree(fields, tensors, objects, containers)
     return CheckpointIndex(
         directory=path.parent,
@@ -346,8 +347,7 @@ def parse_index_document(
 
 def _check_digest(fields: Fields, top: dict[str, object], metadata: dict[str, object], text: bytes | None) -> None:
     recorded = fields.hex(metadata.get("index_digest"), '"index_digest"', 32)
-    canonical = sealed_content(text, recorded) if text is not None else None
-    if canonical is not None and xxhash.xxh3_128_hexdigest(canonical) == recorded:
+    if text is not None and sealed_digest(text) == recorded:
         return  # ``seal``'s layout: the digest is of the rest of the text, read as it is
     content = {key: value for key, value in top.items() if key != "metadata"}
     content["metadata"] = {key: value for key, value in metadata.items() if key != "index_digest"}

@@ -6,13 +6,15 @@ after an edit, so a test can reach the checks behind them: a resealed edit is wh
 crafted index looks like.
 """
 
+import contextlib
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
+from distributed_shampoo.checkpoint import index_parts
 from distributed_shampoo.checkpoint.format import checksum, index_digest
-from distributed_shampoo.checkpoint.index_parts import loader_files
 
 INDEX = "optimizer.safetensors.index.json"
 
@@ -45,11 +47,23 @@ def reseal(directory: Path) -> None:
     if not isinstance(files, dict) or metadata.get("world_size") != len(files):
         return  # one part per rank: an edited world size would make millions of them
     try:
-        rebuilt = loader_files(document)
+        add_loader_files(directory)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         return  # a loader then reads the whole index, as for a checkpoint of format 2
-    for name, content in rebuilt.items():
+
+
+def add_loader_files(directory: Path) -> None:
+    """Writes the loader's files a save writes for a large index (derived from the index)."""
+    for name, content in index_parts.loader_files(read_document(directory)).items():
         (directory / name).write_bytes(content)
+
+
+@contextlib.contextmanager
+def writing_loader_files() -> Iterator[None]:
+    """Saves inside write the loader's files whatever the size of their index (by default they
+    are written only for large indexes)."""
+    with mock.patch.object(index_parts, "LOADER_FILES_MIN_INDEX_BYTES", 0):
+        yield
 
 
 def drop_loader_files(directory: Path) -> None:

@@ -25,6 +25,7 @@ from distributed_shampoo.distributor.block_distributor import block_owners
 from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.launch import run_on_ranks
 from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fill_disk_of_this_rank
+from tests.checkpoint.tamper import writing_loader_files
 
 # (name, global shape): uneven for 3 and 4 ranks along both dimensions.
 _SHARDED: list[tuple[str, tuple[int, ...]]] = [("a", (7, 5)), ("b", (10, 9)), ("c", (3, 11))]
@@ -43,7 +44,8 @@ def _save_sharded(rank: int, world_size: int, directory: str, dim: int) -> None:
     state["replicated"] = distribute_tensor(_full("r", (4, 4)), mesh, [Replicate()])
     state["step"] = torch.tensor(5.0)  # the same plain tensor on every rank: written once
     state["lr"] = 0.25
-    save_checkpoint(directory, {"state": state})
+    with writing_loader_files():  # the loads below read them; test_block_owned_state's read the index
+        save_checkpoint(directory, {"state": state})
 
 
 def _load_sharded(rank: int, world_size: int, directory: str, dim: int) -> None:
@@ -208,6 +210,8 @@ class DistributedCheckpointTest(unittest.TestCase):
         run_on_ranks(save_world, _save_blocks, self.directory)
         index = verify_checkpoint(self.directory)
         self.assertEqual(len(index.tensors), 11 * 3)
+        # A small index has no loader's files: each loading rank reads its entries from the index.
+        self.assertEqual(len(os.listdir(self.directory)), save_world + 1)
         run_on_ranks(load_world, _load_blocks, self.directory)
 
     def test_ranks_disagreeing_on_a_key(self) -> None:

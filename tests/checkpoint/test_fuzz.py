@@ -14,7 +14,7 @@ from torch.distributed.tensor import distribute_tensor, Replicate, Shard
 
 from distributed_shampoo.checkpoint import check_checkpoint, CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from distributed_shampoo.launch import run_on_ranks
-from tests.checkpoint.tamper import INDEX
+from tests.checkpoint.tamper import add_loader_files, drop_loader_files, INDEX
 
 # Every this many bytes of the manifest and the index parts are flipped (the lookup table: all).
 _LOADER_STRIDE = 7
@@ -119,13 +119,17 @@ class FuzzTest(unittest.TestCase):
         self.assertGreater(self._flip_each(index, range(len(index.read_bytes()))), 4000)
 
     def test_a_sample_of_the_loader_files_bytes(self) -> None:
-        # A load into a template reads these instead of the index.
-        tried = sum(
-            self._flip_each(path, range(0, len(path.read_bytes()), _LOADER_STRIDE))
-            for path in sorted([*self.directory.glob("*.manifest.json"), *self.directory.glob("*.part-*.json")])
-        )
-        lookup = next(self.directory.glob("*.lookup.bin"))
-        tried += self._flip_each(lookup, range(len(lookup.read_bytes())))
+        # A load into a template reads these instead of the index (a large index has them).
+        add_loader_files(self.directory)
+        try:
+            tried = sum(
+                self._flip_each(path, range(0, len(path.read_bytes()), _LOADER_STRIDE))
+                for path in sorted([*self.directory.glob("*.manifest.json"), *self.directory.glob("*.part-*.json")])
+            )
+            lookup = next(self.directory.glob("*.lookup.bin"))
+            tried += self._flip_each(lookup, range(len(lookup.read_bytes())))
+        finally:
+            drop_loader_files(self.directory)
         self.assertGreater(tried, 900)
 
     def test_every_shard_header_byte_and_a_sample_of_data_bytes(self) -> None:

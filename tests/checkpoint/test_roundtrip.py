@@ -7,6 +7,7 @@ import os
 import stat
 import tempfile
 import unittest
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from distributed_shampoo.checkpoint import (
     UnsupportedValueError,
     verify_checkpoint,
 )
+from distributed_shampoo.checkpoint import index_parts
 from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME
 from tests.checkpoint.scratch import ScratchDirTest
 
@@ -194,13 +196,7 @@ class FormatTest(unittest.TestCase):
                 os.umask(old_umask)
             self.assertEqual(
                 sorted(os.listdir(directory)),
-                [
-                    "model-00001-of-00001.safetensors",
-                    "model.lookup.bin",
-                    "model.manifest.json",
-                    "model.part-00001-of-00001.json",
-                    "model.safetensors.index.json",
-                ],
+                ["model-00001-of-00001.safetensors", "model.safetensors.index.json"],  # small: no loader's files
             )
             index = json.loads((directory / "model.safetensors.index.json").read_text())
             self.assertEqual(
@@ -217,6 +213,24 @@ class FormatTest(unittest.TestCase):
                 self.assertTrue(torch.equal(reader.get_tensor('["a"]'), torch.arange(6.0).reshape(2, 3)))
                 self.assertTrue(torch.equal(reader.get_slice('["a"]')[1:], torch.tensor([[3.0, 4.0, 5.0]])))
             verify_checkpoint(directory)
+
+
+    def test_loader_files_are_written_from_the_threshold_on(self) -> None:
+        state = {"a": torch.arange(6.0).reshape(2, 3), "b": {"c": torch.ones(2, dtype=torch.float16)}, "n": 1}
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = save_checkpoint(Path(tmp) / "probe", state)
+            index_bytes = (probe / "optimizer.safetensors.index.json").stat().st_size
+            for threshold, written in [(index_bytes + 1, False), (index_bytes, True)]:
+                directory = Path(tmp) / f"ckpt-{threshold}"
+                with mock.patch.object(index_parts, "LOADER_FILES_MIN_INDEX_BYTES", threshold):
+                    save_checkpoint(directory, state)
+                    verify_checkpoint(directory)
+                loader = {"optimizer.lookup.bin", "optimizer.manifest.json", "optimizer.part-00001-of-00001.json"}
+                self.assertEqual(loader <= set(os.listdir(directory)), written)
+                self.assertEqual(len(os.listdir(directory)), 2 + 3 * written)
+                template = {"a": torch.zeros(2, 3), "b": {"c": torch.zeros(2, dtype=torch.float16)}, "n": 0}
+                load_checkpoint(directory, template)
+                self.assertEqual(_structure(template), _structure(state))
 
 
 def _structure(value: object) -> object:

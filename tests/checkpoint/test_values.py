@@ -24,7 +24,7 @@ from distributed_shampoo.shampoo_types import (
     SGDPreconditionerConfig,
 )
 from tests.checkpoint.scratch import ScratchDirTest
-from tests.checkpoint.tamper import Document, edit_index, read_document
+from tests.checkpoint.tamper import add_loader_files, Document, edit_index, read_document
 
 _CONFIGS: dict[str, object] = {
     "sgd": SGDPreconditionerConfig(),
@@ -77,12 +77,15 @@ class ConfigValuesTest(ScratchDirTest):
         )
         self.assertEqual(objects['["dtype"]'], {"dtype": "float16"})
 
-    def test_template_receives_the_saved_configs(self) -> None:
+    @parameterized.expand([("from_the_index", False), ("from_the_loader_files", True)])
+    def test_template_receives_the_saved_configs(self, _name: str, loader_files: bool) -> None:
         save_checkpoint(self.root / "ckpt", self._state())
+        if loader_files:  # a template load then reads the values from the manifest
+            add_loader_files(self.root / "ckpt")
         template = self._state()
         template["param_groups"] = [{"lr": 0.0, "grafting_config": type(config)()} for config in _CONFIGS.values()]
         template["dtype"] = torch.float32
-        load_checkpoint(self.root / "ckpt", template)  # a template load reads the loader's files
+        load_checkpoint(self.root / "ckpt", template)
         self.assertEqual([group["grafting_config"] for group in template["param_groups"]], list(_CONFIGS.values()))  # pyre-ignore[16]
         self.assertIs(template["dtype"], torch.float16)
 

@@ -16,6 +16,7 @@ process.
 
 import argparse
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from types import ModuleType
 import torch
 
 # Each case: the constructor's hyperparameters shared by both implementations, the grafting
-# (name, options), and whether one parameter has no gradient on every other step.
+# (name, options), the distributed config's options, the torch.compile options, the preconditioner
+# config's options, and whether one parameter has no gradient on every other step.
 CASES: dict[str, dict[str, object]] = {
     "plain": {},
     "beta2 EMA, bias-corrected": {"betas": (0.0, 0.95)},
@@ -48,6 +50,11 @@ CASES: dict[str, dict[str, object]] = {
         "precondition_frequency": 5, "start_preconditioning_step": 7, "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}),
     },
     "a gradient missing every other step": {"betas": (0.9, 0.99), "skip_grad": True},
+    "no blocking (math.inf), merged to vectors": {"max_preconditioner_dim": math.inf},
+    "no blocking (math.inf), matrices kept": {"max_preconditioner_dim": math.inf, "distributed": {"target_parameter_dimensionality": 2}},
+    "compiled step (dynamo, eager backend)": {"betas": (0.9, 0.99), "compile": {"backend": "eager"}},
+    "inverse_exponent_override {2: 0.2, 1: 0.25}": {"preconditioner": {"inverse_exponent_override": {2: 0.2, 1: 0.25}}},
+    "epsilon added after eigh": {"betas": (0.0, 0.95), "preconditioner": {"perturb_before_computation": False}},
 }
 
 
@@ -91,15 +98,24 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
     options = dict(CASES[case])
     grafting = _grafting(options.pop("grafting", None))
     skip_grad = bool(options.pop("skip_grad", False))
+    distributed = options.pop("distributed", None)
+    if distributed is not None:
+        types = importlib.import_module("distributed_shampoo.shampoo_types")  # the reference exports it there only
+        options["distributed_config"] = types.SingleDeviceDistributedConfig(**distributed)
+    compile_options = options.pop("compile", None)
+    if compile_options is not None:
+        options["shampoo_pt2_compile_config"] = package.ShampooPT2CompileConfig(**compile_options)
     model, inputs, targets = _model(dtype)
-    # Factors in the parameters' dtype on both sides (the reference stores them in float32 unless told).
-    if hasattr(package, "RootInvShampooPreconditionerConfig"):
-        options["preconditioner_config"] = package.RootInvShampooPreconditionerConfig(factor_matrix_dtype=dtype)
-    else:
-        options["preconditioner_dtype"] = dtype
-    optimizer = package.DistributedShampoo(
-        model.parameters(), lr=0.05, epsilon=1e-6, max_preconditioner_dim=4, grafting_config=grafting, **options
-    )
+    # Factors in the parameters' dtype on both sides (the default is float32); roots are too.
+    preconditioner_options = options.pop("preconditioner", {})
+    assert isinstance(preconditioner_options, dict)
+    preconditioner = dict(preconditioner_options)
+    if preconditioner.pop("perturb_before_computation", True) is False:
+        perturbation = package.PerturbationConfig(perturb_before_computation=False)
+        preconditioner["amortized_computation_config"] = package.EigenConfig(rank_deficient_stability_config=perturbation)
+    options["preconditioner_config"] = package.RootInvShampooPreconditionerConfig(factor_matrix_dtype=dtype, **preconditioner)
+    options = {"max_preconditioner_dim": 4, **options}
+    optimizer = package.DistributedShampoo(model.parameters(), lr=0.05, epsilon=1e-6, grafting_config=grafting, **options)
     trajectory = [torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone()]
     for step in range(steps):
         optimizer.zero_grad()

@@ -1,22 +1,38 @@
 # pyre-strict
-"""Optimizer step time of DistributedShampoo against torch.optim.Adam on the same model.
+"""Optimizer step time of DistributedShampoo against the reference implementation and torch.optim.Adam.
 
-    python -m benchmarks.optimizer_step_benchmark [--steps 20] [--threads 2]
+    python -m benchmarks.optimizer_step_benchmark --reference /path/to/optimizers [--steps 20] [--threads 1]
 
-Information, not a target: Shampoo does more work per step (factor updates every step, an
-eigendecomposition per factor every ``precondition_frequency`` steps). Times only
-``optimizer.step()`` (gradients are fixed random tensors): the mean over ``--steps`` steps after
-two warm-up steps, so root computations are amortised; one process on the CPU.
+The same model, fixed random gradients and settings for both Shampoos (Adam grafting, blocks of
+256 or 1024, roots every step or every 10 steps, float32 factors); each implementation runs in its
+own process (both packages are ``distributed_shampoo``; the reference checkout, at ``18178f4``, is
+put on ``PYTHONPATH`` of its process only, it is not a dependency). Times only
+``optimizer.step()``: the mean over ``--steps`` steps after two warm-up steps, so root
+computations are amortised; one process on the CPU. Without ``--reference`` only ours and Adam run.
+This file imports nothing of ours at module level, since it also runs inside the reference's process.
 """
 
 import argparse
+import importlib
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from distributed_shampoo import AdamPreconditionerConfig, DistributedShampoo
+# name -> (max_preconditioner_dim, precondition_frequency)
+CONFIGS: dict[str, tuple[int, int]] = {
+    "blocks 1024, roots every step": (1024, 1),
+    "blocks 1024, roots every 10 steps": (1024, 10),
+    "blocks 256, roots every step": (256, 1),
+    "blocks 256, roots every 10 steps": (256, 10),
+}
 
 
 def _model() -> torch.nn.Module:
@@ -26,8 +42,9 @@ def _model() -> torch.nn.Module:
 
 def _mean_step_ms(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], steps: int) -> float:
     params = list(_model().parameters())
+    generator = torch.Generator().manual_seed(1)
     for param in params:
-        param.grad = torch.randn_like(param) * 1e-2
+        param.grad = torch.randn(param.shape, generator=generator) * 1e-2
     optimizer = make(params)
     for _ in range(2):
         optimizer.step()
@@ -39,49 +56,51 @@ def _mean_step_ms(make: Callable[[list[torch.nn.Parameter]], torch.optim.Optimiz
     return statistics.mean(times) * 1e3
 
 
+def worker(threads: int, steps: int, out: str) -> None:
+    """Times every config with the ``distributed_shampoo`` on this process's path (and Adam)."""
+    package = importlib.import_module("distributed_shampoo")
+    torch.set_num_threads(threads)
+    grafting = package.AdamGraftingConfig(beta2=0.999, epsilon=1e-8)
+    times = {"torch.optim.Adam": _mean_step_ms(lambda p: torch.optim.Adam(p, lr=1e-3), steps)}
+    for name, (max_dim, frequency) in CONFIGS.items():
+        times[name] = _mean_step_ms(
+            lambda p: package.DistributedShampoo(
+                p, lr=1e-3, grafting_config=grafting, max_preconditioner_dim=max_dim, precondition_frequency=frequency
+            ),
+            steps,
+        )
+    Path(out).write_text(json.dumps(times))
+
+
+def _run(path: str, threads: int, steps: int, out: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": path}
+    command = [sys.executable, __file__, "--worker", str(threads), str(steps), str(out)]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", help="a checkout of facebookresearch/optimizers at 18178f4")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(int(args.threads))
-    grafting = AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
-    candidates: dict[str, Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]] = {
-        "torch.optim.Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
-        "Shampoo, blocks 1024, roots every step": lambda p: DistributedShampoo(p, lr=1e-3, grafting_config=grafting),
-        "Shampoo, blocks 1024, roots every 10 steps": lambda p: DistributedShampoo(
-            p, lr=1e-3, grafting_config=grafting, precondition_frequency=10
-        ),
-        "Shampoo, blocks 256, roots every step": lambda p: DistributedShampoo(
-            p, lr=1e-3, grafting_config=grafting, max_preconditioner_dim=256
-        ),
-        "Shampoo, blocks 256, roots every 10 steps": lambda p: DistributedShampoo(
-            p, lr=1e-3, grafting_config=grafting, max_preconditioner_dim=256, precondition_frequency=10
-        ),
-    }
+    if args.worker:
+        threads, steps, out = args.worker
+        worker(int(threads), int(steps), out)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        ours = _run(str(Path(__file__).resolve().parents[1]), args.threads, args.steps, Path(scratch, "ours.json"))
+        reference = _run(args.reference, args.threads, args.steps, Path(scratch, "reference.json")) if args.reference else None
     params = sum(p.numel() for p in _model().parameters())
-    print(f"MLP 512-1024-1024-10 ({params / 1e6:.2f} M parameters), {args.threads} threads, mean of {args.steps} steps")
-    print("| optimizer | step (ms) | vs Adam |\n|---|---:|---:|")
-    adam = 0.0
-    for name, make in candidates.items():
-        milliseconds = _mean_step_ms(make, int(args.steps))
-        adam = adam or milliseconds
-        print(f"| {name} | {milliseconds:.1f} | {milliseconds / adam:.1f}x |")
-    print("\n| one eigh of a 1024 x 1024 factor | ms |\n|---|---:|")
-    for dtype in (torch.float64, torch.float32):
-        print(f"| {dtype} | {_eigh_ms(dtype):.1f} |")
-
-
-def _eigh_ms(dtype: torch.dtype) -> float:
-    """The best of 3 symmetric eigendecompositions of a 1024 x 1024 factor-like matrix."""
-    grad = torch.randn(1024, 1024, dtype=dtype)
-    factor = grad @ grad.T
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        torch.linalg.eigh(factor)
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+    print(f"MLP 512-1024-1024-10 ({params / 1e6:.2f} M parameters), {args.threads} threads, mean of {args.steps} steps, Adam grafting")
+    print("| Shampoo | ours (ms) | reference (ms) | ours / reference | ours / Adam |\n|---|---:|---:|---:|---:|")
+    adam = ours["torch.optim.Adam"]
+    for name in CONFIGS:
+        theirs = f"{reference[name]:.1f} | {ours[name] / reference[name]:.2f}x" if reference else "- | -"
+        print(f"| {name} | {ours[name]:.1f} | {theirs} | {ours[name] / adam:.1f}x |")
+    print(f"| (torch.optim.Adam) | {adam:.2f} | | | |")
 
 
 if __name__ == "__main__":

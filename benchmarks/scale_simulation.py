@@ -55,7 +55,7 @@ from distributed_shampoo.distributor.block_distributor import block_owners
 from distributed_shampoo.distributor.block_layout import param_layouts
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.preconditioner.grafting import Grafting
-from distributed_shampoo.shampoo_types import AdamPreconditionerConfig, block_key, ShampooHyperparameters, STEP
+from distributed_shampoo.shampoo_types import AdamPreconditionerConfig, block_key, DefaultShampooConfig, ShampooHyperparameters, STEP
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 
 T = TypeVar("T")
@@ -99,7 +99,7 @@ def shampoo_state(max_dim: int) -> ShampooState:
     hyperparameters = ShampooHyperparameters(
         lr=1e-3, beta1=0.9, beta2=0.999, beta3=-1.0, epsilon=1e-12, momentum=0.0, dampening=0.0, weight_decay=0.0,
         max_preconditioner_dim=max_dim, precondition_frequency=100, start_preconditioning_step=-1, use_nesterov=False,
-        use_bias_correction=True, use_decoupled_weight_decay=True,
+        use_bias_correction=True, use_decoupled_weight_decay=True, use_pin_memory=False,
     )
     grafting = Grafting(AdamPreconditionerConfig())
     _, blocks = param_layouts([shape for _, shape in shapes], [max_dim] * len(shapes))
@@ -107,7 +107,7 @@ def shampoo_state(max_dim: int) -> ShampooState:
     for block in blocks:
         if block.shape not in tensors_of_shape:
             meta = torch.empty(0, device="meta")
-            state = BlockState(BlockInfo(meta, (0, block_key(0))), block.shape, hyperparameters, grafting, torch.float32)
+            state = BlockState(BlockInfo(meta, (0, block_key(0))), block.shape, hyperparameters, grafting, DefaultShampooConfig)
             tensors_of_shape[block.shape] = {
                 tuple(json.loads(key)): tuple(value.shape)
                 for key, value in flatten(cast(dict[str, object], state.state_dict())).items()
@@ -119,7 +119,7 @@ def shampoo_state(max_dim: int) -> ShampooState:
         block_keys=[block_key(block.block_index) for block in blocks],
         block_tensors=[tensors_of_shape[block.shape] for block in blocks],
         block_nbytes=[
-            block_state_nbytes(block.shape, torch.float32, hyperparameters, grafting, torch.float32) for block in blocks
+            block_state_nbytes(block.shape, torch.float32, hyperparameters, grafting, DefaultShampooConfig) for block in blocks
         ],
     )
 

@@ -1,6 +1,7 @@
 # pyre-strict
 """``DistributedShampoo``: blocked Shampoo with grafting, optionally distributed over DDP or FSDP2 ranks."""
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -21,18 +22,22 @@ from distributed_shampoo.preconditioner.shampoo_preconditioner import ShampooPre
 from distributed_shampoo.shampoo_types import (
     block_key,
     DDPDistributedConfig,
+    DefaultShampooConfig,
+    DefaultSingleDeviceDistributedConfig,
+    DistributedConfig,
     FullyShardDistributedConfig,
     GraftingConfig,
     HYPERPARAMETERS,
+    PRECONDITIONER_DTYPES,
+    PreconditionerConfig,
+    RootInvShampooPreconditionerConfig,
     ShampooHyperparameters,
+    ShampooPT2CompileConfig,
+    SingleDeviceDistributedConfig,
     STEP,
 )
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, update_param_state_dict_object
-
-# The dtypes factor matrices may be stored in (they are updated in float32, or in float64 when
-# stored in float64, see ``shampoo_preconditioner``).
-PRECONDITIONER_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 # A parameter's state: its step count and the blocks this rank owns (see ``distributed_state_dict``).
 ParamState = dict[Key, object]
@@ -55,14 +60,14 @@ class BlockState(OptimizerModule):
         block_shape: tuple[int, ...],
         hyperparameters: ShampooHyperparameters,
         grafting: Grafting | None,
-        preconditioner_dtype: torch.dtype,
+        preconditioner_config: RootInvShampooPreconditionerConfig,
     ) -> None:
         param: torch.Tensor = block_info.param
 
         def zeros() -> torch.Tensor:
             return block_info.allocate_zeros_tensor(size=block_shape, dtype=param.dtype, device=param.device)
 
-        self.shampoo = ShampooPreconditioner(block_info, block_shape, preconditioner_dtype)
+        self.shampoo = ShampooPreconditioner(block_info, block_shape, preconditioner_config)
         self.adagrad: torch.Tensor | None = zeros() if grafting is not None and grafting.has_state else None
         self.filtered_grad: torch.Tensor | None = zeros() if hyperparameters.beta1 != 0.0 else None
         self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
@@ -74,7 +79,7 @@ def block_state_nbytes(
     param_dtype: torch.dtype,
     hyperparameters: ShampooHyperparameters,
     grafting: Grafting | None,
-    preconditioner_dtype: torch.dtype,
+    preconditioner_config: RootInvShampooPreconditionerConfig,
 ) -> int:
     """The bytes of one block's optimizer state: what block ownership balances.
 
@@ -82,7 +87,7 @@ def block_state_nbytes(
     owner allocates.
     """
     meta_param = torch.empty(0, dtype=param_dtype, device="meta")
-    state = BlockState(BlockInfo(meta_param, (0, block_key(0))), block_shape, hyperparameters, grafting, preconditioner_dtype)
+    state = BlockState(BlockInfo(meta_param, (0, block_key(0))), block_shape, hyperparameters, grafting, preconditioner_config)
     return _nbytes(state.state_dict())
 
 
@@ -138,7 +143,9 @@ class DistributedShampoo(torch.optim.Optimizer):
         momentum: Heavy-ball momentum in [0, 1).
         dampening: Momentum dampening in [0, 1).
         weight_decay: L2 penalty (>= 0).
-        max_preconditioner_dim: The largest block dimension (>= 1).
+        max_preconditioner_dim: The largest block dimension: an int >= 1, or ``math.inf`` for
+            no blocking (with ``target_parameter_dimensionality`` 1, a parameter then becomes one
+            vector with one full-size factor, as in the reference).
         precondition_frequency: Steps between inverse-root computations (>= 1).
         start_preconditioning_step: The first step that uses Shampoo's direction; -1 or
             >= ``precondition_frequency``.
@@ -146,10 +153,24 @@ class DistributedShampoo(torch.optim.Optimizer):
         use_bias_correction: Bias-correct the filtered gradient and (for ``beta2 < 1``) the factors.
         use_decoupled_weight_decay: AdamW-style weight decay instead of an L2 term in the gradient.
         grafting_config: The grafted diagonal optimizer, or None for none.
-        distributed_config: Distribute blocks over ranks, or None for one process.
-        preconditioner_dtype: Storage dtype of the factors and inverse roots (float64, float32,
-            bfloat16 or float16); factors are updated in float32 (float64 when stored in float64),
-            roots computed in float64.
+        use_pin_memory: Accepted and kept in the parameter groups, as in the reference (which
+            pins its learning-rate tensor with it); this step copies nothing to a device, so it
+            changes nothing here.
+        shampoo_pt2_compile_config: Compile each block's step with ``torch.compile`` (these
+            settings), or None to run it eagerly.
+        distributed_config: One process (``SingleDeviceDistributedConfig``, the default, or
+            None), blocks distributed over DDP ranks (``DDPDistributedConfig``) or over an FSDP2
+            model's ranks (``FullyShardDistributedConfig``); its
+            ``target_parameter_dimensionality`` steers the merging of small dimensions.
+        preconditioner_config: ``RootInvShampooPreconditionerConfig`` (the default,
+            ``DefaultShampooConfig``): the factors' dtype (``factor_matrix_dtype``, float32), the
+            roots' (``inv_factor_matrix_dtype``, None: the parameter's), ``EigenConfig`` (retry in
+            float64, offload device, perturbation), ``inverse_exponent_override`` and
+            ``num_tolerated_failed_amortized_computations``. The reference's other preconditioners
+            (eigendecomposed, eigenvalue-corrected, spectral and sign descent) are not implemented yet.
+        preconditioner_dtype: This package's shorthand: the storage dtype of the factors and the
+            roots both (float64, float32, bfloat16 or float16), replacing the config's. Factors are
+            updated, and roots computed, in float32, or float64 when stored in float64.
 
     Raises:
         ValueError: An invalid hyperparameter (named in the message), or a non-contiguous
@@ -167,18 +188,30 @@ class DistributedShampoo(torch.optim.Optimizer):
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
-        max_preconditioner_dim: int = 1024,
+        max_preconditioner_dim: int | float = 1024,
         precondition_frequency: int = 1,
         start_preconditioning_step: int = -1,
         use_nesterov: bool = False,
         use_bias_correction: bool = True,
         use_decoupled_weight_decay: bool = True,
         grafting_config: GraftingConfig | None = None,
-        distributed_config: DDPDistributedConfig | FullyShardDistributedConfig | None = None,
-        preconditioner_dtype: torch.dtype = torch.float32,
+        use_pin_memory: bool = False,
+        shampoo_pt2_compile_config: ShampooPT2CompileConfig | None = None,
+        distributed_config: DistributedConfig | None = DefaultSingleDeviceDistributedConfig,
+        preconditioner_config: PreconditionerConfig = DefaultShampooConfig,
+        preconditioner_dtype: torch.dtype | None = None,
     ) -> None:
-        if preconditioner_dtype not in PRECONDITIONER_DTYPES:
-            raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
+        if not isinstance(preconditioner_config, RootInvShampooPreconditionerConfig):
+            raise ValueError(
+                f"DistributedShampoo: preconditioner_config {type(preconditioner_config).__name__} is not implemented; "
+                "use RootInvShampooPreconditionerConfig"
+            )
+        if preconditioner_dtype is not None:
+            if preconditioner_dtype not in PRECONDITIONER_DTYPES:
+                raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
+            preconditioner_config = dataclasses.replace(
+                preconditioner_config, factor_matrix_dtype=preconditioner_dtype, inv_factor_matrix_dtype=preconditioner_dtype
+            )
         defaults: dict[str, object] = dict(
             zip(
                 HYPERPARAMETERS,
@@ -196,6 +229,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                     use_nesterov,
                     use_bias_correction,
                     use_decoupled_weight_decay,
+                    use_pin_memory,
                 ),
             )
         )
@@ -217,16 +251,20 @@ class DistributedShampoo(torch.optim.Optimizer):
         layouts, blocks = param_layouts(
             [tuple(param.shape) for param in self._params],
             [hyperparameters.max_preconditioner_dim for hyperparameters in param_hyperparameters],
+            distributed_config.target_parameter_dimensionality if distributed_config is not None else 1,
         )
         self._layouts: list[ParamLayout] = layouts
         self._blocks: list[BlockSpec] = blocks
         # Ownership balances the blocks' state bytes, so it needs them all before any rank
         # allocates its own blocks' state.
         state_nbytes = [
-            block_state_nbytes(block.shape, self._params[block.param_index].dtype, param_hyperparameters[block.param_index], self._grafting, preconditioner_dtype)
+            block_state_nbytes(block.shape, self._params[block.param_index].dtype, param_hyperparameters[block.param_index], self._grafting, preconditioner_config)
             for block in self._blocks
         ]
         self._distributor: BlockDistributor = self._make_distributor(distributed_config, state_nbytes)
+        self._block_step: Callable[..., torch.Tensor] = (
+            shampoo_pt2_compile_config.compile(self._block_direction) if shampoo_pt2_compile_config is not None else self._block_direction
+        )
         self._block_states: dict[int, BlockState] = {}
         # One step count per parameter group, as in the reference implementation: it counts the
         # group's calls of ``step()``, whether or not a parameter had a gradient.
@@ -243,13 +281,16 @@ class DistributedShampoo(torch.optim.Optimizer):
                         block.shape,
                         hyperparameters,
                         self._grafting,
-                        preconditioner_dtype,
+                        preconditioner_config,
                     )
             self.state[param] = self._param_state(param_index)
 
-    def _make_distributor(
-        self, config: DDPDistributedConfig | FullyShardDistributedConfig | None, state_nbytes: list[int]
-    ) -> BlockDistributor:
+    def _make_distributor(self, config: DistributedConfig | None, state_nbytes: list[int]) -> BlockDistributor:
+        if not isinstance(config, (SingleDeviceDistributedConfig, DDPDistributedConfig, FullyShardDistributedConfig, type(None))):
+            raise ValueError(
+                f"DistributedShampoo: distributed_config {type(config).__name__} is not supported; use "
+                "SingleDeviceDistributedConfig, DDPDistributedConfig or FullyShardDistributedConfig"
+            )
         if isinstance(config, FullyShardDistributedConfig):
             return FullyShardDistributor(self._params, self._blocks, self._layouts, state_nbytes)
         sharded = [index for index, param in enumerate(self._params) if isinstance(param, DTensor)]
@@ -258,7 +299,8 @@ class DistributedShampoo(torch.optim.Optimizer):
                 f"DistributedShampoo: parameters #{sharded} are DTensors; pass "
                 "distributed_config=FullyShardDistributedConfig() for fully_shard models"
             )
-        return DDPDistributor(self._blocks, self._layouts, state_nbytes, config, self._params[0].device)
+        ddp = config if isinstance(config, DDPDistributedConfig) else None
+        return DDPDistributor(self._blocks, self._layouts, state_nbytes, ddp, self._params[0].device)
 
     def _per_param(self, per_group: list[ShampooHyperparameters]) -> list[ShampooHyperparameters]:
         """Each parameter's group's hyperparameters, in parameter order."""
@@ -343,7 +385,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         for position, block_inputs in self._distributor.block_inputs(inputs).items():
             param_index = self._blocks[position].param_index
             dtype = self._params[param_index].dtype
-            directions[position] = self._block_direction(
+            directions[position] = self._block_step(
                 self._block_states[position],
                 block_inputs[0].to(torch.promote_types(dtype, torch.float32)),
                 block_inputs[1].to(dtype) if len(block_inputs) > 1 else None,

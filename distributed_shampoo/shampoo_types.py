@@ -1,10 +1,20 @@
 # pyre-strict
 """Frozen configuration dataclasses of ``DistributedShampoo`` and the names of its state keys."""
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
+
+from distributed_shampoo.preconditioner.matrix_functions_types import (
+    DefaultEigenConfig,
+    EigenConfig,
+    EighEigendecompositionConfig,
+    MatrixFunctionConfig,
+    PerturbationConfig,
+    RootInvConfig,
+)
 
 # A parameter's step count in ``state_dict()`` and ``distributed_state_dict()``; the keys of a
 # block's state are ``BlockState``'s attribute names.
@@ -107,8 +117,45 @@ class AdamGraftingConfig(AdamPreconditionerConfig):
     epsilon: float = 1e-10
 
 
+def _check_int_or_inf(name: str, value: object) -> None:
+    """``value`` must be an int >= 1 or ``math.inf`` (the reference's rule for dimensions)."""
+    if isinstance(value, bool) or not (isinstance(value, int) or value == math.inf):
+        raise ValueError(f"Invalid {name}: {value!r}. Must be an integer or math.inf.")
+    if not value >= 1:  # pyre-ignore[58]: an int or inf here
+        raise ValueError(f"Invalid {name}: {value!r}. Must be >= 1.")
+
+
 @dataclass(frozen=True)
-class DDPDistributedConfig:
+class DistributedConfig:
+    """Base class of the distributed configurations (the reference's).
+
+    Attributes:
+        target_parameter_dimensionality: How many dimensions a parameter keeps when its small
+            dimensions are merged before blocking (``merge_small_dims``; size-1 dimensions always
+            go): 1 merges as far as ``max_preconditioner_dim`` allows, 2 keeps matrices (e.g. for
+            spectral descent), ``math.inf`` merges nothing. Keyword only.
+
+    Raises:
+        ValueError: ``target_parameter_dimensionality`` is neither an int >= 1 nor ``math.inf``.
+    """
+
+    target_parameter_dimensionality: int | float = field(default=1, kw_only=True)
+
+    def __post_init__(self) -> None:
+        _check_int_or_inf(f"{type(self).__name__}.target_parameter_dimensionality", self.target_parameter_dimensionality)
+
+
+@dataclass(frozen=True)
+class SingleDeviceDistributedConfig(DistributedConfig):
+    """Shampoo in one process: every block on this rank (the default)."""
+
+
+# The constructor's default, as in the reference.
+DefaultSingleDeviceDistributedConfig = SingleDeviceDistributedConfig()
+
+
+@dataclass(frozen=True)
+class DDPDistributedConfig(DistributedConfig):
     """Distributes Shampoo blocks over the ranks of the default process group.
 
     Attributes:
@@ -127,6 +174,7 @@ class DDPDistributedConfig:
     communication_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_trainers_per_group != -1 and self.num_trainers_per_group < 1:
             raise ValueError(
                 f"DDPDistributedConfig: num_trainers_per_group must be -1 or >= 1, got {self.num_trainers_per_group}"
@@ -139,7 +187,7 @@ class DDPDistributedConfig:
 
 
 @dataclass(frozen=True)
-class FullyShardDistributedConfig:
+class FullyShardDistributedConfig(DistributedConfig):
     """Distributes Shampoo blocks over the ranks of an FSDP2 (``fully_shard``) model.
 
     The parameters must be ``fully_shard``'s DTensors: ``Shard(0)`` on one 1-D device mesh,
@@ -153,6 +201,165 @@ class FullyShardDistributedConfig:
     """
 
 
+# The dtypes factor matrices and their inverse roots may be stored in.
+PRECONDITIONER_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+class PreconditionerValueError(ValueError):
+    """A factor or its inverse root holds NaN or infinity (the reference's error)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreconditionerConfig:
+    """Base class of the preconditioner configurations."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AmortizedPreconditionerConfig(PreconditionerConfig):
+    """A preconditioner whose expensive part (a matrix function of each factor) is recomputed every
+    ``precondition_frequency`` steps.
+
+    Attributes:
+        amortized_computation_config: The matrix function.
+        num_tolerated_failed_amortized_computations: How many computations of a block in a row
+            may fail (the block keeps its last good result) before the step raises ``ValueError``.
+        factor_matrix_dtype: The storage dtype of the factor matrices.
+
+    Raises:
+        ValueError: A negative tolerance, or a dtype outside ``PRECONDITIONER_DTYPES``.
+    """
+
+    amortized_computation_config: MatrixFunctionConfig
+    num_tolerated_failed_amortized_computations: int = 3
+    factor_matrix_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.num_tolerated_failed_amortized_computations < 0:
+            raise ValueError(
+                f"Invalid num_tolerated_failed_amortized_computations value: "
+                f"{self.num_tolerated_failed_amortized_computations}. Must be >= 0."
+            )
+        if self.factor_matrix_dtype not in PRECONDITIONER_DTYPES:
+            raise ValueError(f"Invalid factor_matrix_dtype: {self.factor_matrix_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShampooPreconditionerConfig(AmortizedPreconditionerConfig):
+    """Kronecker-factored Shampoo.
+
+    Attributes:
+        inverse_exponent_override: Per block order ``o``, the inverse root's exponent of every
+            dimension (a float) or of some (``{dimension: exponent}``); the others use
+            ``1 / (2 o)``. An exponent of 0 leaves that dimension unpreconditioned: it has no
+            factor matrix. E.g. ``{2: 0.2, 3: {0: 0.0, 1: 0.25}}``.
+
+    Raises:
+        ValueError: A negative order or exponent, or a dimension outside ``[0, o - 1]``.
+    """
+
+    # Not hashed (a dict is not hashable); compared.
+    inverse_exponent_override: Mapping[int, Mapping[int, float] | float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        override = self.inverse_exponent_override
+        if negative := [order for order in override if order < 0]:
+            raise ValueError(f"Invalid orders in inverse_exponent_override={dict(override)}: {negative}. All orders must be >= 0.")
+        for order, exponents in override.items():
+            per_dim = exponents if isinstance(exponents, Mapping) else {}
+            if outside := [dim for dim in per_dim if not 0 <= dim <= max(order - 1, 0)]:
+                raise ValueError(
+                    f"Invalid dimensions in inverse_exponent_override[{order}]={dict(per_dim)}: {outside}. "
+                    f"All dimensions must be within [0, {max(order - 1, 0)}]."
+                )
+            values = list(per_dim.values()) if isinstance(exponents, Mapping) else [exponents]
+            if negative_values := [value for value in values if value < 0]:
+                raise ValueError(
+                    f"Invalid override value in inverse_exponent_override[{order}]={exponents}: {negative_values}. "
+                    "All overrides must be >= 0."
+                )
+
+    def inverse_exponents(self, order: int) -> tuple[float, ...]:
+        """The inverse root's exponent of each dimension of a block of ``order`` dimensions."""
+        default = 1.0 / (2 * max(order, 1))
+        exponents = self.inverse_exponent_override.get(order, {})
+        if not isinstance(exponents, Mapping):
+            return (float(exponents),) * order
+        return tuple(float(exponents.get(dim, default)) for dim in range(order))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RootInvShampooPreconditionerConfig(ShampooPreconditionerConfig):
+    """Shampoo that keeps each factor's inverse root (``inv_factor_matrices``); the default.
+
+    Attributes:
+        amortized_computation_config: How the roots are computed (``EigenConfig``).
+        inv_factor_matrix_dtype: The roots' storage dtype; None (the reference's behaviour) is
+            the parameter's dtype. This package's addition.
+
+    Raises:
+        ValueError: Another root computation than ``EigenConfig`` (not implemented here yet), or a
+            dtype outside ``PRECONDITIONER_DTYPES``.
+    """
+
+    amortized_computation_config: RootInvConfig = DefaultEigenConfig
+    inv_factor_matrix_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.amortized_computation_config, EigenConfig):
+            raise ValueError(
+                f"Invalid amortized_computation_config: {type(self.amortized_computation_config).__name__} is not "
+                "implemented; use EigenConfig"
+            )
+        if not isinstance(self.amortized_computation_config.rank_deficient_stability_config, PerturbationConfig):
+            raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
+        if self.inv_factor_matrix_dtype is not None and self.inv_factor_matrix_dtype not in PRECONDITIONER_DTYPES:
+            raise ValueError(
+                f"Invalid inv_factor_matrix_dtype: {self.inv_factor_matrix_dtype}. Must be one of {PRECONDITIONER_DTYPES}."
+            )
+
+
+# The constructor's default, as in the reference.
+DefaultShampooConfig = RootInvShampooPreconditionerConfig()
+
+
+@dataclass(frozen=True)
+class ShampooPT2CompileConfig:
+    """Compiles each block's step with ``torch.compile`` (PyTorch 2); the fields are the
+    arguments of ``torch.compile`` of the same names, with its defaults.
+
+    Attributes:
+        fullgraph: Fail on a graph break instead of falling back to Python.
+        dynamic: Compile for dynamic shapes (None: after a shape changes).
+        backend: The compiler: ``"inductor"`` (the default), ``"eager"``, ``"aot_eager"`` or a
+            backend callable.
+        mode: ``"default"``, ``"reduce-overhead"``, ``"max-autotune"`` ... (None: the default).
+        options: Backend options.
+        disable: Turn compilation off (for debugging).
+    """
+
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    backend: str | Callable[..., object] = "inductor"
+    mode: str | None = None
+    options: Mapping[str, str | int | bool] | None = None
+    disable: bool = False
+
+    def compile(self, function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``function`` compiled with these settings."""
+        return torch.compile(
+            function,
+            fullgraph=self.fullgraph,
+            dynamic=self.dynamic,
+            backend=self.backend,
+            mode=self.mode,
+            # pyre-ignore[6]: torch.compile types its options as a dict of backend settings
+            options=dict(self.options) if self.options is not None else None,
+            disable=self.disable,
+        )
+
+
 # Every config class of this package: what a checkpoint may hold as a value (``checkpoint.values``).
 CONFIG_CLASSES: tuple[type[object], ...] = (
     SGDPreconditionerConfig,
@@ -163,8 +370,12 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
     AdaGradGraftingConfig,
     RMSpropGraftingConfig,
     AdamGraftingConfig,
+    SingleDeviceDistributedConfig,
     DDPDistributedConfig,
     FullyShardDistributedConfig,
+    PerturbationConfig,
+    EighEigendecompositionConfig,
+    EigenConfig,
 )
 
 
@@ -183,6 +394,7 @@ HYPERPARAMETERS: tuple[str, ...] = (
     "use_nesterov",
     "use_bias_correction",
     "use_decoupled_weight_decay",
+    "use_pin_memory",
 )
 
 
@@ -198,12 +410,13 @@ class ShampooHyperparameters:
     momentum: float
     dampening: float
     weight_decay: float
-    max_preconditioner_dim: int
+    max_preconditioner_dim: int | float
     precondition_frequency: int
     start_preconditioning_step: int
     use_nesterov: bool
     use_bias_correction: bool
     use_decoupled_weight_decay: bool
+    use_pin_memory: bool
 
     @property
     def first_preconditioned_step(self) -> int:
@@ -240,12 +453,13 @@ class ShampooHyperparameters:
             momentum=_number("momentum", group["momentum"]),
             dampening=_number("dampening", group["dampening"]),
             weight_decay=_number("weight_decay", group["weight_decay"]),
-            max_preconditioner_dim=_integer("max_preconditioner_dim", group["max_preconditioner_dim"]),
+            max_preconditioner_dim=_dimension("max_preconditioner_dim", group["max_preconditioner_dim"]),
             precondition_frequency=_integer("precondition_frequency", group["precondition_frequency"]),
             start_preconditioning_step=_integer("start_preconditioning_step", group["start_preconditioning_step"]),
             use_nesterov=_flag("use_nesterov", group["use_nesterov"]),
             use_bias_correction=_flag("use_bias_correction", group["use_bias_correction"]),
             use_decoupled_weight_decay=_flag("use_decoupled_weight_decay", group["use_decoupled_weight_decay"]),
+            use_pin_memory=_flag("use_pin_memory", group.get("use_pin_memory", False)),
         )
         checks = (
             (values.lr >= 0.0, f"Invalid lr: {values.lr}. Must be >= 0."),
@@ -256,10 +470,6 @@ class ShampooHyperparameters:
             (0.0 <= values.momentum < 1.0, f"Invalid momentum: {values.momentum}. Must be in [0, 1)."),
             (0.0 <= values.dampening < 1.0, f"Invalid dampening: {values.dampening}. Must be in [0, 1)."),
             (values.weight_decay >= 0.0, f"Invalid weight_decay: {values.weight_decay}. Must be >= 0."),
-            (
-                values.max_preconditioner_dim >= 1,
-                f"Invalid max_preconditioner_dim: {values.max_preconditioner_dim}. Must be >= 1.",
-            ),
             (
                 values.precondition_frequency >= 1,
                 f"Invalid precondition_frequency: {values.precondition_frequency}. Must be >= 1.",
@@ -281,6 +491,11 @@ def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name}: {value!r}. Must be a number.")
     return float(value)
+
+
+def _dimension(name: str, value: object) -> int | float:
+    _check_int_or_inf(name, value)
+    return value  # pyre-ignore[7]: an int or math.inf, checked above
 
 
 def _integer(name: str, value: object) -> int:

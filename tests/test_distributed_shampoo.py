@@ -21,8 +21,15 @@ from distributed_shampoo import (
     GraftingConfig,
     RMSpropGraftingConfig,
     RMSpropPreconditionerConfig,
+    EigenConfig,
+    PerturbationConfig,
+    PreconditionerConfig,
+    PreconditionerValueError,
+    RootInvShampooPreconditionerConfig,
     SGDGraftingConfig,
     SGDPreconditionerConfig,
+    ShampooPT2CompileConfig,
+    SingleDeviceDistributedConfig,
 )
 from distributed_shampoo.preconditioner.shampoo_preconditioner import matrix_inverse_root
 
@@ -195,10 +202,111 @@ class ExactMathTest(unittest.TestCase):
         # that of 14 (on v) and 1e-4 (orthogonal to it).
         vector = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
         indefinite = vector @ vector.T - 1e-3 * torch.eye(3, dtype=torch.float64)
-        root = matrix_inverse_root(indefinite, 2, 1e-4)
+        root = matrix_inverse_root(indefinite, 0.5, 1e-4)
         expected = explicit_root(vector @ vector.T, 2, 1e-4)
         torch.testing.assert_close(root, expected, rtol=1e-10, atol=1e-10)
+        # Perturbed after the decomposition: eigenvalues 14 - 1e-3, -1e-3, -1e-3 shift by 1e-3 to
+        # 14, 0, 0, then epsilon is added: the same root here.
+        after = EigenConfig(rank_deficient_stability_config=PerturbationConfig(perturb_before_computation=False))
+        torch.testing.assert_close(matrix_inverse_root(indefinite, 0.5, 1e-4, after), expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(root @ root @ (vector @ vector.T + 1e-4 * torch.eye(3, dtype=torch.float64)), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+class PreconditionerConfigTest(unittest.TestCase):
+    def test_inverse_exponent_override_per_dimension(self) -> None:
+        # Order 3 with {0: 0.0, 1: 0.25}: dimension 0 is not preconditioned (no factor), dimension 1
+        # takes the 4th root, dimension 2 the default 6th.
+        generator = torch.Generator().manual_seed(9)
+        weight = torch.nn.Parameter(torch.zeros(3, 4, 5, dtype=torch.float64))
+        grad = torch.randn(3, 4, 5, generator=generator, dtype=torch.float64)
+        config = RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64, inverse_exponent_override={3: {0: 0.0, 1: 0.25}})
+        optimizer = DistributedShampoo(
+            [weight], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=5, start_preconditioning_step=1,
+            preconditioner_config=config,
+        )
+        weight.grad = grad.clone()
+        optimizer.step()
+        shampoo = optimizer.state[weight]["block_0"]["shampoo"]
+        self.assertEqual([tuple(f.shape) for f in shampoo["factor_matrices"].values()], [(4, 4), (5, 5)])
+        right = explicit_root(grad.permute(1, 0, 2).reshape(4, 15) @ grad.permute(1, 0, 2).reshape(4, 15).T, 4, 1e-2)
+        last = explicit_root(grad.permute(2, 0, 1).reshape(5, 12) @ grad.permute(2, 0, 1).reshape(5, 12).T, 6, 1e-2)
+        expected = -torch.einsum("abc,bj,ck->ajk", grad, right, last)
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-10, atol=1e-12)
+
+    def test_inverse_exponent_override_for_an_order(self) -> None:
+        # {2: 0.2}: both dimensions of a matrix take the 5th root.
+        generator = torch.Generator().manual_seed(10)
+        weight = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.float64))
+        grad = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+        config = RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64, inverse_exponent_override={2: 0.2})
+        optimizer = DistributedShampoo(
+            [weight], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=6, start_preconditioning_step=1,
+            preconditioner_config=config,
+        )
+        weight.grad = grad.clone()
+        optimizer.step()
+        expected = -explicit_root(grad @ grad.T, 5, 1e-2) @ grad @ explicit_root(grad.T @ grad, 5, 1e-2)
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-10, atol=1e-12)
+
+    def test_dtypes_of_factors_and_roots(self) -> None:
+        weight = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.bfloat16))
+        cases = [
+            (RootInvShampooPreconditionerConfig(), None, torch.float32, torch.bfloat16),  # the reference's: roots in the parameter's dtype
+            (RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64, inv_factor_matrix_dtype=torch.float32), None, torch.float64, torch.float32),
+            (RootInvShampooPreconditionerConfig(), torch.float16, torch.float16, torch.float16),  # preconditioner_dtype sets both
+        ]
+        for config, shorthand, factor_dtype, root_dtype in cases:
+            optimizer = DistributedShampoo([weight], preconditioner_config=config, preconditioner_dtype=shorthand)
+            shampoo = optimizer.state[weight]["block_0"]["shampoo"]
+            self.assertEqual((shampoo["factor_matrices"][0].dtype, shampoo["inv_factor_matrices"][0].dtype), (factor_dtype, root_dtype))
+            # The roots start as identities, as in the reference.
+            self.assertTrue(torch.equal(shampoo["inv_factor_matrices"][0], torch.eye(6, dtype=root_dtype)))  # (3, 2) merges to (6,)
+
+    def test_failed_root_computations_keep_the_last_roots_until_the_tolerance(self) -> None:
+        # Offloading eigh to the meta device makes every decomposition fail (its result cannot
+        # come back): two failures in a row are tolerated, the roots stay the identities, so the
+        # step is the filtered gradient itself; the third failure raises.
+        eigen = EigenConfig(eigendecomposition_offload_device="meta")
+        config = RootInvShampooPreconditionerConfig(amortized_computation_config=eigen, num_tolerated_failed_amortized_computations=2)
+        weight = torch.nn.Parameter(torch.zeros(2, 3))
+        optimizer = DistributedShampoo([weight], lr=1.0, betas=(0.0, 1.0), start_preconditioning_step=1, preconditioner_config=config)
+        for step in (1, 2):
+            weight.grad = torch.ones(2, 3)
+            optimizer.step()
+            self.assertTrue(torch.equal(weight.detach(), torch.full((2, 3), -float(step))))
+        weight.grad = torch.ones(2, 3)
+        with self.assertRaisesRegex(ValueError, r"exceeded the allowed tolerance \(2\)"):
+            optimizer.step()
+
+    def test_non_finite_factor_raises(self) -> None:
+        weight = torch.nn.Parameter(torch.zeros(2, 2))
+        optimizer = DistributedShampoo([weight], start_preconditioning_step=1)
+        weight.grad = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+        with self.assertRaisesRegex(PreconditionerValueError, "Encountered nan/inf values in factor matrix 0"):
+            optimizer.step()
+
+    @parameterized.expand(
+        [
+            (lambda: RootInvShampooPreconditionerConfig(num_tolerated_failed_amortized_computations=-1),
+             "Invalid num_tolerated_failed_amortized_computations value: -1. Must be >= 0."),
+            (lambda: RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.int32),
+             "Invalid factor_matrix_dtype: torch.int32. Must be one of (torch.bfloat16, torch.float16, torch.float32, torch.float64)."),
+            (lambda: RootInvShampooPreconditionerConfig(inverse_exponent_override={2: {2: 0.5}}),
+             "Invalid dimensions in inverse_exponent_override[2]={2: 0.5}: [2]. All dimensions must be within [0, 1]."),
+            (lambda: RootInvShampooPreconditionerConfig(inverse_exponent_override={1: -0.5}),
+             "Invalid override value in inverse_exponent_override[1]=-0.5: [-0.5]. All overrides must be >= 0."),
+            (lambda: RootInvShampooPreconditionerConfig(inverse_exponent_override={-1: 0.5}),
+             "Invalid orders in inverse_exponent_override={-1: 0.5}: [-1]. All orders must be >= 0."),
+            (lambda: EigenConfig(tolerance=0.1), "Invalid tolerance value: 0.1. Must be 0.0 for EigenConfig."),
+            (lambda: DistributedShampoo([torch.nn.Parameter(torch.ones(2))], preconditioner_config=PreconditionerConfig()),
+             "DistributedShampoo: preconditioner_config PreconditionerConfig is not implemented; use RootInvShampooPreconditionerConfig"),
+        ]
+    )
+    def test_invalid_preconditioner_config_is_named(self, make: object, message: str) -> None:
+        assert callable(make)
+        with self.assertRaises(ValueError) as raised:
+            make()
+        self.assertEqual(str(raised.exception), message)
 
 
 class AgainstReferenceTest(unittest.TestCase):
@@ -342,6 +450,71 @@ class ParameterShapesTest(unittest.TestCase):
         self.assertTrue(torch.equal(results[torch.bfloat16][0], results[torch.float32][0].to(torch.bfloat16)))
         torch.testing.assert_close(results[torch.bfloat16][1], results[torch.float32][1], rtol=2e-2, atol=2e-2)
 
+    @parameterized.expand(
+        [
+            # (shape, max_preconditioner_dim, target_parameter_dimensionality, the blocks' factor sizes)
+            ("inf_merges_to_one_vector", (3, 4, 5), math.inf, 1, [[60]]),
+            ("inf_keeps_matrices", (6, 1, 10), math.inf, 2, [[6, 10]]),
+            ("inf_merges_nothing", (3, 4, 5), math.inf, math.inf, [[3, 4, 5]]),
+            ("blocks_of_a_matrix", (3, 4, 20), 12, 2, [[12, 12], [12, 8]]),
+        ]
+    )
+    def test_blocks_follow_max_dim_and_target_dimensionality(
+        self, _name: str, shape: tuple[int, ...], max_dim: int | float, target: int | float, factor_sizes: list[list[int]]
+    ) -> None:
+        weight = torch.nn.Parameter(torch.zeros(shape))
+        optimizer = DistributedShampoo(
+            [weight], max_preconditioner_dim=max_dim,
+            distributed_config=SingleDeviceDistributedConfig(target_parameter_dimensionality=target),
+        )
+        blocks = [optimizer.state[weight][f"block_{index}"] for index in range(len(factor_sizes))]
+        self.assertEqual(len([key for key in optimizer.state[weight] if key.startswith("block_")]), len(factor_sizes))
+        self.assertEqual(
+            [[factor.shape[0] for factor in block["shampoo"]["factor_matrices"].values()] for block in blocks], factor_sizes
+        )
+        weight.grad = torch.ones(shape)
+        optimizer.step()
+        self.assertTrue(torch.isfinite(weight).all())
+
+    def test_whole_matrix_block_with_inf_follows_the_formula(self) -> None:
+        # max_preconditioner_dim=math.inf with matrices kept: one (8, 12) block, as one block on its own.
+        generator = torch.Generator().manual_seed(5)
+        weight = torch.nn.Parameter(torch.randn(8, 12, generator=generator))
+        initial = weight.detach().clone()
+        grads = random_grads((8, 12), steps=3, seed=6)
+        setting = Setting(beta1=0.9, beta2=0.99, epsilon=1e-3)
+        optimizer = DistributedShampoo(
+            [weight], lr=setting.lr, betas=(setting.beta1, setting.beta2), epsilon=setting.epsilon,
+            max_preconditioner_dim=math.inf, start_preconditioning_step=1,
+            distributed_config=SingleDeviceDistributedConfig(target_parameter_dimensionality=2),
+        )
+        run(optimizer, [weight], [[grad] for grad in grads])
+        torch.testing.assert_close(weight.detach().double(), reference_trajectory(setting, initial, grads), rtol=1e-4, atol=1e-5)
+
+    def test_compiled_block_step_takes_the_eager_trajectory(self) -> None:
+        # The "eager" backend compiles through dynamo and runs the captured graphs as they are.
+        from torch._dynamo.testing import CompileCounter
+
+        counter = CompileCounter()
+        weights = []
+        for compile_config in (None, ShampooPT2CompileConfig(backend=counter)):
+            torch._dynamo.reset()
+            weight = torch.nn.Parameter(torch.ones(4, 6, dtype=torch.float64))
+            optimizer = DistributedShampoo(
+                [weight], betas=(0.9, 0.99), momentum=0.5, grafting_config=AdaGradGraftingConfig(), shampoo_pt2_compile_config=compile_config
+            )
+            run(optimizer, [weight], [[grad.double()] for grad in random_grads((4, 6), steps=4, seed=8)])
+            weights.append(weight.detach().clone())
+        self.assertGreater(counter.frame_count, 0)
+        torch.testing.assert_close(weights[1], weights[0], rtol=1e-12, atol=0.0)
+
+    def test_use_pin_memory_is_kept_in_the_parameter_groups(self) -> None:
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = DistributedShampoo([weight], use_pin_memory=True)
+        self.assertIs(optimizer.param_groups[0]["use_pin_memory"], True)
+        groups = optimizer.distributed_state_dict([("w", weight)])["param_groups"]
+        self.assertIs(groups["w"]["use_pin_memory"], True)  # pyre-ignore[16]
+
     def test_closure_loss_is_returned(self) -> None:
         weight: torch.nn.Parameter = torch.nn.Parameter(torch.ones(2, 2))
         optimizer: DistributedShampoo = DistributedShampoo([weight])
@@ -369,7 +542,9 @@ class ValidationTest(unittest.TestCase):
             ({"dampening": -0.1}, "Invalid dampening: -0.1. Must be in [0, 1)."),
             ({"weight_decay": -0.1}, "Invalid weight_decay: -0.1. Must be >= 0."),
             ({"max_preconditioner_dim": 0}, "Invalid max_preconditioner_dim: 0. Must be >= 1."),
-            ({"max_preconditioner_dim": 2.5}, "Invalid max_preconditioner_dim: 2.5. Must be an int."),
+            ({"max_preconditioner_dim": 2.5}, "Invalid max_preconditioner_dim: 2.5. Must be an integer or math.inf."),
+            ({"max_preconditioner_dim": -math.inf}, "Invalid max_preconditioner_dim: -inf. Must be an integer or math.inf."),
+            ({"use_pin_memory": None}, "Invalid use_pin_memory: None. Must be a bool."),
             ({"precondition_frequency": 0}, "Invalid precondition_frequency: 0. Must be >= 1."),
             ({"precondition_frequency": 4, "start_preconditioning_step": 2},
              "Invalid start_preconditioning_step: 2. Must be -1 or >= precondition_frequency (4)."),
@@ -389,6 +564,10 @@ class ValidationTest(unittest.TestCase):
             (lambda: RMSpropPreconditionerConfig(beta2=1.5), "RMSpropPreconditionerConfig: beta2 must be in (0, 1], got 1.5"),
             (lambda: AdamPreconditionerConfig(epsilon=-1.0), "AdamPreconditionerConfig: epsilon must be > 0, got -1.0"),
             (lambda: DDPDistributedConfig(num_trainers_per_group=0), "DDPDistributedConfig: num_trainers_per_group must be -1 or >= 1, got 0"),
+            (lambda: SingleDeviceDistributedConfig(target_parameter_dimensionality=2.5),
+             "Invalid SingleDeviceDistributedConfig.target_parameter_dimensionality: 2.5. Must be an integer or math.inf."),
+            (lambda: FullyShardDistributedConfig(target_parameter_dimensionality=0),
+             "Invalid FullyShardDistributedConfig.target_parameter_dimensionality: 0. Must be >= 1."),
             (lambda: DDPDistributedConfig(communication_dtype=torch.int8),
              "DDPDistributedConfig: communication_dtype must be one of (torch.float32, torch.bfloat16, torch.float16), got torch.int8"),
         ]
@@ -495,7 +674,7 @@ class StateDictTest(unittest.TestCase):
         self.assertEqual(sorted(groups["2.bias"]), sorted([
             "lr", "betas", "beta3", "epsilon", "momentum", "dampening", "weight_decay", "max_preconditioner_dim",
             "precondition_frequency", "start_preconditioning_step", "use_nesterov", "use_bias_correction",
-            "use_decoupled_weight_decay",
+            "use_decoupled_weight_decay", "use_pin_memory",
         ]))
         self.assertNotIn("param_groups", optimizer.distributed_state_dict(model.named_parameters(), save_param_groups=False))
 

@@ -7,7 +7,8 @@ frozen config dataclasses (what the reference's ``distributed_state_dict()`` put
 - a non-finite float: ``{"float": "inf" | "-inf" | "nan"}`` (JSON has no literal for them);
 - a torch dtype: ``{"dtype": "float32"}`` (the dtypes safetensors stores);
 - a config: ``{"config": "<class name>", "fields": {<field>: <value>, ...}}``, every field of
-  the dataclass, each value in this form.
+  the dataclass, each value in this form (reading, a field with a default may be absent: one
+  added to the class since the file was written).
 
 Types are resolved by name against ``CONFIG_TYPES`` and ``DTYPES`` only: nothing named in a file
 is imported or unpickled, and a decoded config is built by its class, so its own validation runs.
@@ -96,12 +97,15 @@ def _decode_config(type_name: object, raw_fields: object, fail: Callable[[str], 
         raise fail(f"configs nested deeper than {_MAX_DEPTH}")
     cls = CONFIG_TYPES[type_name]
     hints = typing.get_type_hints(cls)
-    names = [field.name for field in dataclasses.fields(cls)]
-    if not isinstance(raw_fields, dict) or sorted(raw_fields) != sorted(names):
+    fields = dataclasses.fields(cls)
+    names = [field.name for field in fields]
+    # A field added since the file was written is absent from it and takes its default.
+    required = {field.name for field in fields if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING}
+    if not isinstance(raw_fields, dict) or not required <= set(raw_fields) or not set(raw_fields) <= set(names):
         got = sorted(raw_fields) if isinstance(raw_fields, dict) else type(raw_fields).__name__
         raise fail(f"{type_name} has the fields {names}, got {got}")
     values: dict[str, object] = {}
-    for name in names:
+    for name in (name for name in names if name in raw_fields):
         value = decode_value(raw_fields[name], lambda problem: fail(f"{type_name}.{name}: {problem}"), depth + 1)
         if not _matches(value, hints[name]):
             raise fail(f"{type_name}.{name}: expected {hints[name]}, got {value!r}")

@@ -73,7 +73,9 @@ class ConfigValuesTest(ScratchDirTest):
         objects = _objects(read_document(self.root / "ckpt"))
         self.assertEqual(
             objects['["param_groups", 5, "grafting_config"]'],
-            {"config": "DDPDistributedConfig", "fields": {"num_trainers_per_group": 2, "communication_dtype": {"dtype": "bfloat16"}}},
+            {"config": "DDPDistributedConfig", "fields": {
+                "num_trainers_per_group": 2, "communication_dtype": {"dtype": "bfloat16"}, "target_parameter_dimensionality": 1,
+            }},
         )
         self.assertEqual(objects['["dtype"]'], {"dtype": "float16"})
 
@@ -89,6 +91,13 @@ class ConfigValuesTest(ScratchDirTest):
         self.assertEqual([group["grafting_config"] for group in template["param_groups"]], list(_CONFIGS.values()))  # pyre-ignore[16]
         self.assertIs(template["dtype"], torch.float16)
 
+    def test_a_config_written_before_a_field_was_added_takes_its_default(self) -> None:
+        # The previous version's DDPDistributedConfig had no target_parameter_dimensionality.
+        save_checkpoint(self.root / "ckpt", {"config": DDPDistributedConfig(num_trainers_per_group=2)})
+        old = {"config": "DDPDistributedConfig", "fields": {"num_trainers_per_group": 2, "communication_dtype": {"dtype": "float32"}}}
+        edit_index(lambda document: _objects(document).update({'["config"]': old}))(self.root / "ckpt")
+        self.assertEqual(load_checkpoint(self.root / "ckpt")["config"], DDPDistributedConfig(num_trainers_per_group=2, target_parameter_dimensionality=1))
+
     def test_another_config_type_does_not_fit_the_template(self) -> None:
         save_checkpoint(self.root / "ckpt", {"grafting": AdamPreconditionerConfig()})
         with self.assertRaisesRegex(TemplateMismatchError, r'\["grafting"\]: saved AdamPreconditionerConfig .* cannot become the template\'s AdaGradPreconditionerConfig'):
@@ -97,8 +106,8 @@ class ConfigValuesTest(ScratchDirTest):
     @parameterized.expand(
         [
             ("unknown_type", {"config": "os.system", "fields": {}}, r"unknown config type 'os.system'"),
-            ("missing_field", {"config": "AdamPreconditionerConfig", "fields": {"beta2": 0.9}},
-             r"AdamPreconditionerConfig has the fields \['beta2', 'epsilon'\], got \['beta2'\]"),
+            ("unknown_field", {"config": "AdamPreconditionerConfig", "fields": {"beta2": 0.9, "epsilon": 1e-8, "gamma": 1}},
+             r"AdamPreconditionerConfig has the fields \['beta2', 'epsilon'\], got \['beta2', 'epsilon', 'gamma'\]"),
             ("field_of_the_wrong_type", {"config": "DDPDistributedConfig", "fields": {"num_trainers_per_group": 1.5, "communication_dtype": {"dtype": "float32"}}},
              r"DDPDistributedConfig.num_trainers_per_group: expected <class 'int'>, got 1.5"),
             ("refused_by_the_class", {"config": "AdaGradPreconditionerConfig", "fields": {"epsilon": -1.0}},

@@ -55,6 +55,10 @@ CASES: dict[str, dict[str, object]] = {
     "compiled step (dynamo, eager backend)": {"betas": (0.9, 0.99), "compile": {"backend": "eager"}},
     "inverse_exponent_override {2: 0.2, 1: 0.25}": {"preconditioner": {"inverse_exponent_override": {2: 0.2, 1: 0.25}}},
     "epsilon added after eigh": {"betas": (0.0, 0.95), "preconditioner": {"perturb_before_computation": False}},
+    "eigendecomposed Shampoo": {"preconditioner": {"kind": "Eigendecomposed"}},
+    "eigendecomposed, beta2 EMA, Adam grafting": {
+        "betas": (0.9, 0.95), "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}), "preconditioner": {"kind": "Eigendecomposed"},
+    },
 }
 
 
@@ -110,10 +114,12 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
     preconditioner_options = options.pop("preconditioner", {})
     assert isinstance(preconditioner_options, dict)
     preconditioner = dict(preconditioner_options)
+    kind = preconditioner.pop("kind", "RootInv")
     if preconditioner.pop("perturb_before_computation", True) is False:
         perturbation = package.PerturbationConfig(perturb_before_computation=False)
         preconditioner["amortized_computation_config"] = package.EigenConfig(rank_deficient_stability_config=perturbation)
-    options["preconditioner_config"] = package.RootInvShampooPreconditionerConfig(factor_matrix_dtype=dtype, **preconditioner)
+    config_class = getattr(package, f"{kind}ShampooPreconditionerConfig")
+    options["preconditioner_config"] = config_class(factor_matrix_dtype=dtype, **preconditioner)
     options = {"max_preconditioner_dim": 4, **options}
     optimizer = package.DistributedShampoo(model.parameters(), lr=0.05, epsilon=1e-6, grafting_config=grafting, **options)
     trajectory = [torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone()]

@@ -18,7 +18,7 @@ from distributed_shampoo.distributor.block_layout import BlockSpec, param_layout
 from distributed_shampoo.distributor.fully_shard_distributor import FullyShardDistributor
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.preconditioner.grafting import Grafting
-from distributed_shampoo.preconditioner.shampoo_preconditioner import ShampooPreconditioner
+from distributed_shampoo.preconditioner.shampoo_preconditioner import shampoo_preconditioner, ShampooPreconditioner
 from distributed_shampoo.shampoo_types import (
     block_key,
     DDPDistributedConfig,
@@ -29,9 +29,11 @@ from distributed_shampoo.shampoo_types import (
     GraftingConfig,
     HYPERPARAMETERS,
     PRECONDITIONER_DTYPES,
+    EigendecomposedShampooPreconditionerConfig,
     PreconditionerConfig,
     RootInvShampooPreconditionerConfig,
     ShampooHyperparameters,
+    ShampooPreconditionerConfig,
     ShampooPT2CompileConfig,
     SingleDeviceDistributedConfig,
     STEP,
@@ -60,14 +62,14 @@ class BlockState(OptimizerModule):
         block_shape: tuple[int, ...],
         hyperparameters: ShampooHyperparameters,
         grafting: Grafting | None,
-        preconditioner_config: RootInvShampooPreconditionerConfig,
+        preconditioner_config: ShampooPreconditionerConfig,
     ) -> None:
         param: torch.Tensor = block_info.param
 
         def zeros() -> torch.Tensor:
             return block_info.allocate_zeros_tensor(size=block_shape, dtype=param.dtype, device=param.device)
 
-        self.shampoo = ShampooPreconditioner(block_info, block_shape, preconditioner_config)
+        self.shampoo: ShampooPreconditioner = shampoo_preconditioner(block_info, block_shape, preconditioner_config)
         self.adagrad: torch.Tensor | None = zeros() if grafting is not None and grafting.has_state else None
         self.filtered_grad: torch.Tensor | None = zeros() if hyperparameters.beta1 != 0.0 else None
         self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
@@ -79,7 +81,7 @@ def block_state_nbytes(
     param_dtype: torch.dtype,
     hyperparameters: ShampooHyperparameters,
     grafting: Grafting | None,
-    preconditioner_config: RootInvShampooPreconditionerConfig,
+    preconditioner_config: ShampooPreconditionerConfig,
 ) -> int:
     """The bytes of one block's optimizer state: what block ownership balances.
 
@@ -201,17 +203,17 @@ class DistributedShampoo(torch.optim.Optimizer):
         preconditioner_config: PreconditionerConfig = DefaultShampooConfig,
         preconditioner_dtype: torch.dtype | None = None,
     ) -> None:
-        if not isinstance(preconditioner_config, RootInvShampooPreconditionerConfig):
+        if not isinstance(preconditioner_config, (RootInvShampooPreconditionerConfig, EigendecomposedShampooPreconditionerConfig)):
             raise ValueError(
                 f"DistributedShampoo: preconditioner_config {type(preconditioner_config).__name__} is not implemented; "
-                "use RootInvShampooPreconditionerConfig"
+                "use RootInvShampooPreconditionerConfig or EigendecomposedShampooPreconditionerConfig"
             )
         if preconditioner_dtype is not None:
             if preconditioner_dtype not in PRECONDITIONER_DTYPES:
                 raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
-            preconditioner_config = dataclasses.replace(
-                preconditioner_config, factor_matrix_dtype=preconditioner_dtype, inv_factor_matrix_dtype=preconditioner_dtype
-            )
+            preconditioner_config = dataclasses.replace(preconditioner_config, factor_matrix_dtype=preconditioner_dtype)
+            if isinstance(preconditioner_config, RootInvShampooPreconditionerConfig):
+                preconditioner_config = dataclasses.replace(preconditioner_config, inv_factor_matrix_dtype=preconditioner_dtype)
         defaults: dict[str, object] = dict(
             zip(
                 HYPERPARAMETERS,
@@ -426,11 +428,11 @@ class DistributedShampoo(torch.optim.Optimizer):
 
         if hyperparameters.computes_roots_at(step):
             use_bias_correction2 = hyperparameters.use_bias_correction and beta2 < 1.0
-            state.shampoo.compute_inverse_roots(hyperparameters.epsilon, 1.0 - beta2**step if use_bias_correction2 else 1.0)
+            state.shampoo.amortized_computation(hyperparameters.epsilon, 1.0 - beta2**step if use_bias_correction2 else 1.0)
 
         grafted = grafting.direction(state.adagrad, filtered, step) if grafting is not None else None
         if step >= hyperparameters.first_preconditioned_step:
-            direction = state.shampoo.precondition(filtered)
+            direction = state.shampoo.precondition(filtered, hyperparameters.epsilon)
             if grafted is not None:
                 # As the reference: the grafting norm over the Shampoo norm plus 1e-16.
                 scale = torch.linalg.vector_norm(grafted) / (torch.linalg.vector_norm(direction) + 1e-16)

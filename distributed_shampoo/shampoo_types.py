@@ -9,7 +9,9 @@ import torch
 
 from distributed_shampoo.preconditioner.matrix_functions_types import (
     DefaultEigenConfig,
+    DefaultEigendecompositionConfig,
     EigenConfig,
+    EigendecompositionConfig,
     EighEigendecompositionConfig,
     MatrixFunctionConfig,
     PerturbationConfig,
@@ -322,6 +324,33 @@ class RootInvShampooPreconditionerConfig(ShampooPreconditionerConfig):
 
 # The constructor's default, as in the reference.
 DefaultShampooConfig = RootInvShampooPreconditionerConfig()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigendecomposedShampooPreconditionerConfig(ShampooPreconditionerConfig):
+    """Shampoo that keeps each factor's eigendecomposition (``factor_matrices_eigenvectors``,
+    ``factor_matrices_eigenvalues``, in the parameter's dtype) and forms the inverse roots from it
+    at every step.
+
+    Attributes:
+        amortized_computation_config: The eigendecomposition (``EighEigendecompositionConfig``).
+
+    Raises:
+        ValueError: Another eigendecomposition than ``eigh`` with tolerance 0 (not implemented
+            here yet), or another stability config than ``PerturbationConfig``.
+    """
+
+    amortized_computation_config: EigendecompositionConfig = DefaultEigendecompositionConfig
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        eigen = self.amortized_computation_config
+        if not isinstance(eigen, EighEigendecompositionConfig) or eigen.tolerance != 0.0:
+            raise ValueError(
+                "Invalid amortized_computation_config: only EighEigendecompositionConfig with tolerance 0.0 is implemented"
+            )
+        if not isinstance(eigen.rank_deficient_stability_config, PerturbationConfig):
+            raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from distributed_shampoo import (
     GraftingConfig,
     RMSpropGraftingConfig,
     RMSpropPreconditionerConfig,
+    EigendecomposedShampooPreconditionerConfig,
     EigenConfig,
+    EighEigendecompositionConfig,
     PerturbationConfig,
     PreconditionerConfig,
     PreconditionerValueError,
@@ -278,6 +280,29 @@ class PreconditionerConfigTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, r"exceeded the allowed tolerance \(2\)"):
             optimizer.step()
 
+    def test_eigendecomposed_takes_the_root_inverse_trajectory(self) -> None:
+        # The same roots, kept as eigendecompositions of L / c + epsilon I and formed at every step.
+        grads = random_grads((6, 10), steps=6, seed=11)
+        runs = []
+        for config in (
+            RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64),
+            EigendecomposedShampooPreconditionerConfig(factor_matrix_dtype=torch.float64),
+        ):
+            weight = torch.nn.Parameter(torch.ones(6, 10, dtype=torch.float64))
+            optimizer = DistributedShampoo(
+                [weight], lr=0.1, betas=(0.9, 0.99), epsilon=1e-3, momentum=0.5, max_preconditioner_dim=4,
+                precondition_frequency=2, grafting_config=AdaGradGraftingConfig(), preconditioner_config=config,
+            )
+            run(optimizer, [weight], [[grad.double()] for grad in grads])
+            runs.append((weight.detach().clone(), optimizer.state[weight]["block_0"]["shampoo"]))
+        torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-10, atol=1e-12)
+        shampoo = runs[1][1]
+        self.assertEqual(sorted(shampoo), ["factor_matrices", "factor_matrices_eigenvalues", "factor_matrices_eigenvectors"])
+        # Step 6 computed them: the eigenvalues of L / (1 - 0.99^6) + epsilon I.
+        factor = shampoo["factor_matrices"][0]
+        expected = torch.linalg.eigvalsh(factor / (1 - 0.99**6) + 1e-3 * torch.eye(4, dtype=torch.float64))
+        torch.testing.assert_close(shampoo["factor_matrices_eigenvalues"][0], expected, rtol=1e-12, atol=1e-14)
+
     def test_non_finite_factor_raises(self) -> None:
         weight = torch.nn.Parameter(torch.zeros(2, 2))
         optimizer = DistributedShampoo([weight], start_preconditioning_step=1)
@@ -299,7 +324,10 @@ class PreconditionerConfigTest(unittest.TestCase):
              "Invalid orders in inverse_exponent_override={-1: 0.5}: [-1]. All orders must be >= 0."),
             (lambda: EigenConfig(tolerance=0.1), "Invalid tolerance value: 0.1. Must be 0.0 for EigenConfig."),
             (lambda: DistributedShampoo([torch.nn.Parameter(torch.ones(2))], preconditioner_config=PreconditionerConfig()),
-             "DistributedShampoo: preconditioner_config PreconditionerConfig is not implemented; use RootInvShampooPreconditionerConfig"),
+             "DistributedShampoo: preconditioner_config PreconditionerConfig is not implemented; use "
+             "RootInvShampooPreconditionerConfig or EigendecomposedShampooPreconditionerConfig"),
+            (lambda: EigendecomposedShampooPreconditionerConfig(amortized_computation_config=EighEigendecompositionConfig(tolerance=0.5)),
+             "Invalid amortized_computation_config: only EighEigendecompositionConfig with tolerance 0.0 is implemented"),
         ]
     )
     def test_invalid_preconditioner_config_is_named(self, make: object, message: str) -> None:

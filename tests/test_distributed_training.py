@@ -10,7 +10,13 @@ import torch.distributed as dist
 from parameterized import parameterized
 from torch.nn.parallel import DistributedDataParallel
 
-from distributed_shampoo import AdamPreconditionerConfig, DDPDistributedConfig, DistributedShampoo
+from distributed_shampoo import (
+    AdamPreconditionerConfig,
+    DDPDistributedConfig,
+    DefaultShampooConfig,
+    DistributedShampoo,
+    EigendecomposedShampooPreconditionerConfig,
+)
 from distributed_shampoo.launch import run_on_ranks
 from tests.trajectories import load_training_state, read_result, save_training_state, TrajectoryTestCase
 
@@ -28,6 +34,7 @@ class Run:
     resume_dir: str | None = None  # start from this checkpoint instead of from scratch
     num_trainers_per_group: int = -1
     communication_dtype: torch.dtype = torch.float32
+    eigendecomposed: bool = False  # EigendecomposedShampooPreconditionerConfig instead of the default
 
 
 def _model() -> torch.nn.Module:
@@ -45,6 +52,7 @@ def _optimizer(model: torch.nn.Module, run: Run) -> DistributedShampoo:
         model.parameters(), lr=0.05, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-3,
         max_preconditioner_dim=8, precondition_frequency=2, grafting_config=AdamPreconditionerConfig(beta2=0.999),
         distributed_config=distributed,
+        preconditioner_config=EigendecomposedShampooPreconditionerConfig() if run.eigendecomposed else DefaultShampooConfig,
     )
 
 
@@ -172,3 +180,24 @@ class DistributedTrainingTest(TrajectoryTestCase):
         torch.testing.assert_close(losses, self.reference[0], rtol=2e-2, atol=0)
         for name, value in self.reference[1].items():
             torch.testing.assert_close(params[name], value, rtol=0, atol=5e-2)
+
+
+class EigendecomposedTrainingTest(TrajectoryTestCase):
+    """The eigendecomposition state (eigenvectors, eigenvalues) reshards like the roots."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        out = cls.path("single")
+        train(0, 1, Run(0, out, eigendecomposed=True))
+        cls.reference = read_result(out)
+        run_on_ranks(4, train, Run(4, cls.path("world4"), save_dir=cls.path("ckpt4"), eigendecomposed=True))
+
+    def test_four_ranks_follow_the_single_process_trajectory(self) -> None:
+        self.assertSameTrajectory(read_result(self.path("world4")))
+
+    @parameterized.expand([(4, 2), (4, 3)])
+    def test_elastic_resume_continues_the_uninterrupted_trajectory(self, saved_on: int, resumed_on: int) -> None:
+        out = self.path(f"resume{saved_on}to{resumed_on}")
+        run_on_ranks(resumed_on, train, Run(resumed_on, out, resume_dir=self.path(f"ckpt{saved_on}"), eigendecomposed=True))
+        self.assertSameTrajectory(read_result(out), from_step=SAVE_AFTER)

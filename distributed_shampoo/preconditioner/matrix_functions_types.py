@@ -2,6 +2,7 @@
 """Configurations of the matrix functions behind the preconditioners (the reference's names and
 defaults): how a factor's inverse root is computed and stabilised."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -89,3 +90,47 @@ class EigenConfig(RootInvConfig, EighEigendecompositionConfig):
 
 
 DefaultEigenConfig = EigenConfig()
+
+
+def _unit_scale(d_in: int, d_out: int) -> float:
+    return 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrthogonalizationConfig(MatrixFunctionConfig):
+    """Base class: how a matrix ``A = U S V^T`` is replaced by (an approximation of) ``U V^T``.
+
+    Attributes:
+        scale_by_dims_fn: The result is multiplied by ``scale_by_dims_fn(d_in, d_out)`` (the
+            matrix's columns and rows).
+    """
+
+    scale_by_dims_fn: Callable[[int, int], float] = _unit_scale
+
+
+@dataclass(frozen=True, kw_only=True)
+class SVDOrthogonalizationConfig(OrthogonalizationConfig):
+    """``U V^T`` from the reduced SVD.
+
+    Attributes:
+        scale_by_nuclear_norm: Multiply by the sum of the singular values.
+    """
+
+    scale_by_nuclear_norm: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewtonSchulzOrthogonalizationConfig(OrthogonalizationConfig):
+    """The quintic Newton-Schulz iteration ``X <- a X + b X X^T X + c (X X^T)^2 X`` from
+    ``A / max(|A|_F, 1e-8)`` (Muon's coefficients by default; they converge to [0.7, 1.3], not 1).
+
+    Attributes:
+        num_iterations: How many iterations.
+        coefficients: ``(a, b, c)``.
+    """
+
+    num_iterations: int = 5
+    coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+
+DefaultNewtonSchulzOrthogonalizationConfig = NewtonSchulzOrthogonalizationConfig()

@@ -132,12 +132,14 @@ class ShampooPreconditioner(OptimizerModule):
         storage = QuantizedTensorList([(factor, None, None) for factor in self.factor_matrices], storage_dtype, computation_dtype)
         with DequantizeQuantizedTensorListContext(storage) as factors:
             for (dim, _), factor in zip(self._preconditioned(), factors.dequantized_value):
+                if beta2 != 1.0:
+                    factor.mul_(beta2)
+                if grad.dim() == 2:  # a matrix product without tensordot's transposed copy
+                    unfolded = grad if dim == 0 else grad.T
+                    factor.addmm_(unfolded, unfolded.T, alpha=1.0 - beta2 if beta2 != 1.0 else 1.0)
+                    continue
                 others = [other for other in dims if other != dim]
-                outer_product = torch.tensordot(grad, grad, dims=(others, others))
-                if beta2 == 1.0:
-                    factor.add_(outer_product)
-                else:
-                    factor.mul_(beta2).add_(outer_product, alpha=1.0 - beta2)
+                factor.add_(torch.tensordot(grad, grad, dims=(others, others)), alpha=1.0 - beta2 if beta2 != 1.0 else 1.0)
 
     def amortized_computation(self, epsilon: float, bias_correction2: float) -> None:
         """Recomputes what each factor preconditions with, from ``factor_i / bias_correction2``.
@@ -183,8 +185,10 @@ class ShampooPreconditioner(OptimizerModule):
 
     def precondition(self, grad: torch.Tensor, epsilon: float) -> torch.Tensor:
         """Multiplies ``grad`` by each preconditioned dimension's matrix along it; returns a new tensor."""
+        matrices = {dim: matrix.to(grad.dtype) for (dim, _), matrix in zip(self._preconditioned(), self._matrices(epsilon))}
+        if grad.dim() == 2 and len(matrices) == 2:  # L G R, without tensordot's transposed copies
+            return matrices[0] @ grad @ matrices[1]
         preconditioned = grad
-        matrices = {dim: matrix for (dim, _), matrix in zip(self._preconditioned(), self._matrices(epsilon))}
         for dim in range(grad.dim()):
             # Contracting dimension 0 moves the new dimension last, so after k contractions the
             # dimensions are back in order (the matrices are symmetric); an unpreconditioned
@@ -193,7 +197,7 @@ class ShampooPreconditioner(OptimizerModule):
             if matrix is None:
                 preconditioned = preconditioned.movedim(0, -1)
             else:
-                preconditioned = torch.tensordot(preconditioned, matrix.to(grad.dtype), dims=([0], [0]))
+                preconditioned = torch.tensordot(preconditioned, matrix, dims=([0], [0]))
         return preconditioned
 
 

@@ -55,16 +55,29 @@ CASES: dict[str, dict[str, object]] = {
     "compiled step (dynamo, eager backend)": {"betas": (0.9, 0.99), "compile": {"backend": "eager"}},
     "inverse_exponent_override {2: 0.2, 1: 0.25}": {"preconditioner": {"inverse_exponent_override": {2: 0.2, 1: 0.25}}},
     "epsilon added after eigh": {"betas": (0.0, 0.95), "preconditioner": {"perturb_before_computation": False}},
-    "eigendecomposed Shampoo": {"preconditioner": {"kind": "Eigendecomposed"}},
+    "eigendecomposed Shampoo": {"preconditioner": {"kind": "EigendecomposedShampoo"}},
     "eigendecomposed, beta2 EMA, Adam grafting": {
-        "betas": (0.9, 0.95), "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}), "preconditioner": {"kind": "Eigendecomposed"},
+        "betas": (0.9, 0.95), "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}), "preconditioner": {"kind": "EigendecomposedShampoo"},
+    },
+    "sign descent": {"betas": (0.9, 0.99), "preconditioner": {"kind": "SignDescent"}},
+    "sign descent, scaled by the L1 norm, momentum": {"momentum": 0.5, "preconditioner": {"kind": "SignDescent", "l1_scale": True}},
+    "spectral descent (Newton-Schulz), no biases": {
+        "betas": (0.9, 0.99), "max_preconditioner_dim": math.inf, "no_bias": True, "preconditioner": {"kind": "SpectralDescent"},
+    },
+    "spectral descent (SVD), Adam grafting, no biases": {
+        "max_preconditioner_dim": math.inf, "no_bias": True, "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}),
+        "preconditioner": {"kind": "SpectralDescent", "svd": True},
     },
 }
 
 
-def _model(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def _l1_norm(grad: torch.Tensor) -> torch.Tensor:
+    return grad.abs().sum()
+
+
+def _model(dtype: torch.dtype, bias: bool = True) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5, bias=bias), torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=bias)).to(dtype)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(16, 6, generator=generator, dtype=torch.float64).to(dtype)
     targets = torch.randn(16, 3, generator=generator, dtype=torch.float64).to(dtype)
@@ -109,17 +122,22 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
     compile_options = options.pop("compile", None)
     if compile_options is not None:
         options["shampoo_pt2_compile_config"] = package.ShampooPT2CompileConfig(**compile_options)
-    model, inputs, targets = _model(dtype)
+    model, inputs, targets = _model(dtype, bias=not options.pop("no_bias", False))
     # Factors in the parameters' dtype on both sides (the default is float32); roots are too.
     preconditioner_options = options.pop("preconditioner", {})
     assert isinstance(preconditioner_options, dict)
     preconditioner = dict(preconditioner_options)
-    kind = preconditioner.pop("kind", "RootInv")
+    kind = preconditioner.pop("kind", "RootInvShampoo")
     if preconditioner.pop("perturb_before_computation", True) is False:
         perturbation = package.PerturbationConfig(perturb_before_computation=False)
         preconditioner["amortized_computation_config"] = package.EigenConfig(rank_deficient_stability_config=perturbation)
-    config_class = getattr(package, f"{kind}ShampooPreconditionerConfig")
-    options["preconditioner_config"] = config_class(factor_matrix_dtype=dtype, **preconditioner)
+    if preconditioner.pop("l1_scale", False):
+        preconditioner["scale_fn"] = _l1_norm
+    if preconditioner.pop("svd", False):
+        preconditioner["orthogonalization_config"] = package.SVDOrthogonalizationConfig()
+    if kind.endswith("Shampoo"):
+        preconditioner["factor_matrix_dtype"] = dtype
+    options["preconditioner_config"] = getattr(package, f"{kind}PreconditionerConfig")(**preconditioner)
     options = {"max_preconditioner_dim": 4, **options}
     optimizer = package.DistributedShampoo(model.parameters(), lr=0.05, epsilon=1e-6, grafting_config=grafting, **options)
     trajectory = [torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone()]

@@ -17,6 +17,7 @@ from distributed_shampoo.distributor.block_distributor import BlockDistributor, 
 from distributed_shampoo.distributor.block_layout import BlockSpec, param_layouts, ParamLayout
 from distributed_shampoo.distributor.fully_shard_distributor import FullyShardDistributor
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
+from distributed_shampoo.preconditioner.descent import sign_direction, spectral_direction
 from distributed_shampoo.preconditioner.grafting import Grafting
 from distributed_shampoo.preconditioner.shampoo_preconditioner import shampoo_preconditioner, ShampooPreconditioner
 from distributed_shampoo.shampoo_types import (
@@ -34,12 +35,40 @@ from distributed_shampoo.shampoo_types import (
     RootInvShampooPreconditionerConfig,
     ShampooHyperparameters,
     ShampooPreconditionerConfig,
+    SignDescentPreconditionerConfig,
+    SpectralDescentPreconditionerConfig,
     ShampooPT2CompileConfig,
     SingleDeviceDistributedConfig,
     STEP,
 )
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, update_param_state_dict_object
+
+# Constructor arguments the reference also reads per parameter group; here they hold for all groups.
+_CONSTRUCTOR_CONFIGS: tuple[str, ...] = ("grafting_config", "distributed_config", "preconditioner_config")
+
+# The preconditioner configs implemented.
+_PRECONDITIONER_CONFIGS: tuple[type[PreconditionerConfig], ...] = (
+    RootInvShampooPreconditionerConfig,
+    EigendecomposedShampooPreconditionerConfig,
+    SignDescentPreconditionerConfig,
+    SpectralDescentPreconditionerConfig,
+)
+
+
+def _descent_direction(config: PreconditionerConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The direction of a block without preconditioner state (sign or spectral descent), from
+    its filtered gradient; for Shampoo configs, never called."""
+    if isinstance(config, SignDescentPreconditionerConfig):
+        return functools.partial(sign_direction, config=config)
+    if isinstance(config, SpectralDescentPreconditionerConfig):
+        return functools.partial(spectral_direction, config=config)
+    return _no_descent
+
+
+def _no_descent(grad: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("DistributedShampoo: a Shampoo block has no descent direction")
+
 
 # A parameter's state: its step count and the blocks this rank owns (see ``distributed_state_dict``).
 ParamState = dict[Key, object]
@@ -62,14 +91,19 @@ class BlockState(OptimizerModule):
         block_shape: tuple[int, ...],
         hyperparameters: ShampooHyperparameters,
         grafting: Grafting | None,
-        preconditioner_config: ShampooPreconditionerConfig,
+        preconditioner_config: PreconditionerConfig,
     ) -> None:
         param: torch.Tensor = block_info.param
 
         def zeros() -> torch.Tensor:
             return block_info.allocate_zeros_tensor(size=block_shape, dtype=param.dtype, device=param.device)
 
-        self.shampoo: ShampooPreconditioner = shampoo_preconditioner(block_info, block_shape, preconditioner_config)
+        # None for sign and spectral descent, which keep no preconditioner state.
+        self.shampoo: ShampooPreconditioner | None = (
+            shampoo_preconditioner(block_info, block_shape, preconditioner_config)
+            if isinstance(preconditioner_config, ShampooPreconditionerConfig)
+            else None
+        )
         self.adagrad: torch.Tensor | None = zeros() if grafting is not None and grafting.has_state else None
         self.filtered_grad: torch.Tensor | None = zeros() if hyperparameters.beta1 != 0.0 else None
         self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
@@ -81,7 +115,7 @@ def block_state_nbytes(
     param_dtype: torch.dtype,
     hyperparameters: ShampooHyperparameters,
     grafting: Grafting | None,
-    preconditioner_config: ShampooPreconditionerConfig,
+    preconditioner_config: PreconditionerConfig,
 ) -> int:
     """The bytes of one block's optimizer state: what block ownership balances.
 
@@ -203,10 +237,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         preconditioner_config: PreconditionerConfig = DefaultShampooConfig,
         preconditioner_dtype: torch.dtype | None = None,
     ) -> None:
-        if not isinstance(preconditioner_config, (RootInvShampooPreconditionerConfig, EigendecomposedShampooPreconditionerConfig)):
+        if not isinstance(preconditioner_config, _PRECONDITIONER_CONFIGS):
             raise ValueError(
                 f"DistributedShampoo: preconditioner_config {type(preconditioner_config).__name__} is not implemented; "
-                "use RootInvShampooPreconditionerConfig or EigendecomposedShampooPreconditionerConfig"
+                f"use one of {[config.__name__ for config in _PRECONDITIONER_CONFIGS]}"
             )
         if preconditioner_dtype is not None:
             if preconditioner_dtype not in PRECONDITIONER_DTYPES:
@@ -236,6 +270,21 @@ class DistributedShampoo(torch.optim.Optimizer):
             )
         )
         super().__init__(params, defaults)
+        for index, group in enumerate(self.param_groups):
+            if given := sorted(key for key in _CONSTRUCTOR_CONFIGS if key in group):
+                # The reference reads these per group; silently using the constructor's would train another optimizer.
+                raise ValueError(f"DistributedShampoo: parameter group {index} sets {given}; this version takes them from the constructor only")
+        descent = isinstance(preconditioner_config, (SignDescentPreconditionerConfig, SpectralDescentPreconditionerConfig))
+        if descent:
+            # As the reference: these hyperparameters mean nothing to it, and roots "every step".
+            warnings.warn(
+                f"DistributedShampoo: betas[1], epsilon and precondition_frequency have no effect with "
+                f"{type(preconditioner_config).__name__}; precondition_frequency is set to 1",
+                stacklevel=2,
+            )
+            for group in self.param_groups:
+                group["precondition_frequency"] = 1
+        self._descent: Callable[[torch.Tensor], torch.Tensor] = _descent_direction(preconditioner_config)
         self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
         group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
@@ -250,11 +299,25 @@ class DistributedShampoo(torch.optim.Optimizer):
             if not isinstance(param, DTensor) and not param.is_contiguous():
                 raise ValueError(f"DistributedShampoo: parameter #{param_index} is not contiguous")
         # DTensor shapes are global: the blocks are the same under every distribution.
+        target_dimensionality = distributed_config.target_parameter_dimensionality if distributed_config is not None else 1
+        if isinstance(preconditioner_config, SpectralDescentPreconditionerConfig) and target_dimensionality != 2:
+            warnings.warn(
+                f"DistributedShampoo: target_parameter_dimensionality {target_dimensionality} is not 2; spectral "
+                "descent uses 2",
+                stacklevel=2,
+            )
+            target_dimensionality = 2
         layouts, blocks = param_layouts(
             [tuple(param.shape) for param in self._params],
             [hyperparameters.max_preconditioner_dim for hyperparameters in param_hyperparameters],
-            distributed_config.target_parameter_dimensionality if distributed_config is not None else 1,
+            target_dimensionality,
         )
+        if isinstance(preconditioner_config, SpectralDescentPreconditionerConfig) and any(len(block.shape) != 2 for block in blocks):
+            raise ValueError(
+                "Spectral descent can only be used for 2D parameters, or parameters that have been reshaped to 2D. "
+                "To guarantee that all >2D parameters are reshaped to 2D, set max_preconditioner_dim=math.inf and "
+                "distributed_config.target_parameter_dimensionality=2."
+            )
         self._layouts: list[ParamLayout] = layouts
         self._blocks: list[BlockSpec] = blocks
         # Ownership balances the blocks' state bytes, so it needs them all before any rank
@@ -411,7 +474,9 @@ class DistributedShampoo(torch.optim.Optimizer):
         ``param`` is the block of the parameter, given when decoupled weight decay needs it.
         """
         beta1, beta2 = hyperparameters.beta1, hyperparameters.beta2
-        state.shampoo.update_factors(grad, beta2)
+        shampoo = state.shampoo
+        if shampoo is not None:
+            shampoo.update_factors(grad, beta2)
         grafting = self._grafting
         if grafting is not None:
             grafting.update(state.adagrad, grad)
@@ -426,13 +491,13 @@ class DistributedShampoo(torch.optim.Optimizer):
             bias_correction1 = 1.0 - beta3 * beta1 ** (step - 1) if hyperparameters.use_bias_correction else 1.0
             filtered = current.to(grad.dtype) / bias_correction1
 
-        if hyperparameters.computes_roots_at(step):
+        if shampoo is not None and hyperparameters.computes_roots_at(step):
             use_bias_correction2 = hyperparameters.use_bias_correction and beta2 < 1.0
-            state.shampoo.amortized_computation(hyperparameters.epsilon, 1.0 - beta2**step if use_bias_correction2 else 1.0)
+            shampoo.amortized_computation(hyperparameters.epsilon, 1.0 - beta2**step if use_bias_correction2 else 1.0)
 
         grafted = grafting.direction(state.adagrad, filtered, step) if grafting is not None else None
         if step >= hyperparameters.first_preconditioned_step:
-            direction = state.shampoo.precondition(filtered, hyperparameters.epsilon)
+            direction = shampoo.precondition(filtered, hyperparameters.epsilon) if shampoo is not None else self._descent(filtered)
             if grafted is not None:
                 # As the reference: the grafting norm over the Shampoo norm plus 1e-16.
                 scale = torch.linalg.vector_norm(grafted) / (torch.linalg.vector_norm(direction) + 1e-16)

@@ -10,6 +10,8 @@ import torch
 from distributed_shampoo.preconditioner.matrix_functions_types import (
     DefaultEigenConfig,
     DefaultEigendecompositionConfig,
+    DefaultNewtonSchulzOrthogonalizationConfig,
+    OrthogonalizationConfig,
     EigenConfig,
     EigendecompositionConfig,
     EighEigendecompositionConfig,
@@ -351,6 +353,43 @@ class EigendecomposedShampooPreconditionerConfig(ShampooPreconditionerConfig):
             )
         if not isinstance(eigen.rank_deficient_stability_config, PerturbationConfig):
             raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
+
+
+def _unit_sign_scale(grad: torch.Tensor) -> float:
+    return 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignDescentPreconditionerConfig(PreconditionerConfig):
+    """Sign descent: the direction is ``sign(m) * scale_fn(m)`` of the filtered gradient block
+    ``m`` (e.g. ``scale_fn=lambda m: m.abs().sum()`` is steepest descent in the max norm). No
+    preconditioner state; ``betas[1]``, ``epsilon`` and ``precondition_frequency`` have no effect.
+
+    Attributes:
+        scale_fn: The scale of a block's signs.
+    """
+
+    scale_fn: Callable[[torch.Tensor], float | torch.Tensor] = _unit_sign_scale
+
+
+DefaultSignDescentPreconditionerConfig = SignDescentPreconditionerConfig()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralDescentPreconditionerConfig(PreconditionerConfig):
+    """Spectral descent (as in Muon): the direction is the filtered gradient block orthogonalized.
+    Every block must be 2-D: the optimizer merges dimensions down to 2
+    (``target_parameter_dimensionality`` 2; ``max_preconditioner_dim=math.inf`` guarantees it).
+    No preconditioner state; ``betas[1]``, ``epsilon`` and ``precondition_frequency`` have no effect.
+
+    Attributes:
+        orthogonalization_config: Newton-Schulz (the default) or the SVD.
+    """
+
+    orthogonalization_config: OrthogonalizationConfig = DefaultNewtonSchulzOrthogonalizationConfig
+
+
+DefaultSpectralDescentPreconditionerConfig = SpectralDescentPreconditionerConfig()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from distributed_shampoo import (
     AdamGraftingConfig,
     AdamPreconditionerConfig,
     DDPDistributedConfig,
+    DefaultShampooConfig,
     DistributedShampoo,
     FullyShardDistributedConfig,
     GraftingConfig,
@@ -24,6 +25,7 @@ from distributed_shampoo import (
     EigendecomposedShampooPreconditionerConfig,
     EigenConfig,
     EighEigendecompositionConfig,
+    NewtonSchulzOrthogonalizationConfig,
     PerturbationConfig,
     PreconditionerConfig,
     PreconditionerValueError,
@@ -31,7 +33,10 @@ from distributed_shampoo import (
     SGDGraftingConfig,
     SGDPreconditionerConfig,
     ShampooPT2CompileConfig,
+    SignDescentPreconditionerConfig,
     SingleDeviceDistributedConfig,
+    SpectralDescentPreconditionerConfig,
+    SVDOrthogonalizationConfig,
 )
 from distributed_shampoo.preconditioner.shampoo_preconditioner import matrix_inverse_root
 
@@ -303,6 +308,51 @@ class PreconditionerConfigTest(unittest.TestCase):
         expected = torch.linalg.eigvalsh(factor / (1 - 0.99**6) + 1e-3 * torch.eye(4, dtype=torch.float64))
         torch.testing.assert_close(shampoo["factor_matrices_eigenvalues"][0], expected, rtol=1e-12, atol=1e-14)
 
+    def test_sign_descent_steps_by_the_scaled_signs(self) -> None:
+        # Step 1 with beta1 0.9, bias-corrected: m = g, so W = -lr * sign(g) * sum|g|.
+        grad = torch.tensor([[1.5, -0.5, 0.0], [-2.0, 0.25, 3.0]])
+        weight = torch.nn.Parameter(torch.zeros(2, 3))
+        with self.assertWarnsRegex(UserWarning, "precondition_frequency have no effect with SignDescentPreconditionerConfig"):
+            optimizer = DistributedShampoo(
+                [weight], lr=0.1, betas=(0.9, 0.999), precondition_frequency=10,
+                preconditioner_config=SignDescentPreconditionerConfig(scale_fn=lambda g: g.abs().sum()),
+            )
+        self.assertEqual(optimizer.param_groups[0]["precondition_frequency"], 1)
+        weight.grad = grad.clone()
+        optimizer.step()
+        torch.testing.assert_close(weight.detach(), -0.1 * torch.sign(grad) * grad.abs().sum(), rtol=1e-6, atol=0.0)
+        self.assertEqual(sorted(optimizer.state[weight]["block_0"]), ["filtered_grad"])  # no preconditioner state
+
+    @parameterized.expand([("svd", True), ("newton_schulz", False)])
+    def test_spectral_descent_orthogonalizes_the_block(self, _name: str, svd: bool) -> None:
+        generator = torch.Generator().manual_seed(12)
+        grad = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+        weight = torch.nn.Parameter(torch.zeros(6, 4, dtype=torch.float64))
+        orthogonalization = SVDOrthogonalizationConfig() if svd else NewtonSchulzOrthogonalizationConfig(num_iterations=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hyperparameters without effect, and the target dimensionality
+            optimizer = DistributedShampoo(
+                [weight], lr=1.0, betas=(0.0, 1.0), max_preconditioner_dim=math.inf,
+                preconditioner_config=SpectralDescentPreconditionerConfig(orthogonalization_config=orthogonalization),
+            )
+        weight.grad = grad.clone()
+        optimizer.step()
+        if svd:
+            left, _, right = torch.linalg.svd(grad, full_matrices=False)
+            expected = left @ right
+        else:  # three quintic Newton-Schulz steps on the transposed (wide) orientation, written out
+            x = (grad / torch.linalg.matrix_norm(grad)).T
+            for _ in range(3):
+                x = 3.4445 * x - 4.7750 * (x @ x.T) @ x + 2.0315 * (x @ x.T) @ (x @ x.T) @ x
+            expected = x.T
+        torch.testing.assert_close(weight.detach(), -expected, rtol=1e-10, atol=1e-12)
+
+    def test_spectral_descent_needs_matrices(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with self.assertRaisesRegex(ValueError, "Spectral descent can only be used for 2D parameters"):
+                DistributedShampoo([torch.nn.Parameter(torch.zeros(3))], preconditioner_config=SpectralDescentPreconditionerConfig())
+
     def test_non_finite_factor_raises(self) -> None:
         weight = torch.nn.Parameter(torch.zeros(2, 2))
         optimizer = DistributedShampoo([weight], start_preconditioning_step=1)
@@ -324,8 +374,9 @@ class PreconditionerConfigTest(unittest.TestCase):
              "Invalid orders in inverse_exponent_override={-1: 0.5}: [-1]. All orders must be >= 0."),
             (lambda: EigenConfig(tolerance=0.1), "Invalid tolerance value: 0.1. Must be 0.0 for EigenConfig."),
             (lambda: DistributedShampoo([torch.nn.Parameter(torch.ones(2))], preconditioner_config=PreconditionerConfig()),
-             "DistributedShampoo: preconditioner_config PreconditionerConfig is not implemented; use "
-             "RootInvShampooPreconditionerConfig or EigendecomposedShampooPreconditionerConfig"),
+             "DistributedShampoo: preconditioner_config PreconditionerConfig is not implemented; use one of "
+             "['RootInvShampooPreconditionerConfig', 'EigendecomposedShampooPreconditionerConfig', "
+             "'SignDescentPreconditionerConfig', 'SpectralDescentPreconditionerConfig']"),
             (lambda: EigendecomposedShampooPreconditionerConfig(amortized_computation_config=EighEigendecompositionConfig(tolerance=0.5)),
              "Invalid amortized_computation_config: only EighEigendecompositionConfig with tolerance 0.0 is implemented"),
         ]
@@ -644,6 +695,12 @@ class ValidationTest(unittest.TestCase):
             run(optimizer, [weight], [[torch.arange(3.0)]] * 2)
             weights.append(weight.detach())
         self.assertTrue(torch.equal(weights[0], weights[1]))
+
+    def test_a_config_in_a_parameter_group_is_refused(self) -> None:
+        # The reference reads it per group; ignoring it would train another optimizer.
+        groups = [{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [torch.nn.Parameter(torch.ones(2))], "preconditioner_config": DefaultShampooConfig}]
+        with self.assertRaisesRegex(ValueError, r"parameter group 1 sets \['preconditioner_config'\]; this version takes them from the constructor only"):
+            DistributedShampoo(groups)
 
     def test_empty_parameter_group(self) -> None:
         with self.assertRaisesRegex(ValueError, r"^DistributedShampoo: a parameter group has no parameters"):

@@ -2,12 +2,13 @@
 """DistributedShampoo on real gloo ranks: the same trajectory at every world size, elastic resume."""
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from parameterized import parameterized
+from parameterized import parameterized, parameterized_class
 from torch.nn.parallel import DistributedDataParallel
 
 from distributed_shampoo import (
@@ -16,6 +17,8 @@ from distributed_shampoo import (
     DefaultShampooConfig,
     DistributedShampoo,
     EigendecomposedShampooPreconditionerConfig,
+    PreconditionerConfig,
+    SignDescentPreconditionerConfig,
 )
 from distributed_shampoo.launch import run_on_ranks
 from tests.trajectories import load_training_state, read_result, save_training_state, TrajectoryTestCase
@@ -34,7 +37,7 @@ class Run:
     resume_dir: str | None = None  # start from this checkpoint instead of from scratch
     num_trainers_per_group: int = -1
     communication_dtype: torch.dtype = torch.float32
-    eigendecomposed: bool = False  # EigendecomposedShampooPreconditionerConfig instead of the default
+    preconditioner: str = "root_inv"  # or "eigendecomposed", "sign_descent"
 
 
 def _model() -> torch.nn.Module:
@@ -52,8 +55,15 @@ def _optimizer(model: torch.nn.Module, run: Run) -> DistributedShampoo:
         model.parameters(), lr=0.05, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-3,
         max_preconditioner_dim=8, precondition_frequency=2, grafting_config=AdamPreconditionerConfig(beta2=0.999),
         distributed_config=distributed,
-        preconditioner_config=EigendecomposedShampooPreconditionerConfig() if run.eigendecomposed else DefaultShampooConfig,
+        preconditioner_config=_PRECONDITIONERS[run.preconditioner],
     )
+
+
+_PRECONDITIONERS: dict[str, PreconditionerConfig] = {
+    "root_inv": DefaultShampooConfig,
+    "eigendecomposed": EigendecomposedShampooPreconditionerConfig(),
+    "sign_descent": SignDescentPreconditionerConfig(),
+}
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,16 +192,22 @@ class DistributedTrainingTest(TrajectoryTestCase):
             torch.testing.assert_close(params[name], value, rtol=0, atol=5e-2)
 
 
-class EigendecomposedTrainingTest(TrajectoryTestCase):
-    """The eigendecomposition state (eigenvectors, eigenvalues) reshards like the roots."""
+@parameterized_class(("preconditioner",), [("eigendecomposed",), ("sign_descent",)])
+class PreconditionerConfigTrainingTest(TrajectoryTestCase):
+    """The state of the other preconditioners (eigenvectors and eigenvalues; none for sign
+    descent) reshards like the roots."""
+
+    preconditioner: str = ""
 
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
         out = cls.path("single")
-        train(0, 1, Run(0, out, eigendecomposed=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sign descent's hyperparameters without effect
+            train(0, 1, Run(0, out, preconditioner=cls.preconditioner))
         cls.reference = read_result(out)
-        run_on_ranks(4, train, Run(4, cls.path("world4"), save_dir=cls.path("ckpt4"), eigendecomposed=True))
+        run_on_ranks(4, train, Run(4, cls.path("world4"), save_dir=cls.path("ckpt4"), preconditioner=cls.preconditioner))
 
     def test_four_ranks_follow_the_single_process_trajectory(self) -> None:
         self.assertSameTrajectory(read_result(self.path("world4")))
@@ -199,5 +215,5 @@ class EigendecomposedTrainingTest(TrajectoryTestCase):
     @parameterized.expand([(4, 2), (4, 3)])
     def test_elastic_resume_continues_the_uninterrupted_trajectory(self, saved_on: int, resumed_on: int) -> None:
         out = self.path(f"resume{saved_on}to{resumed_on}")
-        run_on_ranks(resumed_on, train, Run(resumed_on, out, resume_dir=self.path(f"ckpt{saved_on}"), eigendecomposed=True))
+        run_on_ranks(resumed_on, train, Run(resumed_on, out, resume_dir=self.path(f"ckpt{saved_on}"), preconditioner=self.preconditioner))
         self.assertSameTrajectory(read_result(out), from_step=SAVE_AFTER)

@@ -59,6 +59,17 @@ CASES: dict[str, dict[str, object]] = {
     "eigendecomposed, beta2 EMA, Adam grafting": {
         "betas": (0.9, 0.95), "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}), "preconditioner": {"kind": "EigendecomposedShampoo"},
     },
+    "SOAP (eigh), beta2 EMA": {"betas": (0.9, 0.95), "preconditioner": {"kind": "EigenvalueCorrectedShampoo"}},
+    "SOAP (eigh), beta2 EMA, no bias correction": {
+        "betas": (0.9, 0.95), "use_bias_correction": False, "preconditioner": {"kind": "EigenvalueCorrectedShampoo"},
+    },
+    "SOAP (one QR step), frequency 3, Adam grafting": {
+        "betas": (0.9, 0.95), "precondition_frequency": 3, "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}),
+        "preconditioner": {"kind": "EigenvalueCorrectedShampoo", "qr": True},
+    },
+    "SOAP, ignored_basis_change_dims {2: [1]}, exponent 1/4": {
+        "betas": (0.0, 0.95), "preconditioner": {"kind": "EigenvalueCorrectedShampoo", "ignored_basis_change_dims": {2: [1]}, "inverse_exponent_override": {2: 0.25}},
+    },
     "sign descent": {"betas": (0.9, 0.99), "preconditioner": {"kind": "SignDescent"}},
     "sign descent, scaled by the L1 norm, momentum": {"momentum": 0.5, "preconditioner": {"kind": "SignDescent", "l1_scale": True}},
     "spectral descent (Newton-Schulz), no biases": {
@@ -133,9 +144,11 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
         preconditioner["amortized_computation_config"] = package.EigenConfig(rank_deficient_stability_config=perturbation)
     if preconditioner.pop("l1_scale", False):
         preconditioner["scale_fn"] = _l1_norm
+    if preconditioner.pop("qr", False):
+        preconditioner["amortized_computation_config"] = package.QREigendecompositionConfig()
     if preconditioner.pop("svd", False):
         preconditioner["orthogonalization_config"] = package.SVDOrthogonalizationConfig()
-    if kind.endswith("Shampoo"):
+    if "Shampoo" in kind:
         preconditioner["factor_matrix_dtype"] = dtype
     options["preconditioner_config"] = getattr(package, f"{kind}PreconditionerConfig")(**preconditioner)
     options = {"max_preconditioner_dim": 4, **options}

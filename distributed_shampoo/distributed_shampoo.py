@@ -30,11 +30,12 @@ from distributed_shampoo.shampoo_types import (
     GraftingConfig,
     HYPERPARAMETERS,
     PRECONDITIONER_DTYPES,
+    AmortizedPreconditionerConfig,
     EigendecomposedShampooPreconditionerConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
     PreconditionerConfig,
     RootInvShampooPreconditionerConfig,
     ShampooHyperparameters,
-    ShampooPreconditionerConfig,
     SignDescentPreconditionerConfig,
     SpectralDescentPreconditionerConfig,
     ShampooPT2CompileConfig,
@@ -51,6 +52,7 @@ _CONSTRUCTOR_CONFIGS: tuple[str, ...] = ("grafting_config", "distributed_config"
 _PRECONDITIONER_CONFIGS: tuple[type[PreconditionerConfig], ...] = (
     RootInvShampooPreconditionerConfig,
     EigendecomposedShampooPreconditionerConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
     SignDescentPreconditionerConfig,
     SpectralDescentPreconditionerConfig,
 )
@@ -101,7 +103,7 @@ class BlockState(OptimizerModule):
         # None for sign and spectral descent, which keep no preconditioner state.
         self.shampoo: ShampooPreconditioner | None = (
             shampoo_preconditioner(block_info, block_shape, preconditioner_config)
-            if isinstance(preconditioner_config, ShampooPreconditionerConfig)
+            if isinstance(preconditioner_config, AmortizedPreconditionerConfig)
             else None
         )
         self.adagrad: torch.Tensor | None = zeros() if grafting is not None and grafting.has_state else None
@@ -242,7 +244,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 f"DistributedShampoo: preconditioner_config {type(preconditioner_config).__name__} is not implemented; "
                 f"use one of {[config.__name__ for config in _PRECONDITIONER_CONFIGS]}"
             )
-        if preconditioner_dtype is not None:
+        if preconditioner_dtype is not None and isinstance(preconditioner_config, AmortizedPreconditionerConfig):
             if preconditioner_dtype not in PRECONDITIONER_DTYPES:
                 raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
             preconditioner_config = dataclasses.replace(preconditioner_config, factor_matrix_dtype=preconditioner_dtype)
@@ -475,8 +477,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         """
         beta1, beta2 = hyperparameters.beta1, hyperparameters.beta2
         shampoo = state.shampoo
+        use_bias_correction2 = hyperparameters.use_bias_correction and beta2 < 1.0
+        bias_correction2 = 1.0 - beta2**step if use_bias_correction2 else 1.0
         if shampoo is not None:
-            shampoo.update_factors(grad, beta2)
+            shampoo.update(grad, beta2, hyperparameters.epsilon, bias_correction2, hyperparameters.computes_roots_at(step))
         grafting = self._grafting
         if grafting is not None:
             grafting.update(state.adagrad, grad)
@@ -491,13 +495,13 @@ class DistributedShampoo(torch.optim.Optimizer):
             bias_correction1 = 1.0 - beta3 * beta1 ** (step - 1) if hyperparameters.use_bias_correction else 1.0
             filtered = current.to(grad.dtype) / bias_correction1
 
-        if shampoo is not None and hyperparameters.computes_roots_at(step):
-            use_bias_correction2 = hyperparameters.use_bias_correction and beta2 < 1.0
-            shampoo.amortized_computation(hyperparameters.epsilon, 1.0 - beta2**step if use_bias_correction2 else 1.0)
-
         grafted = grafting.direction(state.adagrad, filtered, step) if grafting is not None else None
         if step >= hyperparameters.first_preconditioned_step:
-            direction = shampoo.precondition(filtered, hyperparameters.epsilon) if shampoo is not None else self._descent(filtered)
+            direction = (
+                shampoo.precondition(filtered, hyperparameters.epsilon, bias_correction2)
+                if shampoo is not None
+                else self._descent(filtered)
+            )
             if grafted is not None:
                 # As the reference: the grafting norm over the Shampoo norm plus 1e-16.
                 scale = torch.linalg.vector_norm(grafted) / (torch.linalg.vector_norm(direction) + 1e-16)

@@ -2,7 +2,7 @@
 """Frozen configuration dataclasses of ``DistributedShampoo`` and the names of its state keys."""
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,12 +11,13 @@ from distributed_shampoo.preconditioner.matrix_functions_types import (
     DefaultEigenConfig,
     DefaultEigendecompositionConfig,
     DefaultNewtonSchulzOrthogonalizationConfig,
-    OrthogonalizationConfig,
     EigenConfig,
     EigendecompositionConfig,
     EighEigendecompositionConfig,
     MatrixFunctionConfig,
+    OrthogonalizationConfig,
     PerturbationConfig,
+    QREigendecompositionConfig,
     RootInvConfig,
 )
 
@@ -328,6 +329,17 @@ class RootInvShampooPreconditionerConfig(ShampooPreconditionerConfig):
 DefaultShampooConfig = RootInvShampooPreconditionerConfig()
 
 
+def _check_eigendecomposition(config: MatrixFunctionConfig) -> None:
+    """An ``eigh`` or QR eigendecomposition stabilised by perturbation: what is implemented."""
+    if not isinstance(config, (EighEigendecompositionConfig, QREigendecompositionConfig)):
+        raise ValueError(
+            f"Invalid amortized_computation_config: {type(config).__name__} is not implemented; use "
+            "EighEigendecompositionConfig or QREigendecompositionConfig"
+        )
+    if not isinstance(config.rank_deficient_stability_config, PerturbationConfig):
+        raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EigendecomposedShampooPreconditionerConfig(ShampooPreconditionerConfig):
     """Shampoo that keeps each factor's eigendecomposition (``factor_matrices_eigenvectors``,
@@ -335,24 +347,67 @@ class EigendecomposedShampooPreconditionerConfig(ShampooPreconditionerConfig):
     at every step.
 
     Attributes:
-        amortized_computation_config: The eigendecomposition (``EighEigendecompositionConfig``).
+        amortized_computation_config: The eigendecomposition: ``eigh`` (the default; with a
+            ``tolerance``, skipped while the last eigenvectors still fit) or the QR algorithm.
 
     Raises:
-        ValueError: Another eigendecomposition than ``eigh`` with tolerance 0 (not implemented
-            here yet), or another stability config than ``PerturbationConfig``.
+        ValueError: Another matrix function, or another stability config than ``PerturbationConfig``.
     """
 
     amortized_computation_config: EigendecompositionConfig = DefaultEigendecompositionConfig
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        eigen = self.amortized_computation_config
-        if not isinstance(eigen, EighEigendecompositionConfig) or eigen.tolerance != 0.0:
-            raise ValueError(
-                "Invalid amortized_computation_config: only EighEigendecompositionConfig with tolerance 0.0 is implemented"
-            )
-        if not isinstance(eigen.rank_deficient_stability_config, PerturbationConfig):
-            raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
+        _check_eigendecomposition(self.amortized_computation_config)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EigenvalueCorrectedShampooPreconditionerConfig(AmortizedPreconditionerConfig):
+    """Eigenvalue-corrected Shampoo (SOAP): Adam's second moment kept in the eigenbasis of the
+    factors (``corrected_eigenvalues``), the eigenvectors recomputed every
+    ``precondition_frequency`` steps.
+
+    Attributes:
+        amortized_computation_config: The eigendecomposition (``eigh`` by default;
+            ``DefaultSOAPConfig`` uses one QR step from the last eigenvectors).
+        ignored_basis_change_dims: Per block order, the dimensions not rotated (no factor matrix),
+            e.g. ``{2: [1]}``.
+        inverse_exponent_override: Per block order, the exponent of the corrected eigenvalues'
+            root (default 1/2, Adam's).
+
+    Raises:
+        ValueError: A negative order or exponent, a dimension outside ``[0, order - 1]``, or a
+            matrix function other than an ``eigh`` or QR eigendecomposition with ``PerturbationConfig``.
+    """
+
+    amortized_computation_config: EigendecompositionConfig = DefaultEigendecompositionConfig
+    # Not hashed (dicts are not hashable); compared.
+    ignored_basis_change_dims: Mapping[int, Sequence[int]] = field(default_factory=dict, hash=False)
+    inverse_exponent_override: Mapping[int, float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_eigendecomposition(self.amortized_computation_config)
+        ignored = self.ignored_basis_change_dims
+        if negative := [order for order in ignored if order < 0]:
+            raise ValueError(f"Invalid orders in ignored_basis_change_dims={dict(ignored)}: {negative}. All orders must be >= 0.")
+        for order, dims in ignored.items():
+            if outside := [dim for dim in dims if not 0 <= dim <= max(order - 1, 0)]:
+                raise ValueError(
+                    f"Invalid dimensions in ignored_basis_change_dims[{order}]={list(dims)}: {outside}. "
+                    f"All dimensions must be within [0, {max(order - 1, 0)}]."
+                )
+            if len(set(dims)) != len(dims):
+                raise ValueError(f"Invalid ignored_basis_change_dims[{order}]={list(dims)}: duplicate dimensions.")
+        override = self.inverse_exponent_override
+        if negative := [order for order in override if order < 0]:
+            raise ValueError(f"Invalid orders in inverse_exponent_override={dict(override)}: {negative}. All orders must be >= 0.")
+        if negative_values := [value for value in override.values() if value < 0]:
+            raise ValueError(f"Invalid override value in inverse_exponent_override={dict(override)}: {negative_values}. All overrides must be >= 0.")
+
+
+DefaultEigenvalueCorrectedShampooConfig = EigenvalueCorrectedShampooPreconditionerConfig()
+DefaultSOAPConfig = EigenvalueCorrectedShampooPreconditionerConfig(amortized_computation_config=QREigendecompositionConfig())
 
 
 def _unit_sign_scale(grad: torch.Tensor) -> float:
@@ -444,6 +499,7 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
     PerturbationConfig,
     EighEigendecompositionConfig,
     EigenConfig,
+    QREigendecompositionConfig,
 )
 
 

@@ -1,6 +1,7 @@
 # pyre-strict
 """Single-process behaviour of ``DistributedShampoo`` against explicit matrix formulas."""
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from distributed_shampoo import (
     AdamPreconditionerConfig,
     DDPDistributedConfig,
     DefaultShampooConfig,
+    DefaultSOAPConfig,
     DistributedShampoo,
     FullyShardDistributedConfig,
     GraftingConfig,
@@ -24,7 +26,8 @@ from distributed_shampoo import (
     RMSpropPreconditionerConfig,
     EigendecomposedShampooPreconditionerConfig,
     EigenConfig,
-    EighEigendecompositionConfig,
+    EigendecompositionConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
     NewtonSchulzOrthogonalizationConfig,
     PerturbationConfig,
     PreconditionerConfig,
@@ -219,6 +222,11 @@ class ExactMathTest(unittest.TestCase):
         torch.testing.assert_close(root @ root @ (vector @ vector.T + 1e-4 * torch.eye(3, dtype=torch.float64)), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PseudoInverseLikeConfig(EigendecompositionConfig):
+    """An eigendecomposition this package does not implement."""
+
+
 class PreconditionerConfigTest(unittest.TestCase):
     def test_inverse_exponent_override_per_dimension(self) -> None:
         # Order 3 with {0: 0.0, 1: 0.25}: dimension 0 is not preconditioned (no factor), dimension 1
@@ -308,6 +316,50 @@ class PreconditionerConfigTest(unittest.TestCase):
         expected = torch.linalg.eigvalsh(factor / (1 - 0.99**6) + 1e-3 * torch.eye(4, dtype=torch.float64))
         torch.testing.assert_close(shampoo["factor_matrices_eigenvalues"][0], expected, rtol=1e-12, atol=1e-14)
 
+    def test_eigenvalue_corrected_shampoo_is_adam_in_the_eigenbasis(self) -> None:
+        # SOAP, written out in float64 for a (4, 3) block, betas (0, 0.9), frequency 2: the factors'
+        # eigenvectors Q0, Q1 (of L / c + eps I, eigh), recomputed at steps 1 and 3; every step
+        # C = 0.9 C + 0.1 (Q0^T G Q1)^2, then W -= lr Q0 ((Q0^T G Q1) / (sqrt(C / c) + eps)) Q1^T.
+        grads = [grad.double() for grad in random_grads((4, 3), steps=4, seed=13)]
+        weight = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+        config = EigenvalueCorrectedShampooPreconditionerConfig(factor_matrix_dtype=torch.float64)
+        optimizer = DistributedShampoo(
+            [weight], lr=0.1, betas=(0.0, 0.9), epsilon=1e-8, max_preconditioner_dim=4, precondition_frequency=2,
+            start_preconditioning_step=2, preconditioner_config=config,
+        )
+        run(optimizer, [weight], [[grad] for grad in grads])
+        expected = torch.zeros(4, 3, dtype=torch.float64)
+        left, right, corrected = torch.zeros(4, 4, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64)
+        q0, q1 = torch.eye(4, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+        for step, grad in enumerate(grads, start=1):
+            left, right = 0.9 * left + 0.1 * grad @ grad.T, 0.9 * right + 0.1 * grad.T @ grad
+            c = 1 - 0.9**step
+            if step in (2, 4):  # the first preconditioned step, then every multiple of 2
+                q0 = torch.linalg.eigh(left / c + 1e-8 * torch.eye(4, dtype=torch.float64))[1]
+                q1 = torch.linalg.eigh(right / c + 1e-8 * torch.eye(3, dtype=torch.float64))[1]
+            rotated = q0.T @ grad @ q1
+            corrected = 0.9 * corrected + 0.1 * rotated * rotated
+            direction = q0 @ (rotated / ((corrected / c).sqrt() + 1e-8)) @ q1.T if step >= 2 else grad
+            expected -= 0.1 * direction
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-10, atol=1e-12)
+        shampoo = optimizer.state[weight]["block_0"]["shampoo"]
+        self.assertEqual(sorted(shampoo), ["corrected_eigenvalues", "factor_matrices", "factor_matrices_eigenvectors"])
+
+    def test_soap_qr_iteration_and_ignored_dims(self) -> None:
+        # DefaultSOAPConfig: one QR step from the last eigenvectors per computation; with
+        # ignored_basis_change_dims {2: [1]} dimension 1 has no factor and is not rotated.
+        weight = torch.nn.Parameter(torch.zeros(4, 3))
+        config = dataclasses.replace(DefaultSOAPConfig, ignored_basis_change_dims={2: [1]})
+        optimizer = DistributedShampoo([weight], max_preconditioner_dim=4, preconditioner_config=config)
+        for grad in random_grads((4, 3), steps=3, seed=14):
+            weight.grad = grad
+            optimizer.step()
+        shampoo = optimizer.state[weight]["block_0"]["shampoo"]
+        self.assertEqual([tuple(f.shape) for f in shampoo["factor_matrices"].values()], [(4, 4)])
+        eigenvectors = shampoo["factor_matrices_eigenvectors"][0]
+        torch.testing.assert_close(eigenvectors.T @ eigenvectors, torch.eye(4), rtol=0, atol=1e-5)  # still orthonormal
+        self.assertTrue(torch.isfinite(weight).all())
+
     def test_sign_descent_steps_by_the_scaled_signs(self) -> None:
         # Step 1 with beta1 0.9, bias-corrected: m = g, so W = -lr * sign(g) * sum|g|.
         grad = torch.tensor([[1.5, -0.5, 0.0], [-2.0, 0.25, 3.0]])
@@ -373,12 +425,15 @@ class PreconditionerConfigTest(unittest.TestCase):
             (lambda: RootInvShampooPreconditionerConfig(inverse_exponent_override={-1: 0.5}),
              "Invalid orders in inverse_exponent_override={-1: 0.5}: [-1]. All orders must be >= 0."),
             (lambda: EigenConfig(tolerance=0.1), "Invalid tolerance value: 0.1. Must be 0.0 for EigenConfig."),
+            (lambda: EigenvalueCorrectedShampooPreconditionerConfig(ignored_basis_change_dims={2: [2]}),
+             "Invalid dimensions in ignored_basis_change_dims[2]=[2]: [2]. All dimensions must be within [0, 1]."),
             (lambda: DistributedShampoo([torch.nn.Parameter(torch.ones(2))], preconditioner_config=PreconditionerConfig()),
              "DistributedShampoo: preconditioner_config PreconditionerConfig is not implemented; use one of "
              "['RootInvShampooPreconditionerConfig', 'EigendecomposedShampooPreconditionerConfig', "
-             "'SignDescentPreconditionerConfig', 'SpectralDescentPreconditionerConfig']"),
-            (lambda: EigendecomposedShampooPreconditionerConfig(amortized_computation_config=EighEigendecompositionConfig(tolerance=0.5)),
-             "Invalid amortized_computation_config: only EighEigendecompositionConfig with tolerance 0.0 is implemented"),
+             "'EigenvalueCorrectedShampooPreconditionerConfig', 'SignDescentPreconditionerConfig', "
+             "'SpectralDescentPreconditionerConfig']"),
+            (lambda: EigendecomposedShampooPreconditionerConfig(amortized_computation_config=PseudoInverseLikeConfig()),
+             "Invalid amortized_computation_config: PseudoInverseLikeConfig is not implemented; use EighEigendecompositionConfig or QREigendecompositionConfig"),
         ]
     )
     def test_invalid_preconditioner_config_is_named(self, make: object, message: str) -> None:

@@ -15,6 +15,7 @@ from distributed_shampoo import (
     AdamPreconditionerConfig,
     DDPDistributedConfig,
     DefaultShampooConfig,
+    DefaultSOAPConfig,
     DistributedShampoo,
     EigendecomposedShampooPreconditionerConfig,
     PreconditionerConfig,
@@ -37,7 +38,7 @@ class Run:
     resume_dir: str | None = None  # start from this checkpoint instead of from scratch
     num_trainers_per_group: int = -1
     communication_dtype: torch.dtype = torch.float32
-    preconditioner: str = "root_inv"  # or "eigendecomposed", "sign_descent"
+    preconditioner: str = "root_inv"  # or "eigendecomposed", "sign_descent", "soap"
 
 
 def _model() -> torch.nn.Module:
@@ -63,6 +64,7 @@ _PRECONDITIONERS: dict[str, PreconditionerConfig] = {
     "root_inv": DefaultShampooConfig,
     "eigendecomposed": EigendecomposedShampooPreconditionerConfig(),
     "sign_descent": SignDescentPreconditionerConfig(),
+    "soap": DefaultSOAPConfig,
 }
 
 
@@ -192,7 +194,7 @@ class DistributedTrainingTest(TrajectoryTestCase):
             torch.testing.assert_close(params[name], value, rtol=0, atol=5e-2)
 
 
-@parameterized_class(("preconditioner",), [("eigendecomposed",), ("sign_descent",)])
+@parameterized_class(("preconditioner",), [("eigendecomposed",), ("sign_descent",), ("soap",)])
 class PreconditionerConfigTrainingTest(TrajectoryTestCase):
     """The state of the other preconditioners (eigenvectors and eigenvalues; none for sign
     descent) reshards like the roots."""

@@ -71,6 +71,19 @@ DefaultEigendecompositionConfig = EighEigendecompositionConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
+class QREigendecompositionConfig(EigendecompositionConfig):
+    """The QR algorithm from the last eigenvectors ``Q``: QR steps on ``Q^T A Q`` until it is
+    diagonal within ``tolerance`` (``|B - diag(B)|_F <= tolerance |B|_F``) or after
+    ``max_iterations`` (SOAP's default: one step per computation).
+
+    Attributes:
+        max_iterations: The most QR steps per computation.
+    """
+
+    max_iterations: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class RootInvConfig(MatrixFunctionConfig):
     """Base class: how a matrix inverse root is computed."""
 

@@ -1,17 +1,21 @@
 # pyre-strict
-"""The Kronecker-factored Shampoo preconditioners of one block: with inverse roots (the default)
-or with eigendecompositions of the factors."""
+"""The Kronecker-factored preconditioners of one block: Shampoo with inverse roots (the default),
+Shampoo with eigendecompositions of the factors, and eigenvalue-corrected Shampoo (SOAP)."""
 
 import torch
 
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.preconditioner.matrix_functions_types import (
     DefaultEigenConfig,
+    EigendecompositionConfig,
     EighEigendecompositionConfig,
     PerturbationConfig,
+    QREigendecompositionConfig,
 )
 from distributed_shampoo.shampoo_types import (
+    AmortizedPreconditionerConfig,
     EigendecomposedShampooPreconditionerConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
     PreconditionerValueError,
     RootInvShampooPreconditionerConfig,
     ShampooPreconditionerConfig,
@@ -28,23 +32,66 @@ from distributed_shampoo.utils.shampoo_quantization import (
 FACTOR_COMPUTATION_DTYPE: torch.dtype = torch.float32
 
 
-def _perturbs_before(config: EighEigendecompositionConfig) -> bool:
+def _perturbs_before(config: EigendecompositionConfig) -> bool:
     stability = config.rank_deficient_stability_config
     return not isinstance(stability, PerturbationConfig) or stability.perturb_before_computation
 
 
 def eigendecomposition(
-    matrix: torch.Tensor, epsilon: float, config: EighEigendecompositionConfig
+    matrix: torch.Tensor, epsilon: float, config: EigendecompositionConfig, estimate: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The eigenvalues and eigenvectors of ``matrix + epsilon * I`` (of ``matrix`` when the config
     perturbs after the computation), in ``matrix``'s dtype and device.
 
+    ``eigh`` (``EighEigendecompositionConfig``; with a ``tolerance``, skipped when ``estimate``, the
+    last eigenvectors, still diagonalises the matrix that well) or the QR algorithm from
+    ``estimate`` (``QREigendecompositionConfig``), as the reference computes them.
+
     Raises:
         torch.linalg.LinAlgError, RuntimeError: ``eigh`` failed (also in float64 when
             ``retry_double_precision``).
+        ValueError: A tolerance or the QR algorithm without an ``estimate``.
     """
     if _perturbs_before(config):
         matrix = matrix + epsilon * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    if config.tolerance != 0.0 or isinstance(config, QREigendecompositionConfig):
+        if estimate is None:
+            raise ValueError(f"{type(config).__name__} with its tolerance needs the last eigenvectors")
+        estimate = estimate.to(matrix.dtype)
+        if isinstance(config, QREigendecompositionConfig):
+            return _qr_algorithm(matrix, estimate, config)
+        eigenvalues_estimate = estimate.T @ matrix @ estimate
+        if _diagonal_enough(eigenvalues_estimate, config.tolerance):
+            return eigenvalues_estimate.diagonal().clone(), estimate
+    if not isinstance(config, EighEigendecompositionConfig):
+        raise ValueError(f"amortized_computation_config {type(config).__name__} is not implemented")
+    return _eigh(matrix, config)
+
+
+def _diagonal_enough(eigenvalues_estimate: torch.Tensor, tolerance: float) -> bool:
+    """``|B - diag(B)|_F <= tolerance |B|_F`` (the reference's criterion)."""
+    norm = torch.linalg.norm(eigenvalues_estimate)
+    off_diagonal = torch.sqrt(norm**2 - torch.linalg.norm(eigenvalues_estimate.diagonal()) ** 2)
+    return bool(off_diagonal <= tolerance * norm)
+
+
+def _qr_algorithm(matrix: torch.Tensor, estimate: torch.Tensor, config: QREigendecompositionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_iterations`` QR steps on ``Q^T A Q`` from the estimate ``Q``, until diagonal
+    within the tolerance; eigenvalues sorted ascending, eigenvectors with them."""
+    eigenvalues_estimate = estimate.T @ matrix @ estimate
+    for _ in range(config.max_iterations):
+        if _diagonal_enough(eigenvalues_estimate, config.tolerance):
+            break
+        q, r = torch.linalg.qr(eigenvalues_estimate)
+        eigenvalues_estimate = r @ q
+        estimate = estimate @ q
+    eigenvalues, order = eigenvalues_estimate.diagonal().sort(stable=True)
+    return eigenvalues, estimate[:, order]
+
+
+def _eigh(matrix: torch.Tensor, config: EighEigendecompositionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` on the configured device, retried in float64 if it fails and the
+    config asks; the results in ``matrix``'s dtype and device."""
     device, dtype = matrix.device, matrix.dtype
     if config.eigendecomposition_offload_device:
         matrix = matrix.to(device=config.eigendecomposition_offload_device)
@@ -57,7 +104,7 @@ def eigendecomposition(
     return eigenvalues.to(device=device, dtype=dtype), eigenvectors.to(device=device, dtype=dtype)
 
 
-def stabilized_power(eigenvalues: torch.Tensor, exponent: float, epsilon: float, config: EighEigendecompositionConfig) -> torch.Tensor:
+def stabilized_power(eigenvalues: torch.Tensor, exponent: float, epsilon: float, config: EigendecompositionConfig) -> torch.Tensor:
     """``eigenvalues^(-exponent)`` once made positive, as the reference's ``PerturbationConfig``:
     perturbed before the computation, all are shifted by ``epsilon - l`` if the smallest ``l`` is
     below ``epsilon``; perturbed after, shifted by ``-min(l, 0)`` and then ``epsilon`` added."""
@@ -89,18 +136,33 @@ def matrix_inverse_root(
     return (eigenvectors * stabilized_power(eigenvalues, exponent, epsilon, config)) @ eigenvectors.T
 
 
+def along_dims(tensor: torch.Tensor, matrices: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor`` with each dimension ``d`` in ``matrices`` multiplied by ``matrices[d]^T``
+    (contracting ``d`` with the matrix's rows): ``M_0^T X M_1`` for a matrix ``X``."""
+    if tensor.dim() == 2 and len(matrices) == 2:  # without tensordot's transposed copies
+        return matrices[0].T @ tensor @ matrices[1]
+    result = tensor
+    for dim in range(tensor.dim()):
+        # Contracting dimension 0 moves the new dimension last, so after k contractions the
+        # dimensions are back in order; a dimension without a matrix just moves last.
+        matrix = matrices.get(dim)
+        result = result.movedim(0, -1) if matrix is None else torch.tensordot(result, matrix, dims=([0], [0]))
+    return result
+
+
 class ShampooPreconditioner(OptimizerModule):
     """One factor matrix per preconditioned dimension of a block (``factor_matrices``, numbered
-    over the dimensions whose exponent is not 0) and what each preconditions with, which the
-    subclass keeps and recomputes every ``precondition_frequency`` steps.
+    over those dimensions) and what each preconditions with, which the subclass keeps and
+    recomputes every ``precondition_frequency`` steps (the amortized computation).
 
     Args:
         block_info: The block; allocates the matrices on its parameter's device.
         block_shape: The block's shape (at least one dimension).
-        config: The factors' dtype, the exponents, the matrix function and its failure tolerance.
+        config: The factors' dtype, the preconditioned dimensions, the matrix function and its
+            failure tolerance.
     """
 
-    def __init__(self, block_info: BlockInfo, block_shape: tuple[int, ...], config: ShampooPreconditionerConfig) -> None:
+    def __init__(self, block_info: BlockInfo, block_shape: tuple[int, ...], config: AmortizedPreconditionerConfig) -> None:
         # Not containers: the state dict holds only the matrices.
         self._config = config
         self._order: int = len(block_shape)
@@ -112,11 +174,25 @@ class ShampooPreconditioner(OptimizerModule):
 
     def _preconditioned(self) -> list[tuple[int, float]]:
         """``(dimension, exponent)`` of each preconditioned dimension, in order."""
-        return [(dim, exponent) for dim, exponent in enumerate(self._config.inverse_exponents(self._order)) if exponent != 0.0]
+        config = self._config
+        if not isinstance(config, ShampooPreconditionerConfig):
+            raise NotImplementedError
+        return [(dim, exponent) for dim, exponent in enumerate(config.inverse_exponents(self._order)) if exponent != 0.0]
 
     def _sizes(self, block_shape: tuple[int, ...]) -> list[int]:
         """The size of each preconditioned dimension."""
         return [block_shape[dim] for dim, _ in self._preconditioned()]
+
+    def update(self, grad: torch.Tensor, beta2: float, epsilon: float, bias_correction2: float, amortize: bool) -> None:
+        """One step's update from the block's gradient: the factors, then (when ``amortize``) the
+        amortized computation from ``factor_i / bias_correction2``.
+
+        Raises:
+            PreconditionerValueError, ValueError: As ``amortized_computation``.
+        """
+        self.update_factors(grad, beta2)
+        if amortize:
+            self.amortized_computation(epsilon, bias_correction2)
 
     def update_factors(self, grad: torch.Tensor, beta2: float) -> None:
         """``factor_i = beta2 * factor_i + (1 - beta2) * G_(i) G_(i)^T``, a plain sum if ``beta2 == 1``.
@@ -129,6 +205,7 @@ class ShampooPreconditioner(OptimizerModule):
         computation_dtype = torch.promote_types(storage_dtype, FACTOR_COMPUTATION_DTYPE)
         grad = grad.to(computation_dtype)
         dims = range(grad.dim())
+        weight = 1.0 - beta2 if beta2 != 1.0 else 1.0
         storage = QuantizedTensorList([(factor, None, None) for factor in self.factor_matrices], storage_dtype, computation_dtype)
         with DequantizeQuantizedTensorListContext(storage) as factors:
             for (dim, _), factor in zip(self._preconditioned(), factors.dequantized_value):
@@ -136,10 +213,10 @@ class ShampooPreconditioner(OptimizerModule):
                     factor.mul_(beta2)
                 if grad.dim() == 2:  # a matrix product without tensordot's transposed copy
                     unfolded = grad if dim == 0 else grad.T
-                    factor.addmm_(unfolded, unfolded.T, alpha=1.0 - beta2 if beta2 != 1.0 else 1.0)
-                    continue
-                others = [other for other in dims if other != dim]
-                factor.add_(torch.tensordot(grad, grad, dims=(others, others)), alpha=1.0 - beta2 if beta2 != 1.0 else 1.0)
+                    factor.addmm_(unfolded, unfolded.T, alpha=weight)
+                else:
+                    others = [other for other in dims if other != dim]
+                    factor.add_(torch.tensordot(grad, grad, dims=(others, others)), alpha=weight)
 
     def amortized_computation(self, epsilon: float, bias_correction2: float) -> None:
         """Recomputes what each factor preconditions with, from ``factor_i / bias_correction2``.
@@ -158,7 +235,7 @@ class ShampooPreconditioner(OptimizerModule):
             if not torch.isfinite(matrix).all():
                 raise PreconditionerValueError(f"Encountered nan/inf values in factor matrix {index}")
             try:
-                results = self._compute(matrix, exponent, epsilon)
+                results = self._compute(index, matrix, exponent, epsilon)
             except RuntimeError as error:
                 failure = error
                 continue
@@ -172,33 +249,16 @@ class ShampooPreconditioner(OptimizerModule):
                 f"({self._config.num_tolerated_failed_amortized_computations}). The last seen exception was {failure}."
             ) from failure
 
-    def _compute(self, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
-        """The amortized results of one bias-corrected factor (``_store`` keeps them)."""
+    def _compute(self, index: int, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
+        """The amortized results of bias-corrected factor ``index`` (``_store`` keeps them)."""
         raise NotImplementedError
 
     def _store(self, index: int, results: tuple[torch.Tensor, ...]) -> None:
         raise NotImplementedError
 
-    def _matrices(self, epsilon: float) -> list[torch.Tensor]:
-        """The matrix each preconditioned dimension is multiplied by."""
+    def precondition(self, grad: torch.Tensor, epsilon: float, bias_correction2: float) -> torch.Tensor:
+        """The preconditioned direction of ``grad`` (a new tensor)."""
         raise NotImplementedError
-
-    def precondition(self, grad: torch.Tensor, epsilon: float) -> torch.Tensor:
-        """Multiplies ``grad`` by each preconditioned dimension's matrix along it; returns a new tensor."""
-        matrices = {dim: matrix.to(grad.dtype) for (dim, _), matrix in zip(self._preconditioned(), self._matrices(epsilon))}
-        if grad.dim() == 2 and len(matrices) == 2:  # L G R, without tensordot's transposed copies
-            return matrices[0] @ grad @ matrices[1]
-        preconditioned = grad
-        for dim in range(grad.dim()):
-            # Contracting dimension 0 moves the new dimension last, so after k contractions the
-            # dimensions are back in order (the matrices are symmetric); an unpreconditioned
-            # dimension just moves last.
-            matrix = matrices.get(dim)
-            if matrix is None:
-                preconditioned = preconditioned.movedim(0, -1)
-            else:
-                preconditioned = torch.tensordot(preconditioned, matrix, dims=([0], [0]))
-        return preconditioned
 
 
 class RootInvShampooPreconditioner(ShampooPreconditioner):
@@ -214,14 +274,15 @@ class RootInvShampooPreconditioner(ShampooPreconditioner):
             block_info.allocate_eye_tensor(n=size, dtype=dtype, device=block_info.param.device) for size in self._sizes(block_shape)
         )
 
-    def _compute(self, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
+    def _compute(self, index: int, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
         return (matrix_inverse_root(matrix, exponent, epsilon, self._eigen),)
 
     def _store(self, index: int, results: tuple[torch.Tensor, ...]) -> None:
         self.inv_factor_matrices[index].copy_(results[0])
 
-    def _matrices(self, epsilon: float) -> list[torch.Tensor]:
-        return list(self.inv_factor_matrices)
+    def precondition(self, grad: torch.Tensor, epsilon: float, bias_correction2: float) -> torch.Tensor:
+        roots = {dim: root.to(grad.dtype) for (dim, _), root in zip(self._preconditioned(), self.inv_factor_matrices)}
+        return along_dims(grad, roots)  # the roots are symmetric
 
 
 class EigendecomposedShampooPreconditioner(ShampooPreconditioner):
@@ -233,7 +294,7 @@ class EigendecomposedShampooPreconditioner(ShampooPreconditioner):
     def __init__(self, block_info: BlockInfo, block_shape: tuple[int, ...], config: EigendecomposedShampooPreconditionerConfig) -> None:
         super().__init__(block_info, block_shape, config)
         dtype, device = block_info.param.dtype, block_info.param.device
-        self._eigen: EighEigendecompositionConfig = config.amortized_computation_config  # pyre-ignore[8]: checked by the config
+        self._eigen: EigendecompositionConfig = config.amortized_computation_config
         sizes = self._sizes(block_shape)
         self.factor_matrices_eigenvectors: tuple[torch.Tensor, ...] = tuple(
             block_info.allocate_eye_tensor(n=size, dtype=dtype, device=device) for size in sizes
@@ -242,24 +303,82 @@ class EigendecomposedShampooPreconditioner(ShampooPreconditioner):
             block_info.allocate_ones_tensor(size=(size,), dtype=dtype, device=device) for size in sizes
         )
 
-    def _compute(self, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
-        return eigendecomposition(matrix, epsilon, self._eigen)
+    def _compute(self, index: int, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
+        return eigendecomposition(matrix, epsilon, self._eigen, self.factor_matrices_eigenvectors[index])
 
     def _store(self, index: int, results: tuple[torch.Tensor, ...]) -> None:
         self.factor_matrices_eigenvalues[index].copy_(results[0])
         self.factor_matrices_eigenvectors[index].copy_(results[1])
 
-    def _matrices(self, epsilon: float) -> list[torch.Tensor]:
-        return [
-            (eigenvectors * stabilized_power(eigenvalues, exponent, epsilon, self._eigen)) @ eigenvectors.T
-            for eigenvectors, eigenvalues, (_, exponent) in zip(
+    def precondition(self, grad: torch.Tensor, epsilon: float, bias_correction2: float) -> torch.Tensor:
+        roots = {
+            dim: ((eigenvectors * stabilized_power(eigenvalues, exponent, epsilon, self._eigen)) @ eigenvectors.T).to(grad.dtype)
+            for eigenvectors, eigenvalues, (dim, exponent) in zip(
                 self.factor_matrices_eigenvectors, self.factor_matrices_eigenvalues, self._preconditioned()
             )
-        ]
+        }
+        return along_dims(grad, roots)
 
 
-def shampoo_preconditioner(block_info: BlockInfo, block_shape: tuple[int, ...], config: ShampooPreconditionerConfig) -> ShampooPreconditioner:
-    """The preconditioner ``config`` asks for (root-inverse or eigendecomposed Shampoo).
+class EigenvalueCorrectedShampooPreconditioner(ShampooPreconditioner):
+    """Eigenvalue-corrected Shampoo (SOAP): ``{"factor_matrices": ..., "factor_matrices_eigenvectors":
+    {0: Q, ...}, "corrected_eigenvalues": C}``. The eigenvectors of the factors (identities at
+    first) are recomputed every ``precondition_frequency`` steps; every step, the gradient rotated
+    into their basis, ``G~ = G x_i Q_i``, updates ``C = beta2 C + (1 - beta2) G~^2`` (block-shaped,
+    the parameter's dtype), and the direction is ``(M~ / ((C / c)^e + epsilon)) x_i Q_i^T``, an
+    Adam step in the eigenbasis."""
+
+    def __init__(self, block_info: BlockInfo, block_shape: tuple[int, ...], config: EigenvalueCorrectedShampooPreconditionerConfig) -> None:
+        super().__init__(block_info, block_shape, config)
+        dtype, device = block_info.param.dtype, block_info.param.device
+        self._eigen: EigendecompositionConfig = config.amortized_computation_config
+        self._exponent: float = float(config.inverse_exponent_override.get(len(block_shape), 0.5))
+        self.factor_matrices_eigenvectors: tuple[torch.Tensor, ...] = tuple(
+            block_info.allocate_eye_tensor(n=size, dtype=dtype, device=device) for size in self._sizes(block_shape)
+        )
+        self.corrected_eigenvalues: torch.Tensor = block_info.allocate_zeros_tensor(size=block_shape, dtype=dtype, device=device)
+
+    def _preconditioned(self) -> list[tuple[int, float]]:
+        config = self._config
+        if not isinstance(config, EigenvalueCorrectedShampooPreconditionerConfig):
+            raise NotImplementedError
+        ignored = set(config.ignored_basis_change_dims.get(self._order, ()))
+        return [(dim, 1.0) for dim in range(self._order) if dim not in ignored]
+
+    def update(self, grad: torch.Tensor, beta2: float, epsilon: float, bias_correction2: float, amortize: bool) -> None:
+        """The factors, then (when ``amortize``) their eigenvectors, then the corrected eigenvalues
+        from the gradient in the (new) eigenbasis, as the reference orders them."""
+        super().update(grad, beta2, epsilon, bias_correction2, amortize)
+        rotated = self._rotate(grad.to(self.corrected_eigenvalues.dtype), back=False)
+        if beta2 != 1.0:
+            self.corrected_eigenvalues.mul_(beta2).addcmul_(rotated, rotated, value=1.0 - beta2)
+        else:
+            self.corrected_eigenvalues.addcmul_(rotated, rotated)
+
+    def _rotate(self, tensor: torch.Tensor, back: bool) -> torch.Tensor:
+        """``tensor x_i Q_i`` into the eigenbasis, or ``x_i Q_i^T`` back out of it."""
+        basis = {
+            dim: (eigenvectors.T if back else eigenvectors).to(tensor.dtype)
+            for (dim, _), eigenvectors in zip(self._preconditioned(), self.factor_matrices_eigenvectors)
+        }
+        return along_dims(tensor, basis)
+
+    def _compute(self, index: int, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
+        return eigendecomposition(matrix, epsilon, self._eigen, self.factor_matrices_eigenvectors[index])[1:]
+
+    def _store(self, index: int, results: tuple[torch.Tensor, ...]) -> None:
+        self.factor_matrices_eigenvectors[index].copy_(results[0])
+
+    def precondition(self, grad: torch.Tensor, epsilon: float, bias_correction2: float) -> torch.Tensor:
+        # As the reference (and torch's Adam): the root of the bias-corrected eigenvalues, then epsilon.
+        scale = self.corrected_eigenvalues.div(bias_correction2).pow_(self._exponent).add_(epsilon)
+        rotated = self._rotate(grad, back=False)
+        return self._rotate(rotated / scale.to(rotated.dtype), back=True)
+
+
+def shampoo_preconditioner(block_info: BlockInfo, block_shape: tuple[int, ...], config: AmortizedPreconditionerConfig) -> ShampooPreconditioner:
+    """The preconditioner ``config`` asks for (root-inverse, eigendecomposed or eigenvalue-corrected
+    Shampoo).
 
     Raises:
         ValueError: Another preconditioner config (not implemented).
@@ -268,4 +387,6 @@ def shampoo_preconditioner(block_info: BlockInfo, block_shape: tuple[int, ...], 
         return RootInvShampooPreconditioner(block_info, block_shape, config)
     if isinstance(config, EigendecomposedShampooPreconditionerConfig):
         return EigendecomposedShampooPreconditioner(block_info, block_shape, config)
+    if isinstance(config, EigenvalueCorrectedShampooPreconditionerConfig):
+        return EigenvalueCorrectedShampooPreconditioner(block_info, block_shape, config)
     raise ValueError(f"preconditioner_config {type(config).__name__} is not implemented")

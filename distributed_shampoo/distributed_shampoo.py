@@ -82,9 +82,10 @@ class BlockState(OptimizerModule):
 
     Its state dict is ``{"shampoo": {...}, "adagrad": ..., "filtered_grad": ..., "momentum": ...}``;
     the attribute names are the state keys, and buffers a configuration does not need are None and
-    absent from the state dict (no grafting state for SGD grafting or none, no ``filtered_grad``
-    when ``betas[0] == 0``, no ``momentum`` when ``momentum == 0``). ``adagrad`` is the
-    reference implementation's name for the grafting accumulator, whichever the grafting.
+    absent from the state dict (no ``shampoo`` for sign and spectral descent, no grafting state
+    for SGD grafting or none, no ``filtered_grad`` when ``betas[0] == 0``, no ``momentum`` when
+    ``momentum == 0``). ``adagrad`` is the reference implementation's name for the grafting
+    accumulator, whichever the grafting.
     """
 
     def __init__(
@@ -159,7 +160,8 @@ class DistributedShampoo(torch.optim.Optimizer):
        ``M = beta1 M + (1 - beta1) G``. (``M = G`` when ``beta1 == 0``.)
     4. At ``t = start_preconditioning_step`` and at every later multiple of
        ``precondition_frequency``: ``R_i = (F_i / c + epsilon I)^(-1/(2k))`` for a block of order
-       ``k``, with ``c = 1 - beta2^t`` if ``use_bias_correction`` and ``beta2 < 1``, else 1.
+       ``k`` (computed in the factors' precision; exponents per ``inverse_exponent_override``),
+       with ``c = 1 - beta2^t`` if ``use_bias_correction`` and ``beta2 < 1``, else 1.
     5. Direction ``D``: from step ``start_preconditioning_step`` on (-1 means
        ``precondition_frequency``), ``M`` multiplied by every ``R_i`` along dimension ``i``, times
        ``|grafting direction| / (|D| + 1e-16)`` when grafting; before it, the grafting direction of ``M``,
@@ -204,8 +206,13 @@ class DistributedShampoo(torch.optim.Optimizer):
             ``DefaultShampooConfig``): the factors' dtype (``factor_matrix_dtype``, float32), the
             roots' (``inv_factor_matrix_dtype``, None: the parameter's), ``EigenConfig`` (retry in
             float64, offload device, perturbation), ``inverse_exponent_override`` and
-            ``num_tolerated_failed_amortized_computations``. The reference's other preconditioners
-            (eigendecomposed, eigenvalue-corrected, spectral and sign descent) are not implemented yet.
+            ``num_tolerated_failed_amortized_computations``. Or, as in the reference,
+            ``EigendecomposedShampooPreconditionerConfig`` (the same roots, kept as
+            eigendecompositions), ``EigenvalueCorrectedShampooPreconditionerConfig`` (SOAP: Adam in
+            the factors' eigenbasis, replacing steps 4 and 5's roots), or
+            ``SignDescentPreconditionerConfig`` / ``SpectralDescentPreconditionerConfig`` (no
+            factors: step 5's direction is ``M``'s signs, or ``M`` orthogonalized); see
+            ``docs/optimizer.md``.
         preconditioner_dtype: This package's shorthand: the storage dtype of the factors and the
             roots both (float64, float32, bfloat16 or float16), replacing the config's. Factors are
             updated, and roots computed, in float32, or float64 when stored in float64.
@@ -275,7 +282,9 @@ class DistributedShampoo(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             if given := sorted(key for key in _CONSTRUCTOR_CONFIGS if key in group):
                 # The reference reads these per group; silently using the constructor's would train another optimizer.
-                raise ValueError(f"DistributedShampoo: parameter group {index} sets {given}; this version takes them from the constructor only")
+                raise ValueError(
+                    f"DistributedShampoo: parameter group {index} sets {given}; this version takes them from the constructor only"
+                )
         descent = isinstance(preconditioner_config, (SignDescentPreconditionerConfig, SpectralDescentPreconditionerConfig))
         if descent:
             # As the reference: these hyperparameters mean nothing to it, and roots "every step".

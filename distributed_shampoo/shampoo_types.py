@@ -403,7 +403,10 @@ class EigenvalueCorrectedShampooPreconditionerConfig(AmortizedPreconditionerConf
         if negative := [order for order in override if order < 0]:
             raise ValueError(f"Invalid orders in inverse_exponent_override={dict(override)}: {negative}. All orders must be >= 0.")
         if negative_values := [value for value in override.values() if value < 0]:
-            raise ValueError(f"Invalid override value in inverse_exponent_override={dict(override)}: {negative_values}. All overrides must be >= 0.")
+            raise ValueError(
+                f"Invalid override value in inverse_exponent_override={dict(override)}: {negative_values}. "
+                "All overrides must be >= 0."
+            )
 
 
 DefaultEigenvalueCorrectedShampooConfig = EigenvalueCorrectedShampooPreconditionerConfig()

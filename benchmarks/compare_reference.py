@@ -164,6 +164,43 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
     torch.save(torch.stack(trajectory), out)
 
 
+# The resume check: the reference saves its distributed_state_dict after RESUME_AT steps, ours
+# loads it and takes the remaining steps; compared with the reference's own uninterrupted run.
+RESUME_CASE, RESUME_AT = "Adam grafting", 5
+
+
+def _advance(optimizer: torch.optim.Optimizer, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+
+
+def resume_worker(role: str, steps: int, prefix: str) -> None:
+    """``save``: the reference's run, its state dict at ``RESUME_AT`` and its final parameters;
+    ``resume``: our optimizer from that state dict, its final parameters."""
+    package = _package()
+    torch.set_num_threads(1)
+    model, inputs, targets = _model(torch.float64)
+    options = dict(CASES[RESUME_CASE])
+    grafting = _grafting(options.pop("grafting", None))
+    preconditioner = package.RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64)
+
+    optimizer = package.DistributedShampoo(
+        model.parameters(), lr=0.05, epsilon=1e-6, max_preconditioner_dim=4, grafting_config=grafting,
+        preconditioner_config=preconditioner, **options,
+    )
+    if role == "save":
+        _advance(optimizer, model, inputs, targets, RESUME_AT)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}, f"{prefix}.at")
+    else:
+        saved = torch.load(f"{prefix}.at", weights_only=False)  # the reference's configs, by their (shared) class names
+        model.load_state_dict(saved["model"])
+        optimizer.load_distributed_state_dict(saved["optimizer"], model.named_parameters())
+    _advance(optimizer, model, inputs, targets, steps - RESUME_AT)
+    torch.save(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), f"{prefix}.{role}")
+
+
 def _run(case: str, dtype: str, steps: int, path: str, out: Path) -> torch.Tensor:
     env = {**os.environ, "PYTHONPATH": path}
     subprocess.run(
@@ -177,10 +214,15 @@ def main() -> None:
     parser.add_argument("--reference", help="a checkout of facebookresearch/optimizers at 18178f4")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--resume-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         case, dtype, steps, out = args.worker
         worker(case, dtype, int(steps), out)
+        return
+    if args.resume_worker:
+        role, steps, prefix = args.resume_worker
+        resume_worker(role, int(steps), prefix)
         return
     ours = str(Path(__file__).resolve().parents[1])
     print(f"{args.steps} steps, lr 0.05, epsilon 1e-6, blocks of at most 4, an MLP 6-5-3 (53 parameters), float64")
@@ -194,6 +236,17 @@ def main() -> None:
             gap = float((mine - reference).abs().max()) / moved
             yardstick = float((reference32 - reference).abs().max()) / moved
             print(f"| {case} | {gap:.2e} | {yardstick:.2e} | {gap / yardstick:.3f} |", flush=True)
+        reference = _run(RESUME_CASE, "float64", args.steps, args.reference, Path(scratch, "reference.pt"))
+        prefix = str(Path(scratch, "resume"))
+        for role, path in (("save", args.reference), ("resume", ours)):
+            command = [sys.executable, __file__, "--resume-worker", role, str(args.steps), prefix]
+            subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, check=True, capture_output=True)
+        moved = float((reference[-1] - reference[0]).abs().max())
+        resumed_gap = float((torch.load(f"{prefix}.resume") - torch.load(f"{prefix}.save")).abs().max()) / moved
+        print(
+            f"\nThe reference's distributed_state_dict after {RESUME_AT} steps of {RESUME_CASE!r}, loaded into ours, "
+            f"{args.steps - RESUME_AT} more steps: {resumed_gap:.2e} from the reference's own run, relative to how far it moved"
+        )
 
 
 if __name__ == "__main__":

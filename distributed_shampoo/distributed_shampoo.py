@@ -6,7 +6,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
-from typing import TypeVar
+from typing import cast, TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -43,7 +43,7 @@ from distributed_shampoo.shampoo_types import (
     STEP,
 )
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
-from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, update_param_state_dict_object
+from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, unflatten, update_param_state_dict_object
 
 # Constructor arguments the reference also reads per parameter group; here they hold for all groups.
 _CONSTRUCTOR_CONFIGS: tuple[str, ...] = ("grafting_config", "distributed_config", "preconditioner_config")
@@ -588,6 +588,11 @@ class DistributedShampoo(torch.optim.Optimizer):
         State of blocks this rank does not own is ignored, so a state dict saved at any world size
         (or a full single-process one) loads at any other.
 
+        Also takes the reference implementation's layout: each parameter's state flattened to
+        JSON-list keys (``'["block_0", "shampoo", "factor_matrices", 0]'``), and ``param_groups``
+        keyed by group (the sorted parameter names joined by "/"); of a group, only the
+        hyperparameters are read, not its configs (this optimizer's are the constructor's).
+
         Args:
             state_dict: What ``distributed_state_dict`` returned, e.g. filled by ``load_checkpoint``.
             key_to_param: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
@@ -603,15 +608,32 @@ class DistributedShampoo(torch.optim.Optimizer):
         names = self._named_params(key_to_param)
         if save_param_groups:
             saved_groups = _mapping(state_dict, "param_groups")
-            # Parameters of a group share its hyperparameters: read them from its first parameter.
-            self._load_hyperparameters([(repr(names[first]), _mapping(saved_groups, names[first])) for first in self._group_firsts])
+            self._load_hyperparameters([self._saved_group(saved_groups, names, index) for index in range(len(self.param_groups))])
         state = _mapping(state_dict, "state")
         for index, name in enumerate(names):
             if name not in state:
                 if enable_missing_key_check:
                     raise KeyError(f"load_distributed_state_dict: no state for parameter {name!r}")
                 continue
-            update_param_state_dict_object(self._param_state(index), _mapping(state, name), enable_missing_key_check)
+            saved = _mapping(state, name)
+            if saved and all(isinstance(key, str) and key.startswith("[") for key in saved):
+                # The reference's layout: JSON-list keys.
+                saved = cast(Mapping[Key, object], unflatten(cast(Mapping[str, object], saved)))
+            update_param_state_dict_object(self._param_state(index), saved, enable_missing_key_check)
+
+    def _saved_group(self, saved_groups: Mapping[Key, object], names: list[str], group_index: int) -> tuple[str, Mapping[Key, object]]:
+        """A group's saved hyperparameters and a label for messages: under its first parameter's
+        name (this package's layout), or under the reference's group key (its parameters' names,
+        sorted, joined by "/").
+
+        Raises:
+            KeyError: Neither is saved.
+        """
+        first = names[self._group_firsts[group_index]]
+        if first in saved_groups:
+            return repr(first), _mapping(saved_groups, first)
+        group_key = "/".join(sorted(name for name, group in zip(names, self._group_of) if group == group_index))
+        return repr(group_key), _mapping(saved_groups, group_key)
 
     def _load_hyperparameters(self, saved_per_group: list[tuple[str, Mapping[Key, object]]]) -> None:
         """Validates every group's saved hyperparameters, then sets them (all or nothing).

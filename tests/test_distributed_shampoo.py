@@ -42,6 +42,7 @@ from distributed_shampoo import (
     SVDOrthogonalizationConfig,
 )
 from distributed_shampoo.preconditioner.shampoo_preconditioner import matrix_inverse_root
+from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 
 
 def explicit_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor:
@@ -835,6 +836,13 @@ class StateDictTest(unittest.TestCase):
             else optimizer.distributed_state_dict(model.named_parameters())
         )
         saved = _clone(saved)
+        if save == "reference":  # its layout: flattened per-parameter state, param_groups keyed per group
+            names = "/".join(sorted(name for name, _ in model.named_parameters()))
+            hyperparameters = next(iter(saved["param_groups"].values()))  # pyre-ignore[16]
+            saved = {
+                "state": {name: flatten(state) for name, state in saved["state"].items()},  # pyre-ignore[16]
+                "param_groups": {names: {**hyperparameters, "preconditioner_config": DefaultShampooConfig, "grafting_config": None}},
+            }
         halfway = {k: v.clone() for k, v in model.state_dict().items()}
 
         resumed_model, _ = _model_and_grads(2)
@@ -852,7 +860,9 @@ class StateDictTest(unittest.TestCase):
         factor = resumed.state[next(resumed_model.parameters())]["block_0"]["shampoo"]["factor_matrices"][0]
         self.assertEqual(factor.dtype, dtype)
 
-    @parameterized.expand([("torch", torch.float32), ("torch", torch.bfloat16), ("distributed", torch.float32), ("distributed", torch.bfloat16)])
+    @parameterized.expand(
+        [("torch", torch.float32), ("torch", torch.bfloat16), ("distributed", torch.float32), ("distributed", torch.bfloat16), ("reference", torch.float32)]
+    )
     def test_resume_from_a_state_dict_continues_the_same_trajectory(self, save: str, dtype: torch.dtype) -> None:
         self._resume(save, dtype)
 

@@ -54,6 +54,7 @@ CASES: dict[str, dict[str, object]] = {
     "no blocking (math.inf), matrices kept": {"max_preconditioner_dim": math.inf, "distributed": {"target_parameter_dimensionality": 2}},
     "compiled step (dynamo, eager backend)": {"betas": (0.9, 0.99), "compile": {"backend": "eager"}},
     "inverse_exponent_override {2: 0.2, 1: 0.25}": {"preconditioner": {"inverse_exponent_override": {2: 0.2, 1: 0.25}}},
+    "coupled Newton roots": {"betas": (0.0, 0.95), "preconditioner": {"newton": True}},
     "epsilon added after eigh": {"betas": (0.0, 0.95), "preconditioner": {"perturb_before_computation": False}},
     "eigendecomposed Shampoo": {"preconditioner": {"kind": "EigendecomposedShampoo"}},
     "eigendecomposed, beta2 EMA, Adam grafting": {
@@ -144,6 +145,8 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
         preconditioner["amortized_computation_config"] = package.EigenConfig(rank_deficient_stability_config=perturbation)
     if preconditioner.pop("l1_scale", False):
         preconditioner["scale_fn"] = _l1_norm
+    if preconditioner.pop("newton", False):
+        preconditioner["amortized_computation_config"] = package.CoupledNewtonConfig()
     if preconditioner.pop("qr", False):
         preconditioner["amortized_computation_config"] = package.QREigendecompositionConfig()
     if preconditioner.pop("svd", False):

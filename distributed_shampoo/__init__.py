@@ -6,6 +6,7 @@ See ``docs/optimizer.md`` for the optimizer and ``docs/checkpoint.md`` for check
 
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledNewtonConfig,
     DefaultEigenConfig,
     DefaultEigendecompositionConfig,
     DefaultNewtonSchulzOrthogonalizationConfig,
@@ -60,6 +61,7 @@ __all__ = [
     "AdamGraftingConfig",
     "AdamPreconditionerConfig",
     "AmortizedPreconditionerConfig",
+    "CoupledNewtonConfig",
     "DDPDistributedConfig",
     "DefaultEigenConfig",
     "DefaultEigendecompositionConfig",

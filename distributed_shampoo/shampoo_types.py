@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledNewtonConfig,
     DefaultEigenConfig,
     DefaultEigendecompositionConfig,
     DefaultNewtonSchulzOrthogonalizationConfig,
@@ -312,12 +313,13 @@ class RootInvShampooPreconditionerConfig(ShampooPreconditionerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.amortized_computation_config, EigenConfig):
+        root_config = self.amortized_computation_config
+        if not isinstance(root_config, (EigenConfig, CoupledNewtonConfig)):
             raise ValueError(
-                f"Invalid amortized_computation_config: {type(self.amortized_computation_config).__name__} is not "
-                "implemented; use EigenConfig"
+                f"Invalid amortized_computation_config: {type(root_config).__name__} is not "
+                "implemented; use EigenConfig or CoupledNewtonConfig"
             )
-        if not isinstance(self.amortized_computation_config.rank_deficient_stability_config, PerturbationConfig):
+        if isinstance(root_config, EigenConfig) and not isinstance(root_config.rank_deficient_stability_config, PerturbationConfig):
             raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
         if self.inv_factor_matrix_dtype is not None and self.inv_factor_matrix_dtype not in PRECONDITIONER_DTYPES:
             raise ValueError(
@@ -503,6 +505,7 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
     EighEigendecompositionConfig,
     EigenConfig,
     QREigendecompositionConfig,
+    CoupledNewtonConfig,
 )
 
 

@@ -16,6 +16,7 @@ from distributed_shampoo import (
     AdaGradPreconditionerConfig,
     AdamGraftingConfig,
     AdamPreconditionerConfig,
+    CoupledNewtonConfig,
     DDPDistributedConfig,
     DefaultShampooConfig,
     DefaultSOAPConfig,
@@ -41,7 +42,7 @@ from distributed_shampoo import (
     SpectralDescentPreconditionerConfig,
     SVDOrthogonalizationConfig,
 )
-from distributed_shampoo.preconditioner.shampoo_preconditioner import matrix_inverse_root
+from distributed_shampoo.preconditioner.shampoo_preconditioner import coupled_newton_inverse_root, matrix_inverse_root
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 
 
@@ -263,6 +264,30 @@ class PreconditionerConfigTest(unittest.TestCase):
         optimizer.step()
         expected = -explicit_root(grad @ grad.T, 5, 1e-2) @ grad @ explicit_root(grad.T @ grad, 5, 1e-2)
         torch.testing.assert_close(weight.detach(), expected, rtol=1e-10, atol=1e-12)
+
+    def test_coupled_newton_roots(self) -> None:
+        # The iteration converges to the eigendecomposition's root (to its tolerance), and the
+        # optimizer computes its roots with it.
+        generator = torch.Generator().manual_seed(15)
+        grad = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+        newton = CoupledNewtonConfig(tolerance=1e-12)
+        root = coupled_newton_inverse_root(grad @ grad.T, 4, 1e-2, newton)
+        torch.testing.assert_close(root, explicit_root(grad @ grad.T, 4, 1e-2), rtol=1e-9, atol=1e-10)
+        weight = torch.nn.Parameter(torch.zeros(5, 8, dtype=torch.float64))
+        config = RootInvShampooPreconditionerConfig(amortized_computation_config=newton, factor_matrix_dtype=torch.float64)
+        optimizer = DistributedShampoo(
+            [weight], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=8, start_preconditioning_step=1,
+            preconditioner_config=config,
+        )
+        weight.grad = grad.clone()
+        optimizer.step()
+        expected = -explicit_root(grad @ grad.T, 4, 1e-2) @ grad @ explicit_root(grad.T @ grad, 4, 1e-2)
+        torch.testing.assert_close(weight.detach(), expected, rtol=1e-8, atol=1e-10)
+        with self.assertRaisesRegex(ValueError, "CoupledNewtonConfig computes integer roots only"):
+            DistributedShampoo(
+                [torch.nn.Parameter(torch.zeros(5, 8))], max_preconditioner_dim=8,
+                preconditioner_config=dataclasses.replace(config, inverse_exponent_override={2: 0.3}),
+            )
 
     def test_dtypes_of_factors_and_roots(self) -> None:
         weight = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.bfloat16))

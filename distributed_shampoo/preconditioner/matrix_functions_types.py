@@ -105,6 +105,21 @@ class EigenConfig(RootInvConfig, EighEigendecompositionConfig):
 DefaultEigenConfig = EigenConfig()
 
 
+@dataclass(frozen=True, kw_only=True)
+class CoupledNewtonConfig(RootInvConfig):
+    """The inverse ``p``-th root by the coupled inverse Newton iteration (``p`` an integer), from
+    ``X = z^(1/p) I`` and ``M = z (A + epsilon I)``, ``z = (p + 1) / (2 |A + epsilon I|_F)``:
+    ``M' = (1 + 1/p) I - M / p``, ``X = X M'``, ``M = M'^p M``, until ``max |M - I| <= tolerance``.
+
+    Attributes:
+        max_iterations: The most iterations (a warning if they do not converge).
+        tolerance: The largest entry of ``M - I`` at convergence.
+    """
+
+    max_iterations: int = 100
+    tolerance: float = 1e-6
+
+
 def _unit_scale(d_in: int, d_out: int) -> float:
     return 1.0
 

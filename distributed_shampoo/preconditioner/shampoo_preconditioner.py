@@ -2,15 +2,19 @@
 """The Kronecker-factored preconditioners of one block: Shampoo with inverse roots (the default),
 Shampoo with eigendecompositions of the factors, and eigenvalue-corrected Shampoo (SOAP)."""
 
+import warnings
+
 import torch
 
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledNewtonConfig,
     DefaultEigenConfig,
     EigendecompositionConfig,
     EighEigendecompositionConfig,
     PerturbationConfig,
     QREigendecompositionConfig,
+    RootInvConfig,
 )
 from distributed_shampoo.shampoo_types import (
     AmortizedPreconditionerConfig,
@@ -134,6 +138,28 @@ def matrix_inverse_root(
     """
     eigenvalues, eigenvectors = eigendecomposition(matrix, epsilon, config)
     return (eigenvectors * stabilized_power(eigenvalues, exponent, epsilon, config)) @ eigenvectors.T
+
+
+def coupled_newton_inverse_root(matrix: torch.Tensor, root: int, epsilon: float, config: CoupledNewtonConfig) -> torch.Tensor:
+    """``(matrix + epsilon * I)^(-1/root)`` by the coupled inverse Newton iteration, as the
+    reference's ``CoupledNewtonConfig`` computes it (see there); warns if it does not converge."""
+    identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    perturbed = matrix + epsilon * identity if epsilon != 0.0 else matrix
+    alpha = -1.0 / root
+    z = (root + 1) / (2 * torch.linalg.norm(perturbed))
+    x = z ** (-alpha) * identity
+    coupled = z * perturbed
+    error = torch.dist(coupled, identity, p=torch.inf)
+    iterations = 0
+    while error > config.tolerance and iterations < config.max_iterations:
+        iterations += 1
+        step = coupled.mul(alpha).add_(identity, alpha=1.0 - alpha)
+        x = x @ step
+        coupled = torch.linalg.matrix_power(step, root) @ coupled
+        error = torch.dist(coupled, identity, p=torch.inf)
+    if error > config.tolerance:
+        warnings.warn(f"coupled Newton did not converge in {config.max_iterations} iterations (error {float(error):.2e})", stacklevel=2)
+    return x
 
 
 def along_dims(tensor: torch.Tensor, matrices: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -269,13 +295,23 @@ class RootInvShampooPreconditioner(ShampooPreconditioner):
     def __init__(self, block_info: BlockInfo, block_shape: tuple[int, ...], config: RootInvShampooPreconditionerConfig) -> None:
         super().__init__(block_info, block_shape, config)
         dtype = config.inv_factor_matrix_dtype or block_info.param.dtype
-        self._eigen: EighEigendecompositionConfig = config.amortized_computation_config  # pyre-ignore[8]: an EigenConfig (the config checks)
+        self._root_config: RootInvConfig = config.amortized_computation_config
+        if isinstance(self._root_config, CoupledNewtonConfig) and any(
+            abs(1.0 / exponent - round(1.0 / exponent)) > 1e-12 for _, exponent in self._preconditioned()
+        ):
+            raise ValueError(
+                f"CoupledNewtonConfig computes integer roots only; a block of order {len(block_shape)} has the exponents "
+                f"{[exponent for _, exponent in self._preconditioned()]}"
+            )
         self.inv_factor_matrices: tuple[torch.Tensor, ...] = tuple(
             block_info.allocate_eye_tensor(n=size, dtype=dtype, device=block_info.param.device) for size in self._sizes(block_shape)
         )
 
     def _compute(self, index: int, matrix: torch.Tensor, exponent: float, epsilon: float) -> tuple[torch.Tensor, ...]:
-        return (matrix_inverse_root(matrix, exponent, epsilon, self._eigen),)
+        config = self._root_config
+        if isinstance(config, CoupledNewtonConfig):
+            return (coupled_newton_inverse_root(matrix, round(1.0 / exponent), epsilon, config),)
+        return (matrix_inverse_root(matrix, exponent, epsilon, config),)  # pyre-ignore[6]: an EigenConfig (the config checks)
 
     def _store(self, index: int, results: tuple[torch.Tensor, ...]) -> None:
         self.inv_factor_matrices[index].copy_(results[0])

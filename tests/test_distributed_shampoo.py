@@ -224,6 +224,22 @@ class ExactMathTest(unittest.TestCase):
         torch.testing.assert_close(root @ root @ (vector @ vector.T + 1e-4 * torch.eye(3, dtype=torch.float64)), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
+def _one_matrix_step(weight: torch.nn.Parameter, grad: torch.Tensor, config: RootInvShampooPreconditionerConfig) -> torch.Tensor:
+    """The weight after one preconditioned step (lr 1, no filtering, epsilon 1e-2) of a matrix kept whole."""
+    optimizer = DistributedShampoo(
+        [weight], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=max(weight.shape), start_preconditioning_step=1,
+        preconditioner_config=config,
+    )
+    weight.grad = grad.clone()
+    optimizer.step()
+    return weight.detach()
+
+
+def _explicit_matrix_step(grad: torch.Tensor, root: int) -> torch.Tensor:
+    """``-(G G^T + eps I)^(-1/root) G (G^T G + eps I)^(-1/root)`` from zero, eps 1e-2."""
+    return -explicit_root(grad @ grad.T, root, 1e-2) @ grad @ explicit_root(grad.T @ grad, root, 1e-2)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PseudoInverseLikeConfig(EigendecompositionConfig):
     """An eigendecomposition this package does not implement."""
@@ -256,14 +272,7 @@ class PreconditionerConfigTest(unittest.TestCase):
         weight = torch.nn.Parameter(torch.zeros(4, 6, dtype=torch.float64))
         grad = torch.randn(4, 6, generator=generator, dtype=torch.float64)
         config = RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64, inverse_exponent_override={2: 0.2})
-        optimizer = DistributedShampoo(
-            [weight], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=6, start_preconditioning_step=1,
-            preconditioner_config=config,
-        )
-        weight.grad = grad.clone()
-        optimizer.step()
-        expected = -explicit_root(grad @ grad.T, 5, 1e-2) @ grad @ explicit_root(grad.T @ grad, 5, 1e-2)
-        torch.testing.assert_close(weight.detach(), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_one_matrix_step(weight, grad, config), _explicit_matrix_step(grad, 5), rtol=1e-10, atol=1e-12)
 
     def test_coupled_newton_roots(self) -> None:
         # The iteration converges to the eigendecomposition's root (to its tolerance), and the
@@ -275,14 +284,7 @@ class PreconditionerConfigTest(unittest.TestCase):
         torch.testing.assert_close(root, explicit_root(grad @ grad.T, 4, 1e-2), rtol=1e-9, atol=1e-10)
         weight = torch.nn.Parameter(torch.zeros(5, 8, dtype=torch.float64))
         config = RootInvShampooPreconditionerConfig(amortized_computation_config=newton, factor_matrix_dtype=torch.float64)
-        optimizer = DistributedShampoo(
-            [weight], lr=1.0, betas=(0.0, 1.0), epsilon=1e-2, max_preconditioner_dim=8, start_preconditioning_step=1,
-            preconditioner_config=config,
-        )
-        weight.grad = grad.clone()
-        optimizer.step()
-        expected = -explicit_root(grad @ grad.T, 4, 1e-2) @ grad @ explicit_root(grad.T @ grad, 4, 1e-2)
-        torch.testing.assert_close(weight.detach(), expected, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(_one_matrix_step(weight, grad, config), _explicit_matrix_step(grad, 4), rtol=1e-8, atol=1e-10)
         with self.assertRaisesRegex(ValueError, "CoupledNewtonConfig computes integer roots only"):
             DistributedShampoo(
                 [torch.nn.Parameter(torch.zeros(5, 8))], max_preconditioner_dim=8,

@@ -204,11 +204,14 @@ def resume_worker(role: str, steps: int, prefix: str) -> None:
     torch.save(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), f"{prefix}.{role}")
 
 
+def _in_process(path: str, *arguments: str) -> None:
+    """Runs this file with ``arguments`` in a process whose ``distributed_shampoo`` is ``path``'s."""
+    command = [sys.executable, __file__, *arguments]
+    subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, check=True, capture_output=True)
+
+
 def _run(case: str, dtype: str, steps: int, path: str, out: Path) -> torch.Tensor:
-    env = {**os.environ, "PYTHONPATH": path}
-    subprocess.run(
-        [sys.executable, __file__, "--worker", case, dtype, str(steps), str(out)], env=env, check=True, capture_output=True
-    )
+    _in_process(path, "--worker", case, dtype, str(steps), str(out))
     return torch.load(out)
 
 
@@ -242,8 +245,7 @@ def main() -> None:
         reference = _run(RESUME_CASE, "float64", args.steps, args.reference, Path(scratch, "reference.pt"))
         prefix = str(Path(scratch, "resume"))
         for role, path in (("save", args.reference), ("resume", ours)):
-            command = [sys.executable, __file__, "--resume-worker", role, str(args.steps), prefix]
-            subprocess.run(command, env={**os.environ, "PYTHONPATH": path}, check=True, capture_output=True)
+            _in_process(path, "--resume-worker", role, str(args.steps), prefix)
         moved = float((reference[-1] - reference[0]).abs().max())
         resumed_gap = float((torch.load(f"{prefix}.resume") - torch.load(f"{prefix}.save")).abs().max()) / moved
         print(

@@ -17,7 +17,7 @@ from distributed_shampoo.distributor.block_distributor import BlockDistributor, 
 from distributed_shampoo.distributor.block_layout import BlockSpec, param_layouts, ParamLayout
 from distributed_shampoo.distributor.fully_shard_distributor import FullyShardDistributor
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
-from distributed_shampoo.preconditioner.descent import sign_direction, spectral_direction
+from distributed_shampoo.preconditioner.descent import descent_direction
 from distributed_shampoo.preconditioner.grafting import Grafting
 from distributed_shampoo.preconditioner.shampoo_preconditioner import shampoo_preconditioner, ShampooPreconditioner
 from distributed_shampoo.shampoo_types import (
@@ -56,20 +56,6 @@ _PRECONDITIONER_CONFIGS: tuple[type[PreconditionerConfig], ...] = (
     SignDescentPreconditionerConfig,
     SpectralDescentPreconditionerConfig,
 )
-
-
-def _descent_direction(config: PreconditionerConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The direction of a block without preconditioner state (sign or spectral descent), from
-    its filtered gradient; for Shampoo configs, never called."""
-    if isinstance(config, SignDescentPreconditionerConfig):
-        return functools.partial(sign_direction, config=config)
-    if isinstance(config, SpectralDescentPreconditionerConfig):
-        return functools.partial(spectral_direction, config=config)
-    return _no_descent
-
-
-def _no_descent(grad: torch.Tensor) -> torch.Tensor:
-    raise RuntimeError("DistributedShampoo: a Shampoo block has no descent direction")
 
 
 # A parameter's state: its step count and the blocks this rank owns (see ``distributed_state_dict``).
@@ -295,7 +281,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             )
             for group in self.param_groups:
                 group["precondition_frequency"] = 1
-        self._descent: Callable[[torch.Tensor], torch.Tensor] = _descent_direction(preconditioner_config)
+        self._preconditioner_config: PreconditionerConfig = preconditioner_config
         self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
         group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
@@ -509,7 +495,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             direction = (
                 shampoo.precondition(filtered, hyperparameters.epsilon, bias_correction2)
                 if shampoo is not None
-                else self._descent(filtered)
+                else descent_direction(filtered, self._preconditioner_config)
             )
             if grafted is not None:
                 # As the reference: the grafting norm over the Shampoo norm plus 1e-16.

@@ -10,12 +10,25 @@ from distributed_shampoo.preconditioner.matrix_functions_types import (
     OrthogonalizationConfig,
     SVDOrthogonalizationConfig,
 )
-from distributed_shampoo.shampoo_types import SignDescentPreconditionerConfig, SpectralDescentPreconditionerConfig
+from distributed_shampoo.shampoo_types import (
+    PreconditionerConfig,
+    SignDescentPreconditionerConfig,
+    SpectralDescentPreconditionerConfig,
+)
 
 
-def sign_direction(grad: torch.Tensor, config: SignDescentPreconditionerConfig) -> torch.Tensor:
-    """``sign(grad) * scale_fn(grad)``."""
-    return torch.sign(grad).mul_(config.scale_fn(grad))
+def descent_direction(grad: torch.Tensor, config: PreconditionerConfig) -> torch.Tensor:
+    """The direction of a block's filtered gradient ``grad``: ``sign(grad) * scale_fn(grad)`` for
+    sign descent, ``grad`` orthogonalized (2-D) for spectral descent.
+
+    Raises:
+        ValueError: Another config (a Shampoo block preconditions with its own state instead).
+    """
+    if isinstance(config, SignDescentPreconditionerConfig):
+        return torch.sign(grad).mul_(config.scale_fn(grad))
+    if isinstance(config, SpectralDescentPreconditionerConfig):
+        return matrix_orthogonalization(grad, config.orthogonalization_config)
+    raise ValueError(f"{type(config).__name__} has no stateless descent direction")
 
 
 def matrix_orthogonalization(matrix: torch.Tensor, config: OrthogonalizationConfig) -> torch.Tensor:
@@ -50,8 +63,3 @@ def _newton_schulz(matrix: torch.Tensor, config: NewtonSchulzOrthogonalizationCo
         gram = x.T @ x
         x = a * x + x @ (b * gram + c * gram @ gram)
     return x.T if transposed else x
-
-
-def spectral_direction(grad: torch.Tensor, config: SpectralDescentPreconditionerConfig) -> torch.Tensor:
-    """The orthogonalized gradient block (2-D)."""
-    return matrix_orthogonalization(grad, config.orthogonalization_config)

@@ -119,11 +119,10 @@ def _grafting(spec: object) -> object:
     return getattr(package, classes[name])(**options)
 
 
-def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
-    """Runs one case with the ``distributed_shampoo`` on this process's path; saves every step's parameters."""
+def _build(case: str, dtype: torch.dtype) -> tuple[torch.optim.Optimizer, torch.nn.Module, torch.Tensor, torch.Tensor, bool]:
+    """The optimizer of ``case`` from this process's ``distributed_shampoo``, its model, data, and
+    whether a gradient goes missing every other step."""
     package = _package()
-    torch.set_num_threads(1)
-    dtype = getattr(torch, dtype_name)
     options = dict(CASES[case])
     grafting = _grafting(options.pop("grafting", None))
     skip_grad = bool(options.pop("skip_grad", False))
@@ -156,20 +155,37 @@ def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
     options["preconditioner_config"] = getattr(package, f"{kind}PreconditionerConfig")(**preconditioner)
     options = {"max_preconditioner_dim": 4, **options}
     optimizer = package.DistributedShampoo(model.parameters(), lr=0.05, epsilon=1e-6, grafting_config=grafting, **options)
-    trajectory = [torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone()]
+    return optimizer, model, inputs, targets, skip_grad
+
+
+def worker(case: str, dtype_name: str, steps: int, out: str) -> None:
+    """Runs one case with the ``distributed_shampoo`` on this process's path; saves every step's parameters."""
+    torch.set_num_threads(1)
+    optimizer, model, inputs, targets, skip_grad = _build(case, getattr(torch, dtype_name))
+    trajectory = [_flat_parameters(model)]
     for step in range(steps):
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
         if skip_grad and step % 2 == 1:
             model[2].bias.grad = None
         optimizer.step()
-        trajectory.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone())
+        trajectory.append(_flat_parameters(model))
     torch.save(torch.stack(trajectory), out)
 
 
-# The resume check: the reference saves its distributed_state_dict after RESUME_AT steps, ours
-# loads it and takes the remaining steps; compared with the reference's own uninterrupted run.
-RESUME_CASE, RESUME_AT = "Adam grafting", 5
+# The resume checks: one implementation saves its distributed_state_dict after RESUME_AT steps
+# (torch.save, as a user of the reference would), the other loads it and takes the remaining
+# steps; compared with the saver's own uninterrupted run. One case per preconditioner kind.
+# Each case: whether the state dict holds the param_groups. Not for sign and spectral descent: the
+# reference's default scale_fn and scale_by_dims_fn are lambdas, which torch.save cannot pickle.
+RESUME_AT = 5
+RESUME_CASES: dict[str, bool] = {
+    "Adam grafting": True,
+    "eigendecomposed, beta2 EMA, Adam grafting": True,
+    "SOAP (one QR step), frequency 3, Adam grafting": True,
+    "sign descent": False,
+    "spectral descent (SVD), Adam grafting, no biases": False,
+}
 
 
 def _advance(optimizer: torch.optim.Optimizer, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
@@ -179,29 +195,35 @@ def _advance(optimizer: torch.optim.Optimizer, model: torch.nn.Module, inputs: t
         optimizer.step()
 
 
-def resume_worker(role: str, steps: int, prefix: str) -> None:
-    """``save``: the reference's run, its state dict at ``RESUME_AT`` and its final parameters;
-    ``resume``: our optimizer from that state dict, its final parameters."""
-    package = _package()
-    torch.set_num_threads(1)
-    model, inputs, targets = _model(torch.float64)
-    options = dict(CASES[RESUME_CASE])
-    grafting = _grafting(options.pop("grafting", None))
-    preconditioner = package.RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64)
+def _flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().clone()
 
-    optimizer = package.DistributedShampoo(
-        model.parameters(), lr=0.05, epsilon=1e-6, max_preconditioner_dim=4, grafting_config=grafting,
-        preconditioner_config=preconditioner, **options,
-    )
+
+def resume_worker(case: str, role: str, steps: int, prefix: str) -> None:
+    """``save``: this process's run of ``case`` and its state dict at ``RESUME_AT``; ``resume``:
+    the run from that state dict. Either writes its first and last parameters."""
+    torch.set_num_threads(1)
+    optimizer, model, inputs, targets, _ = _build(case, torch.float64)
+    result = {"initial": _flat_parameters(model)}
     if role == "save":
         _advance(optimizer, model, inputs, targets, RESUME_AT)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.distributed_state_dict(model.named_parameters())}, f"{prefix}.at")
+        state_dict = optimizer.distributed_state_dict(model.named_parameters(), RESUME_CASES[case])  # pyre-ignore[16]: both have it
+        torch.save({"model": model.state_dict(), "optimizer": state_dict}, f"{prefix}.at")
     else:
-        saved = torch.load(f"{prefix}.at", weights_only=False)  # the reference's configs, by their (shared) class names
+        saved = torch.load(f"{prefix}.at", weights_only=False)  # the other's configs, by their (shared) class names
         model.load_state_dict(saved["model"])
-        optimizer.load_distributed_state_dict(saved["optimizer"], model.named_parameters())
+        optimizer.load_distributed_state_dict(saved["optimizer"], model.named_parameters(), RESUME_CASES[case])  # pyre-ignore[16]
     _advance(optimizer, model, inputs, targets, steps - RESUME_AT)
-    torch.save(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), f"{prefix}.{role}")
+    result["final"] = _flat_parameters(model)
+    torch.save(result, f"{prefix}.{role}")
+
+
+def _resume_gap(case: str, steps: int, saver: str, resumer: str, prefix: str) -> float:
+    """How far the resumed run ends from the saver's own, relative to how far that one moved."""
+    _in_process(saver, "--resume-worker", case, "save", str(steps), prefix)
+    _in_process(resumer, "--resume-worker", case, "resume", str(steps), prefix)
+    saved, resumed = torch.load(f"{prefix}.save"), torch.load(f"{prefix}.resume")
+    return float((resumed["final"] - saved["final"]).abs().max()) / float((saved["final"] - saved["initial"]).abs().max())
 
 
 def _in_process(path: str, *arguments: str) -> None:
@@ -219,22 +241,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", help="a checkout of facebookresearch/optimizers at 18178f4")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--resumes-only", action="store_true", help="only the resume checks")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--resume-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--resume-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         case, dtype, steps, out = args.worker
         worker(case, dtype, int(steps), out)
         return
     if args.resume_worker:
-        role, steps, prefix = args.resume_worker
-        resume_worker(role, int(steps), prefix)
+        case, role, steps, prefix = args.resume_worker
+        resume_worker(case, role, int(steps), prefix)
         return
     ours = str(Path(__file__).resolve().parents[1])
     print(f"{args.steps} steps, lr 0.05, epsilon 1e-6, blocks of at most 4, an MLP 6-5-3 (53 parameters), float64")
     print("| case | ours vs reference (float64) | reference float32 vs float64 | ratio |\n|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as scratch:
-        for case in CASES:
+        for case in () if args.resumes_only else CASES:
             reference = _run(case, "float64", args.steps, args.reference, Path(scratch, "reference.pt"))
             reference32 = _run(case, "float32", args.steps, args.reference, Path(scratch, "reference32.pt"))
             mine = _run(case, "float64", args.steps, ours, Path(scratch, "ours.pt"))
@@ -242,16 +265,18 @@ def main() -> None:
             gap = float((mine - reference).abs().max()) / moved
             yardstick = float((reference32 - reference).abs().max()) / moved
             print(f"| {case} | {gap:.2e} | {yardstick:.2e} | {gap / yardstick:.3f} |", flush=True)
-        reference = _run(RESUME_CASE, "float64", args.steps, args.reference, Path(scratch, "reference.pt"))
-        prefix = str(Path(scratch, "resume"))
-        for role, path in (("save", args.reference), ("resume", ours)):
-            _in_process(path, "--resume-worker", role, str(args.steps), prefix)
-        moved = float((reference[-1] - reference[0]).abs().max())
-        resumed_gap = float((torch.load(f"{prefix}.resume") - torch.load(f"{prefix}.save")).abs().max()) / moved
         print(
-            f"\nThe reference's distributed_state_dict after {RESUME_AT} steps of {RESUME_CASE!r}, loaded into ours, "
-            f"{args.steps - RESUME_AT} more steps: {resumed_gap:.2e} from the reference's own run, relative to how far it moved"
+            f"\nResumes: the saver's distributed_state_dict after {RESUME_AT} of {args.steps} steps, torch.save'd, "
+            "loaded by the other implementation, which takes the remaining steps: how far it ends from the saver's own run, "
+            "relative to how far that moved"
         )
+        print("| case | reference's state dict into ours | ours into the reference |\n|---|---:|---:|")
+        prefix = str(Path(scratch, "resume"))
+        for case in RESUME_CASES:
+            into_ours = _resume_gap(case, args.steps, args.reference, ours, prefix)
+            into_reference = _resume_gap(case, args.steps, ours, args.reference, prefix)
+            groups = "" if RESUME_CASES[case] else " (save_param_groups=False)"
+            print(f"| {case}{groups} | {into_ours:.2e} | {into_reference:.2e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def measure(rank: int, world_size: int, mode: str, width: int, max_dim: int, ste
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         times.append(float(elapsed))
     sent, received = optimizer.bytes_communicated()
-    state = optimizer.distributed_state_dict(model.named_parameters(), save_param_groups=False)["state"]
+    state = optimizer.distributed_state_dict(model.named_parameters(), save_param_groups=False, layout="nested")["state"]
     assert isinstance(state, dict)
     mine = {
         "traffic": (sent - sent_before + received - received_before) / steps,

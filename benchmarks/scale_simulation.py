@@ -125,8 +125,9 @@ def shampoo_state(max_dim: int) -> ShampooState:
 
 
 def rank_state(state: ShampooState, owners: tuple[int, ...], rank: int) -> dict[str, object]:
-    """What ``distributed_state_dict`` returns on ``rank`` (one parameter group: its step in the
-    first parameter's state), with memoryless tensors."""
+    """What ``distributed_state_dict(layout="nested")`` returns on ``rank`` (one parameter group:
+    its step in the first parameter's state), with memoryless tensors: the default, flattened
+    layout saves the same checkpoint."""
     params: dict[str, dict[str, object]] = {name: {} for name in state.names}
     params[state.names[0]][STEP] = torch.zeros((), dtype=torch.int64)
     for param, key, tensors, owner in zip(state.block_params, state.block_keys, state.block_tensors, owners):

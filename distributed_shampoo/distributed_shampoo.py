@@ -6,7 +6,7 @@ import functools
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate
-from typing import cast, TypeVar
+from typing import cast, Literal, TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -43,10 +43,12 @@ from distributed_shampoo.shampoo_types import (
     STEP,
 )
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
-from distributed_shampoo.utils.shampoo_checkpoint_utils import Key, unflatten, update_param_state_dict_object
+from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten, Key, unflatten, update_param_state_dict_object
 
 # Constructor arguments the reference also reads per parameter group; here they hold for all groups.
 _CONSTRUCTOR_CONFIGS: tuple[str, ...] = ("grafting_config", "distributed_config", "preconditioner_config")
+# The structures ``distributed_state_dict`` returns (see there).
+StateDictLayout = Literal["reference", "nested"]
 
 # The preconditioner configs implemented.
 _PRECONDITIONER_CONFIGS: tuple[type[PreconditionerConfig], ...] = (
@@ -282,9 +284,20 @@ class DistributedShampoo(torch.optim.Optimizer):
             for group in self.param_groups:
                 group["precondition_frequency"] = 1
         self._preconditioner_config: PreconditionerConfig = preconditioner_config
+        # What each group's entry in ``distributed_state_dict()["param_groups"]`` holds besides the
+        # hyperparameters, under the reference's names.
+        self._configs: dict[str, object] = {
+            "grafting_config": grafting_config,
+            "distributed_config": distributed_config,
+            "preconditioner_config": preconditioner_config,
+        }
         self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
         group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
+        for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
+            # As the reference: a group holds the values -1 stands for, which its state dict carries.
+            group["beta3"] = hyperparameters.current_gradient_beta
+            group["start_preconditioning_step"] = hyperparameters.first_preconditioned_step
         if any(group.use_nesterov and group.momentum == 0.0 for group in group_hyperparameters):
             # As the reference: a warning, not an error (the step runs without momentum).
             warnings.warn(
@@ -534,33 +547,61 @@ class DistributedShampoo(torch.optim.Optimizer):
         return [names[id(param)] for param in self._params]
 
     def distributed_state_dict(
-        self, key_to_param: Iterable[tuple[str, torch.Tensor]], save_param_groups: bool = True
+        self,
+        key_to_param: Iterable[tuple[str, torch.Tensor]],
+        save_param_groups: bool = True,
+        *,
+        layout: StateDictLayout = "reference",
     ) -> dict[str, object]:
-        """Returns this rank's state keyed by parameter name, independent of the world size.
+        """Returns this rank's state keyed by parameter name, independent of the world size, in
+        the reference implementation's structure.
 
-        ``{"state": {name: {"step": t, "block_<i>": {"shampoo": {"factor_matrices": {0: ..},
-        "inv_factor_matrices": {0: ..}}, "adagrad": .., "filtered_grad": .., "momentum": ..}}},
-        "param_groups": {name: {hyperparameter: value}}}``, holding only the blocks this rank owns
-        (``i`` is the block's index within its parameter); ``step``, the group's step count, is in
-        the state of each group's first parameter only, as in the reference. The tensors are the optimizer's own
-        (no copies): ``save_checkpoint`` writes them, and ``load_checkpoint`` can fill them in place.
+        ``{"state": {name: {'["step"]': t, '["block_<i>", "shampoo", "factor_matrices", 0]': ..,
+        '["block_<i>", "momentum"]': .., ...}}, "param_groups": {"<names>": {hyperparameter: value,
+        "grafting_config": .., "distributed_config": .., "preconditioner_config": ..}}}``: each
+        parameter's state flattened to JSON-list keys (``utils.flatten``), holding only the blocks
+        this rank owns (``i`` is the block's index within its parameter); ``step``, the group's
+        step count, is in the state of each group's first parameter only; a group's entry is keyed
+        by its parameters' names, sorted and joined by "/". ``save_checkpoint`` stores a flattened
+        mapping as the nesting it spells, so both layouts save the same checkpoint. The tensors are
+        the optimizer's own (no copies): ``save_checkpoint`` writes them, and ``load_checkpoint``
+        can fill them in place.
 
         Args:
             key_to_param: ``(name, parameter)`` pairs, e.g. ``model.named_parameters()``.
-            save_param_groups: Include each parameter's group hyperparameters.
+            save_param_groups: Include the parameter groups.
+            layout: ``"reference"``, or ``"nested"``: the layout of this package's earlier
+                versions, the template that loads their checkpoints' ``param_groups`` (each
+                parameter's state nested, ``param_groups`` keyed by parameter name, holding the
+                hyperparameters only).
 
         Raises:
-            ValueError: A parameter of the optimizer has no name in ``key_to_param``.
+            ValueError: A parameter of the optimizer has no name in ``key_to_param``, or an
+                unknown ``layout``.
         """
+        if layout not in ("reference", "nested"):
+            raise ValueError(f"distributed_state_dict: layout must be 'reference' or 'nested', got {layout!r}")
         names = self._named_params(key_to_param)
-        result: dict[str, object] = {"state": {name: self._param_state(index) for index, name in enumerate(names)}}
-        if save_param_groups:
+        states = [self._param_state(index) for index in range(len(names))]
+        result: dict[str, object] = {
+            "state": dict(zip(names, states)) if layout == "nested" else {name: flatten(state) for name, state in zip(names, states)}
+        }
+        if save_param_groups and layout == "nested":
             groups = [group for group in self.param_groups for _ in group["params"]]  # each parameter's group
             result["param_groups"] = {
                 name: {hyperparameter: group[hyperparameter] for hyperparameter in HYPERPARAMETERS}
                 for name, group in zip(names, groups)
             }
+        elif save_param_groups:
+            result["param_groups"] = {
+                self._group_key(names, index): {**{key: group[key] for key in HYPERPARAMETERS}, **self._configs}
+                for index, group in enumerate(self.param_groups)
+            }
         return result
+
+    def _group_key(self, names: list[str], group_index: int) -> str:
+        """The reference's key of a parameter group: its parameters' names, sorted, joined by "/"."""
+        return "/".join(sorted(name for name, group in zip(names, self._group_of) if group == group_index))
 
     def load_distributed_state_dict(
         self,
@@ -574,10 +615,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         State of blocks this rank does not own is ignored, so a state dict saved at any world size
         (or a full single-process one) loads at any other.
 
-        Also takes the reference implementation's layout: each parameter's state flattened to
-        JSON-list keys (``'["block_0", "shampoo", "factor_matrices", 0]'``), and ``param_groups``
-        keyed by group (the sorted parameter names joined by "/"); of a group, only the
-        hyperparameters are read, not its configs (this optimizer's are the constructor's).
+        Takes both layouts of ``distributed_state_dict`` (so also the reference implementation's
+        own state dicts), each parameter's state flattened or nested. Of a group, only the
+        hyperparameters are read, not its configs: this optimizer's are the constructor's, and
+        its state already has their shapes.
 
         Args:
             state_dict: What ``distributed_state_dict`` returned, e.g. filled by ``load_checkpoint``.
@@ -608,18 +649,17 @@ class DistributedShampoo(torch.optim.Optimizer):
             update_param_state_dict_object(self._param_state(index), saved, enable_missing_key_check)
 
     def _saved_group(self, saved_groups: Mapping[Key, object], names: list[str], group_index: int) -> tuple[str, Mapping[Key, object]]:
-        """A group's saved hyperparameters and a label for messages: under its first parameter's
-        name (this package's layout), or under the reference's group key (its parameters' names,
-        sorted, joined by "/").
+        """A group's saved hyperparameters and a label for messages: under the reference's group
+        key (``_group_key``), or under its first parameter's name (the ``"nested"`` layout).
 
         Raises:
             KeyError: Neither is saved.
         """
+        group_key = self._group_key(names, group_index)
+        if group_key in saved_groups:
+            return repr(group_key), _mapping(saved_groups, group_key)
         first = names[self._group_firsts[group_index]]
-        if first in saved_groups:
-            return repr(first), _mapping(saved_groups, first)
-        group_key = "/".join(sorted(name for name, group in zip(names, self._group_of) if group == group_index))
-        return repr(group_key), _mapping(saved_groups, group_key)
+        return repr(first), _mapping(saved_groups, first)
 
     def _load_hyperparameters(self, saved_per_group: list[tuple[str, Mapping[Key, object]]]) -> None:
         """Validates every group's saved hyperparameters, then sets them (all or nothing).

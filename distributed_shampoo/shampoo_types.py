@@ -16,10 +16,13 @@ from distributed_shampoo.preconditioner.matrix_functions_types import (
     EigendecompositionConfig,
     EighEigendecompositionConfig,
     MatrixFunctionConfig,
+    NewtonSchulzOrthogonalizationConfig,
     OrthogonalizationConfig,
     PerturbationConfig,
     QREigendecompositionConfig,
+    RankDeficientStabilityConfig,
     RootInvConfig,
+    SVDOrthogonalizationConfig,
 )
 
 # A parameter's step count in ``state_dict()`` and ``distributed_state_dict()``; the keys of a
@@ -506,7 +509,25 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
     EigenConfig,
     QREigendecompositionConfig,
     CoupledNewtonConfig,
+    SVDOrthogonalizationConfig,
+    NewtonSchulzOrthogonalizationConfig,
+    RootInvShampooPreconditionerConfig,
+    EigendecomposedShampooPreconditionerConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
+    SignDescentPreconditionerConfig,
+    SpectralDescentPreconditionerConfig,
 )
+
+# The kinds of configs: a checkpoint's config fills a template's of the same kind (a
+# DDPDistributedConfig saved, a FullyShardDistributedConfig in the template of the resume).
+CONFIG_KINDS: tuple[type[object], ...] = (
+    GraftingConfig,
+    DistributedConfig,
+    PreconditionerConfig,
+    MatrixFunctionConfig,
+    RankDeficientStabilityConfig,
+)
+
 
 
 # The per-group hyperparameters, in the order of ``DistributedShampoo``'s constructor.

@@ -19,6 +19,7 @@ from distributed_shampoo import (
     CoupledNewtonConfig,
     DDPDistributedConfig,
     DefaultShampooConfig,
+    DefaultSingleDeviceDistributedConfig,
     DefaultSOAPConfig,
     DistributedShampoo,
     FullyShardDistributedConfig,
@@ -43,7 +44,8 @@ from distributed_shampoo import (
     SVDOrthogonalizationConfig,
 )
 from distributed_shampoo.preconditioner.shampoo_preconditioner import coupled_newton_inverse_root, matrix_inverse_root
-from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
+from distributed_shampoo.shampoo_types import HYPERPARAMETERS
+from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, unflatten
 
 
 def explicit_root(matrix: torch.Tensor, root: int, epsilon: float) -> torch.Tensor:
@@ -829,22 +831,51 @@ class StateDictTest(unittest.TestCase):
         state = state_dict["state"]
         assert isinstance(state, dict)
         self.assertEqual(list(state), ["0.weight", "0.bias", "2.weight", "2.bias"])
-        # 0.weight is (9, 6) cut at 4: 3 x 2 blocks.
-        self.assertEqual(list(state["0.weight"]), ["step"] + [f"block_{i}" for i in range(6)])
-        block = state["0.weight"]["block_5"]
-        self.assertEqual(sorted(block), ["adagrad", "filtered_grad", "momentum", "shampoo"])
-        self.assertEqual({k: tuple(v.shape) for k, v in block["shampoo"]["factor_matrices"].items()}, {0: (1, 1), 1: (2, 2)})
-        self.assertEqual(sorted(block["shampoo"]), ["factor_matrices", "inv_factor_matrices"])
-        self.assertIs(block["momentum"], optimizer.state[next(model.parameters())]["block_5"]["momentum"])
+        # The reference's layout: each parameter's state flattened to JSON-list keys. 0.weight is
+        # (9, 6) cut at 4: 3 x 2 blocks; the group's step is in its first parameter's state.
+        self.assertEqual(list(state["0.weight"])[0], '["step"]')
+        self.assertEqual({decode_key(key)[0] for key in state["0.weight"]}, {"step"} | {f"block_{i}" for i in range(6)})
+        block_5 = {tuple(decode_key(key)[1:]): value for key, value in state["0.weight"].items() if key.startswith('["block_5"')}
+        self.assertEqual(
+            {path: tuple(value.shape) for path, value in block_5.items()},
+            {
+                ("shampoo", "factor_matrices", 0): (1, 1), ("shampoo", "factor_matrices", 1): (2, 2),
+                ("shampoo", "inv_factor_matrices", 0): (1, 1), ("shampoo", "inv_factor_matrices", 1): (2, 2),
+                ("adagrad",): (1, 2), ("filtered_grad",): (1, 2), ("momentum",): (1, 2),
+            },
+        )
+        self.assertIs(block_5[("momentum",)], optimizer.state[next(model.parameters())]["block_5"]["momentum"])
+        self.assertNotIn('["step"]', state["0.bias"])
         groups = state_dict["param_groups"]
         assert isinstance(groups, dict)
-        self.assertEqual(groups["2.bias"]["betas"], (0.9, 0.99))
-        self.assertEqual(sorted(groups["2.bias"]), sorted([
+        # One entry per group, keyed by its parameters' names sorted and joined by "/", holding
+        # the reference's group keys: the hyperparameters and the configs.
+        self.assertEqual(list(groups), ["0.bias/0.weight/2.bias/2.weight"])
+        group = groups["0.bias/0.weight/2.bias/2.weight"]
+        self.assertEqual(group["betas"], (0.9, 0.99))
+        self.assertEqual(sorted(group), sorted([
             "lr", "betas", "beta3", "epsilon", "momentum", "dampening", "weight_decay", "max_preconditioner_dim",
             "precondition_frequency", "start_preconditioning_step", "use_nesterov", "use_bias_correction",
-            "use_decoupled_weight_decay", "use_pin_memory",
+            "use_decoupled_weight_decay", "use_pin_memory", "grafting_config", "distributed_config", "preconditioner_config",
         ]))
+        self.assertEqual(group["grafting_config"], SETTING.grafting)
+        self.assertIs(group["distributed_config"], DefaultSingleDeviceDistributedConfig)
+        self.assertEqual(group["preconditioner_config"], RootInvShampooPreconditionerConfig(inv_factor_matrix_dtype=torch.float32))  # preconditioner_dtype
         self.assertNotIn("param_groups", optimizer.distributed_state_dict(model.named_parameters(), save_param_groups=False))
+
+    def test_nested_layout_is_the_earlier_versions(self) -> None:
+        model, optimizer, state_dict = self._fresh()
+        nested = optimizer.distributed_state_dict(model.named_parameters(), layout="nested")
+        state = nested["state"]
+        assert isinstance(state, dict)
+        self.assertEqual(list(state["0.weight"]), ["step"] + [f"block_{i}" for i in range(6)])
+        self.assertEqual({name: unflatten(flat) for name, flat in state_dict["state"].items()}, state)  # pyre-ignore[16]
+        groups = nested["param_groups"]
+        assert isinstance(groups, dict)
+        self.assertEqual(list(groups), ["0.weight", "0.bias", "2.weight", "2.bias"])
+        self.assertEqual(sorted(groups["2.bias"]), sorted(HYPERPARAMETERS))
+        with self.assertRaisesRegex(ValueError, "layout must be 'reference' or 'nested', got 'flat'"):
+            optimizer.distributed_state_dict(model.named_parameters(), layout="flat")  # pyre-ignore[6]
 
     def _resume(self, save: str, dtype: torch.dtype = torch.float32) -> None:
         model, grads = _model_and_grads(1)
@@ -863,13 +894,8 @@ class StateDictTest(unittest.TestCase):
             else optimizer.distributed_state_dict(model.named_parameters())
         )
         saved = _clone(saved)
-        if save == "reference":  # its layout: flattened per-parameter state, param_groups keyed per group
-            names = "/".join(sorted(name for name, _ in model.named_parameters()))
-            hyperparameters = next(iter(saved["param_groups"].values()))  # pyre-ignore[16]
-            saved = {
-                "state": {name: flatten(state) for name, state in saved["state"].items()},  # pyre-ignore[16]
-                "param_groups": {names: {**hyperparameters, "preconditioner_config": DefaultShampooConfig, "grafting_config": None}},
-            }
+        if save == "nested":  # the layout of earlier versions
+            saved = _clone(optimizer.distributed_state_dict(model.named_parameters(), layout="nested"))
         halfway = {k: v.clone() for k, v in model.state_dict().items()}
 
         resumed_model, _ = _model_and_grads(2)
@@ -888,7 +914,7 @@ class StateDictTest(unittest.TestCase):
         self.assertEqual(factor.dtype, dtype)
 
     @parameterized.expand(
-        [("torch", torch.float32), ("torch", torch.bfloat16), ("distributed", torch.float32), ("distributed", torch.bfloat16), ("reference", torch.float32)]
+        [("torch", torch.float32), ("torch", torch.bfloat16), ("distributed", torch.float32), ("distributed", torch.bfloat16), ("nested", torch.float32)]
     )
     def test_resume_from_a_state_dict_continues_the_same_trajectory(self, save: str, dtype: torch.dtype) -> None:
         self._resume(save, dtype)
@@ -904,21 +930,21 @@ class StateDictTest(unittest.TestCase):
 
     def test_missing_block_state(self) -> None:
         model, optimizer, state_dict = self._fresh()
-        del _node(state_dict, "state", "0.weight", "block_3")["momentum"]
+        del _node(state_dict, "state", "0.weight")['["block_3", "momentum"]']
         with self.assertRaisesRegex(KeyError, r'Key momentum not found in state dict to load. \(at \["block_3", "momentum"\]\)'):
             optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
 
     def test_shape_mismatch(self) -> None:
         model, optimizer, state_dict = self._fresh()
-        _node(state_dict, "state", "0.bias", "block_0")["momentum"] = torch.zeros(5)
+        _node(state_dict, "state", "0.bias")['["block_0", "momentum"]'] = torch.zeros(5)
         with self.assertRaisesRegex(ValueError, r'\["block_0", "momentum"\] expects a tensor of shape \(4,\), got \(5,\)'):
             optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
 
     def test_changed_max_preconditioner_dim_is_refused_before_anything_changes(self) -> None:
         model, optimizer, state_dict = self._fresh()
         state_dict = _clone(state_dict)
-        _node(state_dict, "param_groups", "0.weight").update(max_preconditioner_dim=8, lr=5.0)
-        with self.assertRaisesRegex(ValueError, "max_preconditioner_dim 8 of '0.weight' differs from the optimizer's 4"):
+        _node(state_dict, "param_groups", "0.bias/0.weight/2.bias/2.weight").update(max_preconditioner_dim=8, lr=5.0)
+        with self.assertRaisesRegex(ValueError, "max_preconditioner_dim 8 of '0.bias/0.weight/2.bias/2.weight' differs from the optimizer's 4"):
             optimizer.load_distributed_state_dict(state_dict, model.named_parameters())
         self.assertEqual(optimizer.param_groups[0]["lr"], SETTING.lr)
 

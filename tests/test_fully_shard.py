@@ -147,7 +147,7 @@ def report_ownership(rank: int, world_size: int, out: str) -> None:
     )
     model(torch.randn(8, 96, generator=torch.Generator().manual_seed(1))).square().mean().backward()
     optimizer.step()
-    state = cast(dict[str, dict[str, object]], optimizer.distributed_state_dict(model.named_parameters(), False)["state"])
+    state = cast(dict[str, dict[str, object]], optimizer.distributed_state_dict(model.named_parameters(), False, layout="nested")["state"])
     blocks = {name: [key for key in param_state if key.startswith("block_")] for name, param_state in state.items()}
     owned_states = [cast(dict[str, object], state[name][key]) for name in blocks for key in blocks[name]]
     sent, received = optimizer.bytes_communicated()

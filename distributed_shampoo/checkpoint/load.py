@@ -31,8 +31,16 @@ from distributed_shampoo.checkpoint.errors import (
 from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, DTYPE_TO_NAME, HeaderEntry
 from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
-from distributed_shampoo.checkpoint.plan import check_placements, child_prefix, close_name, local_box, StateDict
-from distributed_shampoo.checkpoint.values import is_value
+from distributed_shampoo.checkpoint.plan import (
+    check_placements,
+    child_prefix,
+    close_name,
+    flattened_paths,
+    local_box,
+    spelled_prefix,
+    StateDict,
+)
+from distributed_shampoo.checkpoint.values import is_value, same_config_kind
 from distributed_shampoo.checkpoint.reader import open_regular, prefetch, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
@@ -142,9 +150,10 @@ def leaf_names(template: StateDict) -> list[str]:
         if isinstance(node, torch.Tensor) or is_value(node):
             names.append(close_name(prefix))
         elif isinstance(node, Mapping):
-            for key, child in node.items():
+            spelled = flattened_paths(node) or [(key,) for key in node]
+            for (key, child), keys in zip(node.items(), spelled):
                 if isinstance(key, (str, int)) and not isinstance(key, bool):
-                    visit(child, child_prefix(prefix, key))
+                    visit(child, spelled_prefix(prefix, keys))
         elif isinstance(node, (list, tuple)):
             for position, child in enumerate(node):
                 visit(child, child_prefix(prefix, position))
@@ -190,10 +199,12 @@ class LoadPlan:
         """Plans the load of ``node`` (at ``path``, whose name ``child_prefix`` built as
         ``prefix``); returns what should replace it (itself, unless a value)."""
         if isinstance(node, Mapping):
-            for key, child in node.items():
+            # A flattened mapping's keys stand for the paths they spell (``plan``'s module docstring).
+            spelled = flattened_paths(node) or [(key,) for key in node]
+            for (key, child), keys in zip(node.items(), spelled):
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TemplateMismatchError(f"{list(path)}: template key {key!r} is not a str or int")
-                replacement = self._walk(child, path + (key,), child_prefix(prefix, key))
+                replacement = self._walk(child, path + keys, spelled_prefix(prefix, keys))
                 if replacement is not child:
                     self.assignments.append((node, key, replacement))
             return node
@@ -417,8 +428,9 @@ def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> lis
 
 
 def _convert(name: str, saved: object, template_value: object) -> object:
-    """The saved value in the template's Python type (an int template gets an int)."""
-    if saved is None or template_value is None or type(saved) is type(template_value):
+    """The saved value in the template's Python type (an int template gets an int; a config of
+    the template's kind, ``same_config_kind``, whatever its class)."""
+    if saved is None or template_value is None or type(saved) is type(template_value) or same_config_kind(saved, template_value):
         return saved
     if isinstance(saved, bool) or isinstance(template_value, bool):
         pass  # never turn a number into a bool or back

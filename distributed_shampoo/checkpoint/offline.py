@@ -29,6 +29,7 @@ from distributed_shampoo.checkpoint.format import (
 from distributed_shampoo.checkpoint.load import read_whole_tensors
 from distributed_shampoo.checkpoint.parse import read_index
 from distributed_shampoo.checkpoint.plan import GlobalPlan
+from distributed_shampoo.checkpoint.values import encode_value
 from distributed_shampoo.checkpoint.writer import write_safetensors, WrittenFile
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, param_key_path
 
@@ -103,7 +104,8 @@ def consolidate_checkpoint(
 
     Tensors are named by their JSON-list key (``["optimizer", "state", "fc.weight", "step"]``);
     the non-tensor values and the user metadata go into the header's ``__metadata__`` as JSON
-    (keys ``distributed_shampoo.values`` and ``distributed_shampoo.user``). Holds the whole
+    (keys ``distributed_shampoo.values``, in the index's typed JSON, and
+    ``distributed_shampoo.user``). Holds the whole
     checkpoint in memory. The file appears complete or not at all.
 
     Raises:
@@ -121,7 +123,7 @@ def consolidate_checkpoint(
         _report(progress, len(tensors), len(names))
     header = {
         "format": "pt",
-        "distributed_shampoo.values": json.dumps(index.objects, allow_nan=True),
+        "distributed_shampoo.values": json.dumps({name: encode_value(value) for name, value in index.objects.items()}),
         "distributed_shampoo.user": json.dumps(index.user_metadata),
     }
     partial = target.parent / f".{target.name}.incomplete-{new_token()}"
@@ -272,7 +274,7 @@ def diff_checkpoints(
     values = [
         (name, a.objects[name], b.objects[name])
         for name in a.objects
-        if name in b.objects and json.dumps(a.objects[name]) != json.dumps(b.objects[name])
+        if name in b.objects and json.dumps(encode_value(a.objects[name])) != json.dumps(encode_value(b.objects[name]))
     ]
     values += [(name, a.objects[name], "<tensor>") for name in a.objects if name in b.tensors]
     values += [(name, "<tensor>", b.objects[name]) for name in b.objects if name in a.tensors]

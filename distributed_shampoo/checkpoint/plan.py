@@ -5,14 +5,20 @@ A state dict is any nesting of dicts (str or int keys), lists and tuples whose l
 DTensors, or values (``int``/``float``/``bool``/``str``/``None``, torch dtypes, this package's
 config dataclasses: ``values``). Leaves are named by the utils'
 ``encode_key`` of their key path, e.g. ``["state", "fc.weight", "block_0", "momentum"]``.
+
+A mapping whose keys are all JSON lists of str and int (what the utils' ``flatten`` returns, as
+the reference's ``distributed_state_dict`` does per parameter) is the nesting it spells: its
+leaf ``'["block_0", "momentum"]'`` under ``["state", "fc.weight"]`` is named as above, so the
+flattened and the nested form of a state save the same checkpoint and load from each other's.
 """
 
+import functools
 import json
 import math
 from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring_ascii
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import cast, NamedTuple, TypeVar
 
 import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -28,7 +34,7 @@ from distributed_shampoo.checkpoint.format import (
     tiling_problem,
 )
 from distributed_shampoo.checkpoint.values import CONFIG_TYPES, encode_value, is_value
-from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
+from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, Key
 
 # How a local plan marks a dict that is empty on that rank (the index records it as "dict").
 EMPTY_DICT = "empty dict"
@@ -53,6 +59,47 @@ def close_name(prefix: str) -> str:
     return f"{prefix}]" if prefix else "[]"
 
 
+@functools.lru_cache(maxsize=65536)
+def _spelled_path(key: str) -> tuple[Key, ...] | None:
+    """The key path a JSON-list key spells, or None for any other string. Cached: the same keys
+    recur in every parameter's state."""
+    if not key.startswith("["):
+        return None
+    try:
+        path = json.loads(key)
+    except ValueError:
+        return None
+    if not isinstance(path, list) or not path or any(isinstance(k, bool) or not isinstance(k, (str, int)) for k in path):
+        return None
+    return tuple(path)
+
+
+def flattened_paths(node: Mapping[object, object]) -> list[tuple[Key, ...]] | None:
+    """The key path each key of ``node`` spells, in order, when every key spells one (a
+    flattened mapping); None otherwise."""
+    spelled = [_spelled_path(key) if isinstance(key, str) else None for key in node]
+    return cast(list[tuple[Key, ...]], spelled) if spelled and None not in spelled else None
+
+
+def spelled_prefix(prefix: str, path: tuple[Key, ...]) -> str:
+    """``child_prefix`` applied along ``path``."""
+    for key in path:
+        prefix = child_prefix(prefix, key)
+    return prefix
+
+
+def _spelled_conflict(paths: list[tuple[Key, ...]]) -> tuple[Key, ...] | None:
+    """A path of a flattened mapping that another repeats or lies under, or None."""
+    seen: set[tuple[Key, ...]] = set()
+    inner: set[tuple[Key, ...]] = set()
+    for path in paths:
+        if path in seen or path in inner:
+            return path
+        seen.add(path)
+        inner.update(path[:end] for end in range(1, len(path)))
+    return next((path for path in paths if path in inner), None)
+
+
 def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> list[tuple[str, object]]:
     """``(name, leaf)`` for every tensor and scalar in ``state``, depth first, named by
     ``encode_key`` of the key path.
@@ -68,12 +115,30 @@ def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> 
     """
     leaves: list[tuple[str, object]] = []
 
+    def visit_flattened(node: Mapping[object, object], paths: list[tuple[Key, ...]], prefix: str) -> None:
+        if (conflict := _spelled_conflict(paths)) is not None:
+            raise UnsupportedValueError(
+                f"{close_name(prefix)}: the flattened key {encode_key(list(conflict))} is spelled twice, "
+                "or another key lies under it"
+            )
+        for value, path in zip(node.values(), paths):
+            parent = prefix
+            for key in path[:-1]:
+                parent = child_prefix(parent, key)
+                if containers is not None:
+                    containers[close_name(parent)] = "dict"
+            visit(value, child_prefix(parent, path[-1]))
+
     def visit(node: object, prefix: str) -> None:
         if isinstance(node, torch.Tensor) or is_value(node):
             leaves.append((close_name(prefix), node))
         elif isinstance(node, Mapping):
             if containers is not None and prefix:
                 containers[close_name(prefix)] = "dict" if node else EMPTY_DICT
+            paths = flattened_paths(node)
+            if paths is not None:
+                visit_flattened(node, paths, prefix)
+                return
             for key, value in node.items():
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise UnsupportedValueError(
@@ -209,7 +274,10 @@ def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor
     objects: dict[str, object] = {}
     for name, leaf in named_leaves(state_dict, containers):
         if not isinstance(leaf, torch.Tensor):
-            objects[name] = encode_value(leaf)
+            try:
+                objects[name] = encode_value(leaf)
+            except UnsupportedValueError as error:
+                raise UnsupportedValueError(f"{name}: {error}") from None
             continue
         if leaf.layout != torch.strided:
             raise UnsupportedValueError(f"{name}: only strided (dense) tensors can be saved, got {leaf.layout}")

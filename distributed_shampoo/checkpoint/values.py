@@ -6,23 +6,29 @@ frozen config dataclasses (what the reference's ``distributed_state_dict()`` put
 - a finite float, an int, bool, str or None: itself;
 - a non-finite float: ``{"float": "inf" | "-inf" | "nan"}`` (JSON has no literal for them);
 - a torch dtype: ``{"dtype": "float32"}`` (the dtypes safetensors stores);
-- a config: ``{"config": "<class name>", "fields": {<field>: <value>, ...}}``, every field of
-  the dataclass, each value in this form (reading, a field with a default may be absent: one
-  added to the class since the file was written).
+- a config: ``{"config": "<class name>", "fields": {<field>: <value>, ...}}``, the dataclass's
+  fields, each value in this form; within a config a mapping field is ``{"mapping": [[key,
+  value], ...]}`` (its int keys kept) and a sequence a JSON list (read back as a list, or a tuple
+  where the field is annotated ``tuple``). A field holding a function (``scale_fn``) is saved only
+  when it holds the field's default, and then is left out: a checkpoint holds no code. Reading,
+  a field with a default may be absent (one added to the class since the file was written, or a
+  default function) and takes its default.
 
 Types are resolved by name against ``CONFIG_TYPES`` and ``DTYPES`` only: nothing named in a file
 is imported or unpickled, and a decoded config is built by its class, so its own validation runs.
 """
 
+import collections.abc
 import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
-from distributed_shampoo.shampoo_types import CONFIG_CLASSES
+from distributed_shampoo.checkpoint.errors import UnsupportedValueError
+from distributed_shampoo.shampoo_types import CONFIG_CLASSES, CONFIG_KINDS
 
 # The config classes a checkpoint may hold, by class name.
 CONFIG_TYPES: dict[str, type[object]] = {cls.__name__: cls for cls in CONFIG_CLASSES}
@@ -51,19 +57,52 @@ def _is_config(value: object) -> bool:
     return CONFIG_TYPES.get(type(value).__name__) is type(value)
 
 
+def same_config_kind(saved: object, template: object) -> bool:
+    """Whether ``saved`` and ``template`` are configs of one kind (``CONFIG_KINDS``), so that the
+    one can replace the other in a load."""
+    if not (_is_config(saved) and _is_config(template)):
+        return False
+    return any(isinstance(saved, kind) and isinstance(template, kind) for kind in CONFIG_KINDS)
+
+
 def encode_value(value: object) -> object:
     """The JSON form of a value leaf (``is_value``); anything else is returned as it is (an
-    already encoded value stays the same)."""
+    already encoded value stays the same).
+
+    Raises:
+        UnsupportedValueError: A config field holds a function other than its default.
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return {"float": str(value)}
     if isinstance(value, torch.dtype):  # one of ``DTYPES`` (``is_value``)
         return {"dtype": _DTYPE_NAMES[value]}
     if _is_config(value):
-        return {
-            "config": type(value).__name__,
-            "fields": {field.name: encode_value(getattr(value, field.name)) for field in dataclasses.fields(value)},
-        }
+        return {"config": type(value).__name__, "fields": _encode_fields(value)}
     return value
+
+
+def _encode_fields(config: object) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if callable(value) and not _is_config(value):
+            if value is not field.default:
+                raise UnsupportedValueError(
+                    f"{type(config).__name__}.{field.name} holds the function {getattr(value, '__qualname__', value)!r}: "
+                    "a checkpoint holds no code, so only the field's default function can be saved "
+                    "(save_param_groups=False leaves the configs out)"
+                )
+            continue  # the default: reading takes it again
+        fields[field.name] = _encode_field_value(value)
+    return fields
+
+
+def _encode_field_value(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {"mapping": [[_encode_field_value(key), _encode_field_value(item)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_encode_field_value(item) for item in value]
+    return encode_value(value)
 
 
 def decode_value(raw: object, fail: Callable[[str], Exception], depth: int = 0) -> object:
@@ -90,6 +129,27 @@ def decode_value(raw: object, fail: Callable[[str], Exception], depth: int = 0) 
     raise fail('expected a JSON scalar, {"float": ...}, {"dtype": ...} or {"config": ..., "fields": ...}')
 
 
+def _decode_field_value(raw: object, fail: Callable[[str], Exception], depth: int) -> object:
+    """A config field's value: what ``decode_value`` reads, or a mapping or a list of them."""
+    if depth >= _MAX_DEPTH:
+        raise fail(f"configs nested deeper than {_MAX_DEPTH}")
+    if isinstance(raw, list):
+        return [_decode_field_value(item, fail, depth + 1) for item in raw]
+    if isinstance(raw, dict) and list(raw) == ["mapping"]:
+        pairs = raw["mapping"]
+        if not isinstance(pairs, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+            raise fail('expected {"mapping": [[key, value], ...]}')
+        decoded = {}
+        for key, item in pairs:
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise fail(f"a mapping key must be a str or an int, got {key!r}")
+            if key in decoded:
+                raise fail(f"the mapping key {key!r} appears twice")
+            decoded[key] = _decode_field_value(item, fail, depth + 1)
+        return decoded
+    return decode_value(raw, fail, depth)
+
+
 def _decode_config(type_name: object, raw_fields: object, fail: Callable[[str], Exception], depth: int) -> object:
     if not isinstance(type_name, str) or type_name not in CONFIG_TYPES:
         raise fail(f"unknown config type {str(type_name)[:80]!r} (this library reads {sorted(CONFIG_TYPES)})")
@@ -106,24 +166,51 @@ def _decode_config(type_name: object, raw_fields: object, fail: Callable[[str], 
         raise fail(f"{type_name} has the fields {names}, got {got}")
     values: dict[str, object] = {}
     for name in (name for name in names if name in raw_fields):
-        value = decode_value(raw_fields[name], lambda problem: fail(f"{type_name}.{name}: {problem}"), depth + 1)
-        if not _matches(value, hints[name]):
+        value = _decode_field_value(raw_fields[name], lambda problem: fail(f"{type_name}.{name}: {problem}"), depth + 1)
+        conformed = _conform(value, hints[name])
+        if conformed is _MISMATCH:
             raise fail(f"{type_name}.{name}: expected {hints[name]}, got {value!r}")
-        values[name] = float(value) if hints[name] is float else value  # pyre-ignore[6]: checked
+        values[name] = conformed
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
         raise fail(f"{type_name} refuses its saved fields: {error}") from None
 
 
-def _matches(value: object, annotation: object) -> bool:
-    """Whether ``value`` has the type a config field is annotated with."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return any(_matches(value, option) for option in typing.get_args(annotation))
+# What ``_conform`` returns for a value that does not have the annotated type.
+_MISMATCH = object()
+
+
+def _conform(value: object, annotation: object) -> object:
+    """``value`` in the type a config field is annotated with (an int becomes a float where a
+    float is expected, a list a tuple where a tuple is), or ``_MISMATCH``."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or origin is typing.Union:
+        for option in arguments:
+            conformed = _conform(value, option)
+            if conformed is not _MISMATCH:
+                return conformed
+        return _MISMATCH
+    if origin in (collections.abc.Mapping, dict):
+        if not isinstance(value, dict):
+            return _MISMATCH
+        pairs = [(_conform(key, arguments[0]), _conform(item, arguments[1])) for key, item in value.items()]
+        return _MISMATCH if any(_MISMATCH in pair for pair in pairs) else dict(pairs)
+    if origin in (collections.abc.Sequence, list, tuple):
+        if not isinstance(value, list):
+            return _MISMATCH
+        if origin is tuple and not (len(arguments) == 2 and arguments[1] is Ellipsis):
+            item_types = list(arguments) if len(arguments) == len(value) else None
+        else:
+            item_types = [arguments[0]] * len(value)
+        if item_types is None:
+            return _MISMATCH
+        items = [_conform(item, item_type) for item, item_type in zip(value, item_types)]
+        return _MISMATCH if _MISMATCH in items else tuple(items) if origin is tuple else items
     if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _MISMATCH
     if annotation in (int, str, bool):
-        return type(value) is annotation
+        return value if type(value) is annotation else _MISMATCH
     if annotation is type(None):
-        return value is None
-    return isinstance(annotation, type) and isinstance(value, annotation)
+        return value if value is None else _MISMATCH
+    return value if isinstance(annotation, type) and isinstance(value, annotation) else _MISMATCH

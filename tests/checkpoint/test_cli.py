@@ -18,6 +18,7 @@ from distributed_shampoo.checkpoint import load_checkpoint, read_checkpoint_inde
 from distributed_shampoo.checkpoint import InvalidArgumentError
 from distributed_shampoo.checkpoint.cli import main
 from distributed_shampoo.checkpoint.offline import rewrite_checkpoint
+from distributed_shampoo.checkpoint.plan import named_leaves
 from distributed_shampoo.launch import run_on_ranks
 from distributed_shampoo.utils.shampoo_checkpoint_utils import encode_key, flatten, Key
 from tests.checkpoint.faults import flip_last_byte
@@ -38,7 +39,7 @@ def _check_ownership(rank: int, world_size: int, directory: str) -> None:
     model = _model()
     optimizer = _optimizer(model, Run(world_size, ""))
     state: dict[Key, object] = {"optimizer": optimizer.distributed_state_dict(model.named_parameters())}
-    owned = [name for name in flatten(state) if "block_" in name]
+    owned = [name for name, _ in named_leaves(state) if "block_" in name]
     assert owned, "this rank owns no block"
     weight_map = read_checkpoint_index(directory).weight_map
     own_file = f"optimizer-{rank + 1:05d}-of-{world_size:05d}.safetensors"
@@ -132,7 +133,7 @@ class CliTest(unittest.TestCase):
         for name, tensor in tensors.items():
             self.assertTrue(torch.equal(tensor, everything[name]), name)  # pyre-ignore[6]
         values = json.loads(header["distributed_shampoo.values"])
-        self.assertEqual(values[encode_key(["optimizer", "param_groups", "0.weight", "lr"])], 0.05)
+        self.assertEqual(values[encode_key(["optimizer", "param_groups", "0.bias/0.weight/3.bias/3.weight/5.bias/5.weight", "lr"])], 0.05)
         status, _, err = run_cli("consolidate", str(self.checkpoint), str(out_file))
         self.assertEqual(status, 1)
         self.assertEqual(err, f"error: {out_file} already exists\n")

@@ -7,6 +7,7 @@ import os
 import stat
 import tempfile
 import unittest
+from collections.abc import Callable
 from unittest import mock
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from distributed_shampoo.checkpoint import (
 )
 from distributed_shampoo.checkpoint import index_parts
 from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME
+from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 from tests.checkpoint.scratch import ScratchDirTest
 
 _DTYPES: list[tuple[str, torch.dtype]] = [(str(d).removeprefix("torch."), d) for d in DTYPE_TO_NAME]
@@ -158,6 +160,8 @@ class RoundTripTest(ScratchDirTest):
             ("tuple_key", {"a": {(1, 2): 1}}, r'\["a"\]: key \(1, 2\) is a tuple; keys must be str or int'),
             ("complex128", {"c": torch.zeros(2, dtype=torch.complex128)}, r'\["c"\]: dtype torch.complex128 cannot be stored'),
             ("sparse", {"s": torch.eye(2).to_sparse()}, r'\["s"\]: only strided \(dense\) tensors'),
+            ("flattened_key_twice", {"s": {'["a", 1]': 1, '[ "a",1 ]': 2}}, r'\["s"\]: the flattened key \["a", 1\] is spelled twice'),
+            ("flattened_key_under_another", {"s": {'["a"]': 1, '["a", "b"]': 2}}, r'\["s"\]: the flattened key \["a"\] is spelled twice, or another key lies under it'),
         ]
     )
     def test_unsupported_values_name_their_key(self, _name: str, state: dict[str | int, object], message: str) -> None:
@@ -180,6 +184,79 @@ class RoundTripTest(ScratchDirTest):
         save_checkpoint(self.root / "ckpt", {"v": torch.ones(2), "w": torch.ones(1)}, overwrite=True)
         self.assertTrue(torch.equal(load_checkpoint(self.root / "ckpt")["v"], torch.ones(2)))  # pyre-ignore[6]
         self.assertEqual(sorted(os.listdir(self.root)), ["ckpt"])  # no staging or replaced leftovers
+
+
+def _nested_state() -> dict[str, object]:
+    return {
+        "state": {"fc.weight": {"step": torch.tensor(3), "block_0": {"shampoo": {"factor_matrices": {0: torch.eye(2), 1: torch.ones(3, 3)}}, "momentum": torch.arange(4.0)}}},
+        "param_groups": {"fc.weight": {"lr": 0.5}},
+    }
+
+
+def _flattened_state() -> dict[str, object]:
+    """``_nested_state`` with the parameter's state flattened, as the reference's ``distributed_state_dict``."""
+    return {
+        "state": {"fc.weight": {
+            '["step"]': torch.tensor(3), '["block_0", "shampoo", "factor_matrices", 0]': torch.eye(2),
+            '["block_0", "shampoo", "factor_matrices", 1]': torch.ones(3, 3), '["block_0", "momentum"]': torch.arange(4.0),
+        }},
+        "param_groups": {"fc.weight": {"lr": 0.5}},
+    }
+
+
+def _zeroed(node: object) -> object:
+    if isinstance(node, dict):
+        return {key: _zeroed(value) for key, value in node.items()}
+    return torch.zeros_like(node) if isinstance(node, torch.Tensor) else 0.0
+
+
+class FlattenedMappingTest(ScratchDirTest):
+    """A mapping keyed by JSON lists is stored as the nesting it spells."""
+
+    def test_flattened_and_nested_save_the_same_checkpoint(self) -> None:
+        save_checkpoint(self.root / "nested", _nested_state())
+        save_checkpoint(self.root / "flat", _flattened_state())
+        nested, flat = read_checkpoint_index(self.root / "nested"), read_checkpoint_index(self.root / "flat")
+        self.assertEqual(flat.weight_map, nested.weight_map)
+        self.assertIn('["state", "fc.weight", "block_0", "shampoo", "factor_matrices", 1]', flat.weight_map)
+        self.assertEqual((flat.objects, flat.containers), (nested.objects, nested.containers))
+        # A whole load returns the nesting (``flatten`` of a parameter's state gives the saved keys back).
+        loaded = load_checkpoint(self.root / "flat")
+        self.assertEqual(sorted(flatten(loaded)), sorted(flatten(_nested_state())))
+        verify_checkpoint(self.root / "flat")
+
+    @parameterized.expand([("nested_into_flattened", "nested", _flattened_state), ("flattened_into_nested", "flat", _nested_state)])
+    def test_each_form_loads_into_the_other(self, _name: str, saved: str, template_of: Callable[[], dict[str, object]]) -> None:
+        save_checkpoint(self.root / "nested", _nested_state())
+        save_checkpoint(self.root / "flat", _flattened_state())
+        template = _zeroed(template_of())
+        assert isinstance(template, dict)
+        load_checkpoint(self.root / saved, template)
+        expected = template_of()
+        self.assertEqual(list(flatten(template)), list(flatten(expected)))
+        for (name, value), want in zip(flatten(template).items(), flatten(expected).values()):
+            self.assertTrue(torch.equal(value, want) if isinstance(want, torch.Tensor) else value == want, name)  # pyre-ignore[6]
+
+    def test_keys_select_inside_a_flattened_mapping(self) -> None:
+        save_checkpoint(self.root / "ckpt", _nested_state())
+        template = _zeroed(_flattened_state())
+        assert isinstance(template, dict)
+        load_checkpoint(self.root / "ckpt", template, keys=[("state", "fc.weight", "block_0", "shampoo")])
+        state = template["state"]["fc.weight"]
+        self.assertTrue(torch.equal(state['["block_0", "shampoo", "factor_matrices", 1]'], torch.ones(3, 3)))
+        self.assertTrue(torch.equal(state['["block_0", "momentum"]'], torch.zeros(4)))  # not selected: untouched
+
+    def test_a_missing_flattened_leaf_is_named_by_its_path(self) -> None:
+        save_checkpoint(self.root / "ckpt", _nested_state())
+        template = _zeroed(_flattened_state())
+        assert isinstance(template, dict)
+        template["state"]["fc.weight"]['["block_1", "momentum"]'] = torch.zeros(4)
+        with self.assertRaisesRegex(MissingKeyError, r'holds no value for 1 template keys: \["state", "fc.weight", "block_1", "momentum"\]'):
+            load_checkpoint(self.root / "ckpt", template)
+
+    def test_a_mapping_with_other_keys_too_is_not_flattened(self) -> None:
+        save_checkpoint(self.root / "ckpt", {"m": {'["a"]': torch.ones(1), "b": torch.zeros(1)}})
+        self.assertEqual(sorted(read_checkpoint_index(self.root / "ckpt").tensors), ['["m", "[\\"a\\"]"]', '["m", "b"]'])
 
 
 class FormatTest(unittest.TestCase):

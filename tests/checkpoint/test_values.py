@@ -8,20 +8,33 @@ from parameterized import parameterized
 
 from distributed_shampoo.checkpoint import (
     CorruptCheckpointError,
+    UnsupportedValueError,
     load_checkpoint,
     read_checkpoint_index,
     save_checkpoint,
     TemplateMismatchError,
     verify_checkpoint,
 )
+from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledNewtonConfig,
+    EigenConfig,
+    NewtonSchulzOrthogonalizationConfig,
+    QREigendecompositionConfig,
+    SVDOrthogonalizationConfig,
+)
 from distributed_shampoo.shampoo_types import (
     AdaGradPreconditionerConfig,
     AdamGraftingConfig,
     AdamPreconditionerConfig,
     DDPDistributedConfig,
+    EigendecomposedShampooPreconditionerConfig,
+    EigenvalueCorrectedShampooPreconditionerConfig,
     FullyShardDistributedConfig,
     RMSpropPreconditionerConfig,
+    RootInvShampooPreconditionerConfig,
     SGDPreconditionerConfig,
+    SignDescentPreconditionerConfig,
+    SpectralDescentPreconditionerConfig,
 )
 from tests.checkpoint.scratch import ScratchDirTest
 from tests.checkpoint.tamper import add_loader_files, Document, edit_index, read_document
@@ -34,6 +47,21 @@ _CONFIGS: dict[str, object] = {
     "adam, the reference's name": AdamGraftingConfig(beta2=0.95),
     "ddp": DDPDistributedConfig(num_trainers_per_group=2, communication_dtype=torch.bfloat16),
     "fsdp": FullyShardDistributedConfig(),
+    # Mapping fields keep their int keys; a tuple field comes back a tuple.
+    "root inverse, exponent overrides": RootInvShampooPreconditionerConfig(
+        inverse_exponent_override={1: 0.5, 2: {0: 0.0, 1: 0.25}}, inv_factor_matrix_dtype=torch.float64,
+        amortized_computation_config=EigenConfig(retry_double_precision=False),
+    ),
+    "coupled newton": RootInvShampooPreconditionerConfig(amortized_computation_config=CoupledNewtonConfig(max_iterations=50)),
+    "eigendecomposed": EigendecomposedShampooPreconditionerConfig(factor_matrix_dtype=torch.float64),
+    "soap": EigenvalueCorrectedShampooPreconditionerConfig(
+        amortized_computation_config=QREigendecompositionConfig(), ignored_basis_change_dims={2: [0]}, inverse_exponent_override={2: math.inf},
+    ),
+    "sign descent": SignDescentPreconditionerConfig(),
+    "spectral descent": SpectralDescentPreconditionerConfig(
+        orthogonalization_config=NewtonSchulzOrthogonalizationConfig(num_iterations=3, coefficients=(2.0, -1.5, 0.5)),
+    ),
+    "spectral descent, svd": SpectralDescentPreconditionerConfig(orthogonalization_config=SVDOrthogonalizationConfig(scale_by_nuclear_norm=True)),
 }
 
 
@@ -43,6 +71,11 @@ def _nested(depth: int) -> dict[str, object]:
     for _ in range(depth):
         value = {"config": "AdamPreconditionerConfig", "fields": {"beta2": value, "epsilon": 1e-8}}
     return value
+
+
+def _soap(ignored_basis_change_dims: object) -> dict[str, object]:
+    """A SOAP config's typed JSON with ``ignored_basis_change_dims`` as given (its other fields default)."""
+    return {"config": "EigenvalueCorrectedShampooPreconditionerConfig", "fields": {"ignored_basis_change_dims": ignored_basis_change_dims}}
 
 
 def _objects(document: Document) -> dict[str, object]:
@@ -98,10 +131,36 @@ class ConfigValuesTest(ScratchDirTest):
         edit_index(lambda document: _objects(document).update({'["config"]': old}))(self.root / "ckpt")
         self.assertEqual(load_checkpoint(self.root / "ckpt")["config"], DDPDistributedConfig(num_trainers_per_group=2, target_parameter_dimensionality=1))
 
-    def test_another_config_type_does_not_fit_the_template(self) -> None:
+    def test_the_index_holds_mappings_as_pairs_and_no_default_function(self) -> None:
+        save_checkpoint(self.root / "ckpt", {"soap": _CONFIGS["soap"], "sign": SignDescentPreconditionerConfig()})
+        objects = _objects(read_document(self.root / "ckpt"))
+        fields = objects['["soap"]']["fields"]  # pyre-ignore[16]
+        self.assertEqual(fields["ignored_basis_change_dims"], {"mapping": [[2, [0]]]})
+        self.assertEqual(fields["inverse_exponent_override"], {"mapping": [[2, {"float": "inf"}]]})
+        self.assertEqual(objects['["sign"]'], {"config": "SignDescentPreconditionerConfig", "fields": {}})
+
+    def test_a_function_other_than_the_default_is_refused_naming_key_and_field(self) -> None:
+        state = {"param_groups": {"w": {"preconditioner_config": SignDescentPreconditionerConfig(scale_fn=lambda m: 2.0)}}}
+        with self.assertRaisesRegex(
+            UnsupportedValueError,
+            r'^\["param_groups", "w", "preconditioner_config"\]: SignDescentPreconditionerConfig.scale_fn holds the function '
+            r"'ConfigValuesTest.test_a_function_other_than_the_default_is_refused_naming_key_and_field.<locals>.<lambda>': "
+            r"a checkpoint holds no code",
+        ):
+            save_checkpoint(self.root / "ckpt", state)
+        self.assertFalse((self.root / "ckpt").exists())
+
+    def test_a_config_of_the_templates_kind_fills_it(self) -> None:
+        # A resume that changes the distribution (DDP to FSDP2) or the grafting class loads the saved config.
+        save_checkpoint(self.root / "ckpt", {"grafting": AdamPreconditionerConfig(), "distributed": DDPDistributedConfig()})
+        template: dict[str, object] = {"grafting": AdaGradPreconditionerConfig(), "distributed": FullyShardDistributedConfig()}
+        load_checkpoint(self.root / "ckpt", template)
+        self.assertEqual(template, {"grafting": AdamPreconditionerConfig(), "distributed": DDPDistributedConfig()})
+
+    def test_a_config_of_another_kind_does_not_fit_the_template(self) -> None:
         save_checkpoint(self.root / "ckpt", {"grafting": AdamPreconditionerConfig()})
-        with self.assertRaisesRegex(TemplateMismatchError, r'\["grafting"\]: saved AdamPreconditionerConfig .* cannot become the template\'s AdaGradPreconditionerConfig'):
-            load_checkpoint(self.root / "ckpt", {"grafting": AdaGradPreconditionerConfig()})
+        with self.assertRaisesRegex(TemplateMismatchError, r'\["grafting"\]: saved AdamPreconditionerConfig .* cannot become the template\'s DDPDistributedConfig'):
+            load_checkpoint(self.root / "ckpt", {"grafting": DDPDistributedConfig()})
 
     @parameterized.expand(
         [
@@ -114,6 +173,15 @@ class ConfigValuesTest(ScratchDirTest):
              r"AdaGradPreconditionerConfig refuses its saved fields: AdaGradPreconditionerConfig: epsilon must be > 0, got -1.0"),
             ("unknown_dtype", {"dtype": "Tensor"}, r'expected a JSON scalar, \{"float": ...\}, \{"dtype": ...\}'),
             ("nested_too_deep", _nested(10), r"configs nested deeper than 8"),
+            ("mapping_not_pairs", _soap({"mapping": [[2]]}), r'EigenvalueCorrectedShampooPreconditionerConfig\.ignored_basis_change_dims: expected \{"mapping": \[\[key, value\], \.\.\.\]\}'),
+            ("mapping_key_twice", _soap({"mapping": [[2, [0]], [2, [1]]]}), r"EigenvalueCorrectedShampooPreconditionerConfig\.ignored_basis_change_dims: the mapping key 2 appears twice"),
+            ("mapping_key_of_the_wrong_type", _soap({"mapping": [["2", [0]]]}), r"EigenvalueCorrectedShampooPreconditionerConfig\.ignored_basis_change_dims: expected .*Mapping\[int, .*got \{'2': \[0\]\}"),
+            ("list_where_a_mapping_belongs", _soap([2, 0]), r"EigenvalueCorrectedShampooPreconditionerConfig\.ignored_basis_change_dims: expected .*got \[2, 0\]"),
+            ("list_at_the_top", [1, 2], r"expected a JSON scalar or a typed value, got list"),
+            ("function_field_in_the_file", {"config": "SignDescentPreconditionerConfig", "fields": {"scale_fn": "os.system"}},
+             r"SignDescentPreconditionerConfig\.scale_fn: expected .*Callable.*, got 'os.system'"),
+            ("tuple_of_the_wrong_length", {"config": "NewtonSchulzOrthogonalizationConfig", "fields": {"coefficients": [1.0, 2.0]}},
+             r"NewtonSchulzOrthogonalizationConfig\.coefficients: expected tuple\[float, float, float\], got \[1.0, 2.0\]"),
         ]
     )
     def test_hostile_values_are_corrupt_checkpoints_naming_file_and_key(self, _name: str, value: object, message: str) -> None:

@@ -55,8 +55,13 @@ CASES: dict[str, dict[str, object]] = {
     "compiled step (dynamo, eager backend)": {"betas": (0.9, 0.99), "compile": {"backend": "eager"}},
     "inverse_exponent_override {2: 0.2, 1: 0.25}": {"preconditioner": {"inverse_exponent_override": {2: 0.2, 1: 0.25}}},
     "coupled Newton roots": {"betas": (0.0, 0.95), "preconditioner": {"newton": True}},
+    "coupled higher-order roots (order 3), abs_epsilon 1e-6": {"betas": (0.0, 0.95), "preconditioner": {"higher_order": True}},
     "epsilon added after eigh": {"betas": (0.0, 0.95), "preconditioner": {"perturb_before_computation": False}},
+    "pseudo-inverse roots, epsilon 0": {"betas": (0.0, 0.95), "epsilon": 0.0, "preconditioner": {"pseudo_inverse": True}},
     "eigendecomposed Shampoo": {"preconditioner": {"kind": "EigendecomposedShampoo"}},
+    "eigendecomposed, pseudo-inverse (rank_rtol None), epsilon 0": {
+        "epsilon": 0.0, "preconditioner": {"kind": "EigendecomposedShampoo", "pseudo_inverse": True},
+    },
     "eigendecomposed, beta2 EMA, Adam grafting": {
         "betas": (0.9, 0.95), "grafting": ("adam", {"beta2": 0.9, "epsilon": 1e-3}), "preconditioner": {"kind": "EigendecomposedShampoo"},
     },
@@ -142,10 +147,19 @@ def _build(case: str, dtype: torch.dtype) -> tuple[torch.optim.Optimizer, torch.
     if preconditioner.pop("perturb_before_computation", True) is False:
         perturbation = package.PerturbationConfig(perturb_before_computation=False)
         preconditioner["amortized_computation_config"] = package.EigenConfig(rank_deficient_stability_config=perturbation)
+    if preconditioner.pop("pseudo_inverse", False):
+        # rank_rtol 0 (the default) for the roots, None (n times the dtype's epsilon) for the eigendecomposed.
+        if kind == "RootInvShampoo":
+            preconditioner["amortized_computation_config"] = package.EigenConfig(rank_deficient_stability_config=package.PseudoInverseConfig())
+        else:
+            stability = package.PseudoInverseConfig(rank_rtol=None)
+            preconditioner["amortized_computation_config"] = package.EighEigendecompositionConfig(rank_deficient_stability_config=stability)
     if preconditioner.pop("l1_scale", False):
         preconditioner["scale_fn"] = _l1_norm
     if preconditioner.pop("newton", False):
         preconditioner["amortized_computation_config"] = package.CoupledNewtonConfig()
+    if preconditioner.pop("higher_order", False):
+        preconditioner["amortized_computation_config"] = package.CoupledHigherOrderConfig(rel_epsilon=0.0, abs_epsilon=1e-6)
     if preconditioner.pop("qr", False):
         preconditioner["amortized_computation_config"] = package.QREigendecompositionConfig()
     if preconditioner.pop("svd", False):
@@ -153,8 +167,8 @@ def _build(case: str, dtype: torch.dtype) -> tuple[torch.optim.Optimizer, torch.
     if "Shampoo" in kind:
         preconditioner["factor_matrix_dtype"] = dtype
     options["preconditioner_config"] = getattr(package, f"{kind}PreconditionerConfig")(**preconditioner)
-    options = {"max_preconditioner_dim": 4, **options}
-    optimizer = package.DistributedShampoo(model.parameters(), lr=0.05, epsilon=1e-6, grafting_config=grafting, **options)
+    options = {"max_preconditioner_dim": 4, "epsilon": 1e-6, **options}
+    optimizer = package.DistributedShampoo(model.parameters(), lr=0.05, grafting_config=grafting, **options)
     return optimizer, model, inputs, targets, skip_grad
 
 

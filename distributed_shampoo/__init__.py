@@ -6,6 +6,7 @@ See ``docs/optimizer.md`` for the optimizer and ``docs/checkpoint.md`` for check
 
 from distributed_shampoo.distributed_shampoo import DistributedShampoo
 from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     DefaultEigenConfig,
     DefaultEigendecompositionConfig,
@@ -18,6 +19,7 @@ from distributed_shampoo.preconditioner.matrix_functions_types import (
     NewtonSchulzOrthogonalizationConfig,
     OrthogonalizationConfig,
     PerturbationConfig,
+    PseudoInverseConfig,
     QREigendecompositionConfig,
     RankDeficientStabilityConfig,
     RootInvConfig,
@@ -61,6 +63,7 @@ __all__ = [
     "AdamGraftingConfig",
     "AdamPreconditionerConfig",
     "AmortizedPreconditionerConfig",
+    "CoupledHigherOrderConfig",
     "CoupledNewtonConfig",
     "DDPDistributedConfig",
     "DefaultEigenConfig",
@@ -88,6 +91,7 @@ __all__ = [
     "PerturbationConfig",
     "PreconditionerConfig",
     "PreconditionerValueError",
+    "PseudoInverseConfig",
     "QREigendecompositionConfig",
     "RankDeficientStabilityConfig",
     "RMSpropGraftingConfig",

@@ -41,6 +41,7 @@ from distributed_shampoo.shampoo_types import (
     ShampooPT2CompileConfig,
     SingleDeviceDistributedConfig,
     STEP,
+    uses_pseudo_inverse,
 )
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten, Key, unflatten, update_param_state_dict_object
@@ -293,7 +294,8 @@ class DistributedShampoo(torch.optim.Optimizer):
         }
         self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
-        group_hyperparameters = [ShampooHyperparameters.from_group(group) for group in self.param_groups]
+        self._pseudo_inverse: bool = uses_pseudo_inverse(preconditioner_config)
+        group_hyperparameters = [ShampooHyperparameters.from_group(group, self._pseudo_inverse) for group in self.param_groups]
         for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
             # As the reference: a group holds the values -1 stands for, which its state dict carries.
             group["beta3"] = hyperparameters.current_gradient_beta
@@ -432,7 +434,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Everything is validated before any state changes.
-        hyperparameters = self._per_param([ShampooHyperparameters.from_group(group) for group in self.param_groups])
+        hyperparameters = self._per_param([ShampooHyperparameters.from_group(group, self._pseudo_inverse) for group in self.param_groups])
         for param_index, param in enumerate(self._params):
             if param.grad is not None and param.grad.is_sparse:
                 raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
@@ -670,7 +672,7 @@ class DistributedShampoo(torch.optim.Optimizer):
         updates: list[tuple[dict[str, object], dict[str, object]]] = []
         for group, (label, saved) in zip(self.param_groups, saved_per_group):
             loaded = {**group, **{key: saved[key] for key in HYPERPARAMETERS if key in saved}}
-            new = ShampooHyperparameters.from_group(loaded)
+            new = ShampooHyperparameters.from_group(loaded, self._pseudo_inverse)
             if new.max_preconditioner_dim != group["max_preconditioner_dim"]:
                 raise ValueError(
                     f"max_preconditioner_dim {new.max_preconditioner_dim} of {label} differs from the "

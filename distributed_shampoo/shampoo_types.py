@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     DefaultEigenConfig,
     DefaultEigendecompositionConfig,
@@ -19,6 +20,7 @@ from distributed_shampoo.preconditioner.matrix_functions_types import (
     NewtonSchulzOrthogonalizationConfig,
     OrthogonalizationConfig,
     PerturbationConfig,
+    PseudoInverseConfig,
     QREigendecompositionConfig,
     RankDeficientStabilityConfig,
     RootInvConfig,
@@ -297,6 +299,14 @@ class ShampooPreconditionerConfig(AmortizedPreconditionerConfig):
         return tuple(float(exponents.get(dim, default)) for dim in range(order))
 
 
+def _check_stability(config: EigendecompositionConfig) -> None:
+    if not isinstance(config.rank_deficient_stability_config, (PerturbationConfig, PseudoInverseConfig)):
+        raise ValueError(
+            f"Invalid rank_deficient_stability_config: {type(config.rank_deficient_stability_config).__name__} is not "
+            "implemented; use PerturbationConfig or PseudoInverseConfig"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RootInvShampooPreconditionerConfig(ShampooPreconditionerConfig):
     """Shampoo that keeps each factor's inverse root (``inv_factor_matrices``); the default.
@@ -317,13 +327,13 @@ class RootInvShampooPreconditionerConfig(ShampooPreconditionerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         root_config = self.amortized_computation_config
-        if not isinstance(root_config, (EigenConfig, CoupledNewtonConfig)):
+        if not isinstance(root_config, (EigenConfig, CoupledNewtonConfig, CoupledHigherOrderConfig)):
             raise ValueError(
                 f"Invalid amortized_computation_config: {type(root_config).__name__} is not "
-                "implemented; use EigenConfig or CoupledNewtonConfig"
+                "implemented; use EigenConfig, CoupledNewtonConfig or CoupledHigherOrderConfig"
             )
-        if isinstance(root_config, EigenConfig) and not isinstance(root_config.rank_deficient_stability_config, PerturbationConfig):
-            raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
+        if isinstance(root_config, EigenConfig):
+            _check_stability(root_config)
         if self.inv_factor_matrix_dtype is not None and self.inv_factor_matrix_dtype not in PRECONDITIONER_DTYPES:
             raise ValueError(
                 f"Invalid inv_factor_matrix_dtype: {self.inv_factor_matrix_dtype}. Must be one of {PRECONDITIONER_DTYPES}."
@@ -335,14 +345,14 @@ DefaultShampooConfig = RootInvShampooPreconditionerConfig()
 
 
 def _check_eigendecomposition(config: MatrixFunctionConfig) -> None:
-    """An ``eigh`` or QR eigendecomposition stabilised by perturbation: what is implemented."""
+    """An ``eigh`` or QR eigendecomposition stabilised by perturbation or a pseudo-inverse: what is implemented."""
     if not isinstance(config, (EighEigendecompositionConfig, QREigendecompositionConfig)):
         raise ValueError(
             f"Invalid amortized_computation_config: {type(config).__name__} is not implemented; use "
             "EighEigendecompositionConfig or QREigendecompositionConfig"
         )
-    if not isinstance(config.rank_deficient_stability_config, PerturbationConfig):
-        raise ValueError("Invalid rank_deficient_stability_config: only PerturbationConfig is implemented")
+    _check_stability(config)
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -491,6 +501,14 @@ class ShampooPT2CompileConfig:
         )
 
 
+def uses_pseudo_inverse(config: PreconditionerConfig) -> bool:
+    """Whether ``config``'s eigendecompositions make pseudo-inverses (``PseudoInverseConfig``)."""
+    computation = config.amortized_computation_config if isinstance(config, AmortizedPreconditionerConfig) else None
+    return isinstance(computation, EigendecompositionConfig) and isinstance(
+        computation.rank_deficient_stability_config, PseudoInverseConfig
+    )
+
+
 # Every config class of this package: what a checkpoint may hold as a value (``checkpoint.values``).
 CONFIG_CLASSES: tuple[type[object], ...] = (
     SGDPreconditionerConfig,
@@ -505,10 +523,12 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
     DDPDistributedConfig,
     FullyShardDistributedConfig,
     PerturbationConfig,
+    PseudoInverseConfig,
     EighEigendecompositionConfig,
     EigenConfig,
     QREigendecompositionConfig,
     CoupledNewtonConfig,
+    CoupledHigherOrderConfig,
     SVDOrthogonalizationConfig,
     NewtonSchulzOrthogonalizationConfig,
     RootInvShampooPreconditionerConfig,
@@ -586,8 +606,13 @@ class ShampooHyperparameters:
         return step == start or (step > start and step % self.precondition_frequency == 0)
 
     @classmethod
-    def from_group(cls, group: Mapping[str, object]) -> "ShampooHyperparameters":
+    def from_group(cls, group: Mapping[str, object], pseudo_inverse: bool = False) -> "ShampooHyperparameters":
         """Reads and validates a parameter group's hyperparameters.
+
+        Args:
+            group: The parameter group.
+            pseudo_inverse: The preconditioner uses ``PseudoInverseConfig``: ``epsilon`` must be 0
+                (otherwise > 0).
 
         Raises:
             ValueError: Naming the first invalid hyperparameter and its allowed range.
@@ -617,7 +642,12 @@ class ShampooHyperparameters:
             (0.0 <= values.beta1 < 1.0, f"Invalid betas[0]: {values.beta1}. Must be in [0, 1)."),
             (0.0 < values.beta2 <= 1.0, f"Invalid betas[1]: {values.beta2}. Must be in (0, 1]."),
             (values.beta3 == -1.0 or 0.0 <= values.beta3 < 1.0, f"Invalid beta3: {values.beta3}. Must be -1 or in [0, 1)."),
-            (values.epsilon > 0.0, f"Invalid epsilon: {values.epsilon}. Must be > 0."),
+            (
+                values.epsilon == 0.0 if pseudo_inverse else values.epsilon > 0.0,
+                f"Invalid epsilon: {values.epsilon}. Must be == 0.0 when PseudoInverseConfig is used."
+                if pseudo_inverse
+                else f"Invalid epsilon: {values.epsilon}. Must be > 0.",
+            ),
             (0.0 <= values.momentum < 1.0, f"Invalid momentum: {values.momentum}. Must be in [0, 1)."),
             (0.0 <= values.dampening < 1.0, f"Invalid dampening: {values.dampening}. Must be in [0, 1)."),
             (values.weight_decay >= 0.0, f"Invalid weight_decay: {values.weight_decay}. Must be >= 0."),

@@ -3,6 +3,7 @@
 
 import dataclasses
 import math
+from fractions import Fraction
 import warnings
 from collections.abc import Sequence
 import unittest
@@ -16,6 +17,7 @@ from distributed_shampoo import (
     AdaGradPreconditionerConfig,
     AdamGraftingConfig,
     AdamPreconditionerConfig,
+    CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     DDPDistributedConfig,
     DefaultShampooConfig,
@@ -29,11 +31,13 @@ from distributed_shampoo import (
     EigendecomposedShampooPreconditionerConfig,
     EigenConfig,
     EigendecompositionConfig,
+    EighEigendecompositionConfig,
     EigenvalueCorrectedShampooPreconditionerConfig,
     NewtonSchulzOrthogonalizationConfig,
     PerturbationConfig,
     PreconditionerConfig,
     PreconditionerValueError,
+    PseudoInverseConfig,
     RootInvShampooPreconditionerConfig,
     SGDGraftingConfig,
     SGDPreconditionerConfig,
@@ -43,7 +47,11 @@ from distributed_shampoo import (
     SpectralDescentPreconditionerConfig,
     SVDOrthogonalizationConfig,
 )
-from distributed_shampoo.preconditioner.shampoo_preconditioner import coupled_newton_inverse_root, matrix_inverse_root
+from distributed_shampoo.preconditioner.shampoo_preconditioner import (
+    coupled_higher_order_inverse_root,
+    coupled_newton_inverse_root,
+    matrix_inverse_root,
+)
 from distributed_shampoo.shampoo_types import HYPERPARAMETERS
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, unflatten
 
@@ -225,6 +233,19 @@ class ExactMathTest(unittest.TestCase):
         torch.testing.assert_close(matrix_inverse_root(indefinite, 0.5, 1e-4, after), expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(root @ root @ (vector @ vector.T + 1e-4 * torch.eye(3, dtype=torch.float64)), torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-9)
 
+    @parameterized.expand([("relative_n_eps", PseudoInverseConfig(rank_rtol=None)), ("absolute", PseudoInverseConfig(rank_atol=1e-8))])
+    def test_pseudo_inverse_root_leaves_the_null_space_at_zero(self, _name: str, stability: PseudoInverseConfig) -> None:
+        # A rank-2 factor B B^T (B 5 x 2) = U diag(s^2) U^T: its pseudo-inverse 4th root is
+        # U diag(s^-1/2) U^T over the two nonzero singular values, nothing added; the three
+        # eigenvalues that rounding leaves near 0 fall below either cutoff.
+        basis = torch.randn(5, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        u, singular, _ = torch.linalg.svd(basis, full_matrices=False)
+        config = EigenConfig(rank_deficient_stability_config=stability)
+        root = matrix_inverse_root(basis @ basis.T, 0.25, 0.0, config)
+        torch.testing.assert_close(root, u @ torch.diag(singular**-0.5) @ u.T, rtol=1e-9, atol=1e-9)
+        with self.assertRaisesRegex(ValueError, r"epsilon=0.001 should be 0.0 when using pseudo-inverse!"):
+            matrix_inverse_root(basis @ basis.T, 0.25, 1e-3, config)
+
 
 def _one_matrix_step(weight: torch.nn.Parameter, grad: torch.Tensor, config: RootInvShampooPreconditionerConfig) -> torch.Tensor:
     """The weight after one preconditioned step (lr 1, no filtering, epsilon 1e-2) of a matrix kept whole."""
@@ -275,6 +296,33 @@ class PreconditionerConfigTest(unittest.TestCase):
         grad = torch.randn(4, 6, generator=generator, dtype=torch.float64)
         config = RootInvShampooPreconditionerConfig(factor_matrix_dtype=torch.float64, inverse_exponent_override={2: 0.2})
         torch.testing.assert_close(_one_matrix_step(weight, grad, config), _explicit_matrix_step(grad, 5), rtol=1e-10, atol=1e-12)
+
+    @parameterized.expand([("order_2_is_newton", 2, Fraction(4)), ("order_3", 3, Fraction(4)), ("order_5_root_3_halves", 5, Fraction(3, 2))])
+    def test_coupled_higher_order_roots(self, _name: str, order: int, root: Fraction) -> None:
+        # (A + 1e-2 I)^(-1/root), regularised by the config's own abs_epsilon, against float64 eigh.
+        grad = torch.randn(5, 8, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+        config = CoupledHigherOrderConfig(rel_epsilon=0.0, abs_epsilon=1e-2, tolerance=1e-12, order=order)
+        eigenvalues, eigenvectors = torch.linalg.eigh(grad @ grad.T + 1e-2 * torch.eye(5, dtype=torch.float64))
+        expected = eigenvectors @ torch.diag(eigenvalues ** (-1.0 / float(root))) @ eigenvectors.T
+        torch.testing.assert_close(coupled_higher_order_inverse_root(grad @ grad.T, root, config), expected, rtol=1e-9, atol=1e-10)
+
+    def test_coupled_higher_order_in_the_optimizer(self) -> None:
+        grad = torch.randn(5, 8, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+        higher_order = CoupledHigherOrderConfig(rel_epsilon=0.0, abs_epsilon=1e-2, tolerance=1e-12)
+        config = RootInvShampooPreconditionerConfig(amortized_computation_config=higher_order, factor_matrix_dtype=torch.float64)
+        weight = torch.nn.Parameter(torch.zeros(5, 8, dtype=torch.float64))
+        torch.testing.assert_close(_one_matrix_step(weight, grad, config), _explicit_matrix_step(grad, 4), rtol=1e-8, atol=1e-10)
+        with self.assertRaisesRegex(ArithmeticError, "Input matrix has entries close to inf"):
+            coupled_higher_order_inverse_root(torch.full((2, 2), math.inf), Fraction(2), higher_order)
+        with self.assertRaisesRegex(
+            ValueError, r"CoupledHigherOrderConfig needs roots p/q with p, q <= 100; a block of order 2 has the roots \['7505999378950827/2251799813685248'"
+        ):
+            DistributedShampoo(
+                [torch.nn.Parameter(torch.zeros(5, 8))], max_preconditioner_dim=8,
+                preconditioner_config=dataclasses.replace(config, inverse_exponent_override={2: 0.3}),
+            )
+        with self.assertRaisesRegex(ValueError, "Invalid order: 1. Must be >= 2."):
+            CoupledHigherOrderConfig(rel_epsilon=0.0, abs_epsilon=0.0, order=1)
 
     def test_coupled_newton_roots(self) -> None:
         # The iteration converges to the eigendecomposition's root (to its tolerance), and the
@@ -679,6 +727,15 @@ class ParameterShapesTest(unittest.TestCase):
         groups = optimizer.distributed_state_dict([("w", weight)])["param_groups"]
         self.assertIs(groups["w"]["use_pin_memory"], True)  # pyre-ignore[16]
 
+    def test_groups_hold_beta3_and_start_preconditioning_step_resolved_as_the_reference(self) -> None:
+        # The reference's state dict carries them so, and the reference steps with what it loads.
+        defaulted = DistributedShampoo([torch.nn.Parameter(torch.ones(2))], betas=(0.8, 0.9), precondition_frequency=3)
+        self.assertEqual((defaulted.param_groups[0]["beta3"], defaulted.param_groups[0]["start_preconditioning_step"]), (0.8, 3))
+        given = DistributedShampoo(
+            [torch.nn.Parameter(torch.ones(2))], betas=(0.8, 0.9), beta3=0.5, precondition_frequency=3, start_preconditioning_step=7
+        )
+        self.assertEqual((given.param_groups[0]["beta3"], given.param_groups[0]["start_preconditioning_step"]), (0.5, 7))
+
     def test_closure_loss_is_returned(self) -> None:
         weight: torch.nn.Parameter = torch.nn.Parameter(torch.ones(2, 2))
         optimizer: DistributedShampoo = DistributedShampoo([weight])
@@ -702,6 +759,9 @@ class ValidationTest(unittest.TestCase):
             ({"betas": (0.9,)}, "Invalid betas: (0.9,). Must be a pair (beta1, beta2)."),
             ({"beta3": 1.0}, "Invalid beta3: 1.0. Must be -1 or in [0, 1)."),
             ({"epsilon": 0.0}, "Invalid epsilon: 0.0. Must be > 0."),
+            ({"epsilon": 1e-12, "preconditioner_config": EigendecomposedShampooPreconditionerConfig(
+                amortized_computation_config=EighEigendecompositionConfig(rank_deficient_stability_config=PseudoInverseConfig()))},
+             "Invalid epsilon: 1e-12. Must be == 0.0 when PseudoInverseConfig is used."),
             ({"momentum": 1.0}, "Invalid momentum: 1.0. Must be in [0, 1)."),
             ({"dampening": -0.1}, "Invalid dampening: -0.1. Must be in [0, 1)."),
             ({"weight_decay": -0.1}, "Invalid weight_decay: -0.1. Must be >= 0."),

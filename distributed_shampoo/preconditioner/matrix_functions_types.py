@@ -29,6 +29,22 @@ DefaultPerturbationConfig = PerturbationConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
+class PseudoInverseConfig(RankDeficientStabilityConfig):
+    """The pseudo-inverse: eigenvalues at or below ``max(rank_atol, rank_rtol * max(lambda_max, 0))``
+    (the numerical rank's cutoff of ``torch.linalg.matrix_rank``) count as zero, and so do their
+    powers; the others are not perturbed. The optimizer's ``epsilon`` must be 0.
+
+    Attributes:
+        rank_atol: The absolute tolerance.
+        rank_rtol: The relative tolerance; None: the number of eigenvalues times the dtype's
+            machine epsilon.
+    """
+
+    rank_atol: float = 0.0
+    rank_rtol: float | None = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class MatrixFunctionConfig:
     """Base class of the matrix function configurations."""
 
@@ -118,6 +134,41 @@ class CoupledNewtonConfig(RootInvConfig):
 
     max_iterations: int = 100
     tolerance: float = 1e-6
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoupledHigherOrderConfig(RootInvConfig):
+    """The inverse root ``A^(-q/p)`` (the root ``p/q`` as an exact fraction, small ``p`` and ``q``)
+    by the coupled iteration of order ``order`` (2 is Newton's), as the reference computes it: the
+    matrix is regularised by ``max(rel_epsilon * |A|_inf, abs_epsilon) * I`` (not by the
+    optimizer's ``epsilon``), ``X = z^(1/p) I`` and ``M = z A`` with ``z = 1 / trace(A)``, one
+    Newton step, then ``M' = sum_i b_i (I - M)^i`` (Lakic's coefficients), ``X = X M'``,
+    ``M = M'^p M`` until ``max |M - I| <= tolerance``, stagnation or divergence; finally
+    ``X^q``. A result off by more than 0.1 (``max |A X^p - I|``) or not finite fails the
+    computation (``ArithmeticError``): the block keeps its last good root.
+
+    Attributes:
+        rel_epsilon: The regulariser relative to ``|A|_inf``, an upper bound of the top eigenvalue.
+        abs_epsilon: The absolute regulariser.
+        max_iterations: The most iterations (a warning if they do not converge).
+        tolerance: The largest entry of ``M - I`` at convergence.
+        order: The order, >= 2.
+        disable_tf32: Turn TF32 matmuls off during the computation (CUDA).
+
+    Raises:
+        ValueError: ``order`` < 2.
+    """
+
+    rel_epsilon: float
+    abs_epsilon: float
+    max_iterations: int = 100
+    tolerance: float = 1e-8
+    order: int = 3
+    disable_tf32: bool = True
+
+    def __post_init__(self) -> None:
+        if self.order < 2:
+            raise ValueError(f"Invalid order: {self.order}. Must be >= 2.")
 
 
 def _unit_scale(d_in: int, d_out: int) -> float:

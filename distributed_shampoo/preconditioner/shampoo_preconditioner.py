@@ -3,16 +3,19 @@
 Shampoo with eigendecompositions of the factors, and eigenvalue-corrected Shampoo (SOAP)."""
 
 import warnings
+from fractions import Fraction
 
 import torch
 
 from distributed_shampoo.distributor.shampoo_block_info import BlockInfo
 from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     DefaultEigenConfig,
     EigendecompositionConfig,
     EighEigendecompositionConfig,
     PerturbationConfig,
+    PseudoInverseConfig,
     QREigendecompositionConfig,
     RootInvConfig,
 )
@@ -111,7 +114,19 @@ def _eigh(matrix: torch.Tensor, config: EighEigendecompositionConfig) -> tuple[t
 def stabilized_power(eigenvalues: torch.Tensor, exponent: float, epsilon: float, config: EigendecompositionConfig) -> torch.Tensor:
     """``eigenvalues^(-exponent)`` once made positive, as the reference's ``PerturbationConfig``:
     perturbed before the computation, all are shifted by ``epsilon - l`` if the smallest ``l`` is
-    below ``epsilon``; perturbed after, shifted by ``-min(l, 0)`` and then ``epsilon`` added."""
+    below ``epsilon``; perturbed after, shifted by ``-min(l, 0)`` and then ``epsilon`` added. With
+    ``PseudoInverseConfig``, the powers of the eigenvalues at or below its cutoff are 0.
+
+    Raises:
+        ValueError: ``epsilon`` is not 0 with ``PseudoInverseConfig``.
+    """
+    stability = config.rank_deficient_stability_config
+    if isinstance(stability, PseudoInverseConfig):
+        if epsilon != 0.0:
+            raise ValueError(f"epsilon={epsilon} should be 0.0 when using pseudo-inverse!")
+        rtol = eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps if stability.rank_rtol is None else stability.rank_rtol
+        cutoff = max(stability.rank_atol, rtol * float(eigenvalues.max().relu()))
+        return torch.where(eigenvalues <= cutoff, torch.zeros_like(eigenvalues), eigenvalues.pow(-exponent))
     smallest = float(eigenvalues.min())
     if not _perturbs_before(config):
         eigenvalues = eigenvalues.add(-min(smallest, 0.0)).add(epsilon)
@@ -162,6 +177,72 @@ def coupled_newton_inverse_root(matrix: torch.Tensor, root: int, epsilon: float,
     return x
 
 
+def coupled_higher_order_inverse_root(matrix: torch.Tensor, root: Fraction, config: CoupledHigherOrderConfig) -> torch.Tensor:
+    """``(matrix + r I)^(-1/root)`` by the coupled higher-order iteration, as the reference's
+    ``CoupledHigherOrderConfig`` computes it (see there; ``r`` is the config's regulariser);
+    warns if it does not converge.
+
+    Raises:
+        ArithmeticError: ``matrix`` is not finite, or the result is off or not finite.
+    """
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    if config.disable_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        p, q = root.numerator, root.denominator
+        # Lakic's coefficients, rounded to the matrix's dtype as the reference keeps them.
+        numerator = denominator = 1.0
+        coefficients = [1.0]
+        for i in range(1, config.order):
+            numerator *= 1 + (i - 1) * p
+            denominator *= i * p
+            coefficients.append(torch.tensor(numerator / denominator, dtype=matrix.dtype).item())
+        upper_bound = torch.linalg.matrix_norm(matrix, torch.inf)
+        if not torch.isfinite(upper_bound):
+            raise ArithmeticError("Input matrix has entries close to inf, exiting root inverse")
+        regulariser = max(config.rel_epsilon * float(upper_bound), config.abs_epsilon)
+        identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        ridge = matrix.add(identity, alpha=regulariser) if regulariser != 0.0 else matrix
+        exponent = -1.0 / p
+        z = 1.0 / torch.trace(ridge).item()
+        x = (z ** (-exponent)) * identity
+        coupled = z * ridge
+        # One Newton step first: it puts the higher-order iteration where it converges.
+        step = coupled.mul(exponent).add_(identity, alpha=1.0 - exponent)
+        x = x @ step
+        coupled = torch.linalg.matrix_power(step, p) @ coupled
+        error = torch.linalg.vector_norm(coupled - identity, torch.inf)
+        iterations = 1
+        while error > config.tolerance and iterations < config.max_iterations:
+            iterations += 1
+            base = identity - coupled
+            step = base.mul(coefficients[-1]).add_(identity, alpha=coefficients[-2])
+            for coefficient in reversed(coefficients[: config.order - 2]):  # Horner's rule
+                step = torch.addmm(identity, step, base, beta=coefficient)
+            x = x @ step
+            coupled = torch.linalg.matrix_power(step, p) @ coupled
+            new_error = torch.linalg.vector_norm(coupled - identity, torch.inf)
+            if new_error > error * 1.2 or (new_error == error and error < 1e-3):
+                break  # diverging or stagnating: the reference stops early too
+            error = new_error
+        else:
+            if error > config.tolerance:
+                warnings.warn(
+                    f"coupled higher-order iteration did not converge in {config.max_iterations} iterations (error {float(error):.2e})",
+                    stacklevel=2,
+                )
+        off = torch.linalg.vector_norm(ridge @ torch.linalg.matrix_power(x, p) - identity, torch.inf)
+        if off > 1e-1:
+            raise ArithmeticError(f"Error in matrix inverse root (before powering for fractions) {float(off)} exceeds threshold 1e-1")
+        if q > 1:
+            x = torch.linalg.matrix_power(x, q)
+        if not torch.isfinite(x).all():
+            raise ArithmeticError("NaN/Inf in matrix inverse root (after powering for fractions)")
+        return x
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
 def along_dims(tensor: torch.Tensor, matrices: dict[int, torch.Tensor]) -> torch.Tensor:
     """``tensor`` with each dimension ``d`` in ``matrices`` multiplied by ``matrices[d]^T``
     (contracting ``d`` with the matrix's rows): ``M_0^T X M_1`` for a matrix ``X``."""
@@ -174,6 +255,15 @@ def along_dims(tensor: torch.Tensor, matrices: dict[int, torch.Tensor]) -> torch
         matrix = matrices.get(dim)
         result = result.movedim(0, -1) if matrix is None else torch.tensordot(result, matrix, dims=([0], [0]))
     return result
+
+
+# The largest numerator or denominator of a root ``CoupledHigherOrderConfig`` takes.
+_MAX_ROOT_TERM = 100
+
+
+def _terms(exponent: float) -> tuple[int, int]:
+    root = Fraction(1.0 / exponent)
+    return abs(root.numerator), root.denominator
 
 
 class ShampooPreconditioner(OptimizerModule):
@@ -262,7 +352,7 @@ class ShampooPreconditioner(OptimizerModule):
                 raise PreconditionerValueError(f"Encountered nan/inf values in factor matrix {index}")
             try:
                 results = self._compute(index, matrix, exponent, epsilon)
-            except RuntimeError as error:
+            except (RuntimeError, ArithmeticError) as error:
                 failure = error
                 continue
             if not all(torch.isfinite(result).all() for result in results):
@@ -303,6 +393,14 @@ class RootInvShampooPreconditioner(ShampooPreconditioner):
                 f"CoupledNewtonConfig computes integer roots only; a block of order {len(block_shape)} has the exponents "
                 f"{[exponent for _, exponent in self._preconditioned()]}"
             )
+        if isinstance(self._root_config, CoupledHigherOrderConfig) and (
+            large := [str(Fraction(1.0 / exponent)) for _, exponent in self._preconditioned() if max(_terms(exponent)) > _MAX_ROOT_TERM]
+        ):
+            # The iteration takes matrix powers of the root's numerator and denominator.
+            raise ValueError(
+                f"CoupledHigherOrderConfig needs roots p/q with p, q <= {_MAX_ROOT_TERM}; a block of order "
+                f"{len(block_shape)} has the roots {large}"
+            )
         self.inv_factor_matrices: tuple[torch.Tensor, ...] = tuple(
             block_info.allocate_eye_tensor(n=size, dtype=dtype, device=block_info.param.device) for size in self._sizes(block_shape)
         )
@@ -311,6 +409,8 @@ class RootInvShampooPreconditioner(ShampooPreconditioner):
         config = self._root_config
         if isinstance(config, CoupledNewtonConfig):
             return (coupled_newton_inverse_root(matrix, round(1.0 / exponent), epsilon, config),)
+        if isinstance(config, CoupledHigherOrderConfig):  # regularised by its own epsilons, as in the reference
+            return (coupled_higher_order_inverse_root(matrix, Fraction(1.0 / exponent), config),)
         return (matrix_inverse_root(matrix, exponent, epsilon, config),)  # pyre-ignore[6]: an EigenConfig (the config checks)
 
     def _store(self, index: int, results: tuple[torch.Tensor, ...]) -> None:

@@ -16,9 +16,12 @@ from distributed_shampoo.checkpoint import (
     verify_checkpoint,
 )
 from distributed_shampoo.preconditioner.matrix_functions_types import (
+    CoupledHigherOrderConfig,
     CoupledNewtonConfig,
     EigenConfig,
+    EighEigendecompositionConfig,
     NewtonSchulzOrthogonalizationConfig,
+    PseudoInverseConfig,
     QREigendecompositionConfig,
     SVDOrthogonalizationConfig,
 )
@@ -53,7 +56,13 @@ _CONFIGS: dict[str, object] = {
         amortized_computation_config=EigenConfig(retry_double_precision=False),
     ),
     "coupled newton": RootInvShampooPreconditionerConfig(amortized_computation_config=CoupledNewtonConfig(max_iterations=50)),
+    "coupled higher order": RootInvShampooPreconditionerConfig(
+        amortized_computation_config=CoupledHigherOrderConfig(rel_epsilon=1e-6, abs_epsilon=0.0, order=4),
+    ),
     "eigendecomposed": EigendecomposedShampooPreconditionerConfig(factor_matrix_dtype=torch.float64),
+    "pseudo-inverse": EigendecomposedShampooPreconditionerConfig(
+        amortized_computation_config=EighEigendecompositionConfig(rank_deficient_stability_config=PseudoInverseConfig(rank_rtol=None)),
+    ),
     "soap": EigenvalueCorrectedShampooPreconditionerConfig(
         amortized_computation_config=QREigendecompositionConfig(), ignored_basis_change_dims={2: [0]}, inverse_exponent_override={2: math.inf},
     ),

@@ -2,6 +2,7 @@
 """DistributedShampoo on real gloo ranks: the same trajectory at every world size, elastic resume."""
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from distributed_shampoo import (
     EigendecomposedShampooPreconditionerConfig,
     PreconditionerConfig,
     SignDescentPreconditionerConfig,
+    SpectralDescentPreconditionerConfig,
 )
 from distributed_shampoo.launch import run_on_ranks
 from tests.trajectories import load_training_state, read_result, save_training_state, TrajectoryTestCase
@@ -38,13 +40,14 @@ class Run:
     resume_dir: str | None = None  # start from this checkpoint instead of from scratch
     num_trainers_per_group: int = -1
     communication_dtype: torch.dtype = torch.float32
-    preconditioner: str = "root_inv"  # or "eigendecomposed", "sign_descent", "soap"
+    preconditioner: str = "root_inv"  # or "eigendecomposed", "sign_descent", "soap", "spectral_descent"
 
 
-def _model() -> torch.nn.Module:
+def _model(bias: bool = True) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(2, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(36, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)
+        torch.nn.Conv2d(2, 4, 3, bias=bias), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(36, 10, bias=bias), torch.nn.Tanh(),
+        torch.nn.Linear(10, 3, bias=bias),
     )
 
 
@@ -54,7 +57,7 @@ def _optimizer(model: torch.nn.Module, run: Run) -> DistributedShampoo:
     )
     return DistributedShampoo(
         model.parameters(), lr=0.05, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-3,
-        max_preconditioner_dim=8, precondition_frequency=2, grafting_config=AdamPreconditionerConfig(beta2=0.999),
+        max_preconditioner_dim=math.inf if run.preconditioner in _MATRICES_ONLY else 8, precondition_frequency=2, grafting_config=AdamPreconditionerConfig(beta2=0.999),
         distributed_config=distributed,
         preconditioner_config=_PRECONDITIONERS[run.preconditioner],
     )
@@ -65,7 +68,10 @@ _PRECONDITIONERS: dict[str, PreconditionerConfig] = {
     "eigendecomposed": EigendecomposedShampooPreconditionerConfig(),
     "sign_descent": SignDescentPreconditionerConfig(),
     "soap": DefaultSOAPConfig,
+    "spectral_descent": SpectralDescentPreconditionerConfig(),
 }
+# Spectral descent takes matrices only: its model has no biases, its blocks are whole matrices.
+_MATRICES_ONLY: frozenset[str] = frozenset({"spectral_descent"})
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +109,7 @@ def train_with_ddp(rank: int, world_size: int, out: str) -> None:
 
 def train(rank: int, world_size: int, run: Run) -> None:
     """Trains STEPS steps (or the rest of them after resuming); rank 0 writes the trajectory."""
-    model = _model()
+    model = _model(bias=run.preconditioner not in _MATRICES_ONLY)
     optimizer = _optimizer(model, run)
     first_step = 0
     if run.resume_dir is not None:
@@ -194,10 +200,10 @@ class DistributedTrainingTest(TrajectoryTestCase):
             torch.testing.assert_close(params[name], value, rtol=0, atol=5e-2)
 
 
-@parameterized_class(("preconditioner",), [("eigendecomposed",), ("sign_descent",), ("soap",)])
+@parameterized_class(("preconditioner",), [("eigendecomposed",), ("sign_descent",), ("soap",), ("spectral_descent",)])
 class PreconditionerConfigTrainingTest(TrajectoryTestCase):
-    """The state of the other preconditioners (eigenvectors and eigenvalues; none for sign
-    descent) reshards like the roots."""
+    """The state of the other preconditioners (eigenvectors and eigenvalues; none for sign and
+    spectral descent) reshards like the roots."""
 
     preconditioner: str = ""
 

@@ -4,7 +4,7 @@
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import accumulate
 from typing import cast, Literal, TypeVar
 
@@ -99,6 +99,27 @@ class BlockState(OptimizerModule):
         self.adagrad: torch.Tensor | None = zeros() if grafting is not None and grafting.has_state else None
         self.filtered_grad: torch.Tensor | None = zeros() if hyperparameters.beta1 != 0.0 else None
         self.momentum: torch.Tensor | None = zeros() if hyperparameters.momentum != 0.0 else None
+
+
+def _group_preconditioner_config(config: object, preconditioner_dtype: torch.dtype | None, group_index: int) -> PreconditionerConfig:
+    """A group's preconditioner config, checked, with ``preconditioner_dtype`` applied.
+
+    Raises:
+        ValueError: Not one of the implemented configs, or an invalid ``preconditioner_dtype``.
+    """
+    if not isinstance(config, _PRECONDITIONER_CONFIGS):
+        raise ValueError(
+            f"DistributedShampoo: preconditioner_config {type(config).__name__} of parameter group {group_index} is not "
+            f"implemented; use one of {[config.__name__ for config in _PRECONDITIONER_CONFIGS]}"
+        )
+    if preconditioner_dtype is None or not isinstance(config, AmortizedPreconditionerConfig):
+        return config
+    if preconditioner_dtype not in PRECONDITIONER_DTYPES:
+        raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
+    config = dataclasses.replace(config, factor_matrix_dtype=preconditioner_dtype)
+    if isinstance(config, RootInvShampooPreconditionerConfig):
+        config = dataclasses.replace(config, inv_factor_matrix_dtype=preconditioner_dtype)
+    return config
 
 
 @functools.cache  # blocks of one shape and group share it: a few distinct calls per model
@@ -203,12 +224,17 @@ class DistributedShampoo(torch.optim.Optimizer):
             factors: step 5's direction is ``M``'s signs, or ``M`` orthogonalized); see
             ``docs/optimizer.md``.
         preconditioner_dtype: This package's shorthand: the storage dtype of the factors and the
-            roots both (float64, float32, bfloat16 or float16), replacing the config's. Factors are
+            roots both (float64, float32, bfloat16 or float16), replacing the configs'. Factors are
             updated, and roots computed, in float32, or float64 when stored in float64.
 
+    As in the reference, a parameter group may set its own ``grafting_config`` and
+    ``preconditioner_config``; the groups hold all three configs under these keys (a group's
+    ``distributed_config`` must be the constructor's: one distribution serves every group).
+    Changing them after construction changes nothing, as in the reference.
+
     Raises:
-        ValueError: An invalid hyperparameter (named in the message), or a non-contiguous
-            parameter.
+        ValueError: An invalid hyperparameter or config (named in the message), a group with
+            another ``distributed_config``, or a non-contiguous parameter.
         RuntimeError: ``distributed_config`` is given before ``torch.distributed`` is initialised.
     """
 
@@ -235,17 +261,6 @@ class DistributedShampoo(torch.optim.Optimizer):
         preconditioner_config: PreconditionerConfig = DefaultShampooConfig,
         preconditioner_dtype: torch.dtype | None = None,
     ) -> None:
-        if not isinstance(preconditioner_config, _PRECONDITIONER_CONFIGS):
-            raise ValueError(
-                f"DistributedShampoo: preconditioner_config {type(preconditioner_config).__name__} is not implemented; "
-                f"use one of {[config.__name__ for config in _PRECONDITIONER_CONFIGS]}"
-            )
-        if preconditioner_dtype is not None and isinstance(preconditioner_config, AmortizedPreconditionerConfig):
-            if preconditioner_dtype not in PRECONDITIONER_DTYPES:
-                raise ValueError(f"Invalid preconditioner_dtype: {preconditioner_dtype}. Must be one of {PRECONDITIONER_DTYPES}.")
-            preconditioner_config = dataclasses.replace(preconditioner_config, factor_matrix_dtype=preconditioner_dtype)
-            if isinstance(preconditioner_config, RootInvShampooPreconditionerConfig):
-                preconditioner_config = dataclasses.replace(preconditioner_config, inv_factor_matrix_dtype=preconditioner_dtype)
         defaults: dict[str, object] = dict(
             zip(
                 HYPERPARAMETERS,
@@ -268,34 +283,35 @@ class DistributedShampoo(torch.optim.Optimizer):
             )
         )
         super().__init__(params, defaults)
+        # As the reference, a group may set its own grafting and preconditioner configs; they
+        # stay in the group under the reference's keys.
         for index, group in enumerate(self.param_groups):
-            if given := sorted(key for key in _CONSTRUCTOR_CONFIGS if key in group):
-                # The reference reads these per group; silently using the constructor's would train another optimizer.
+            group.setdefault("grafting_config", grafting_config)
+            if group.setdefault("distributed_config", distributed_config) != distributed_config:
                 raise ValueError(
-                    f"DistributedShampoo: parameter group {index} sets {given}; this version takes them from the constructor only"
+                    f"DistributedShampoo: parameter group {index} sets distributed_config={group['distributed_config']!r}; "
+                    "every group is distributed by the constructor's"
                 )
-        descent = isinstance(preconditioner_config, (SignDescentPreconditionerConfig, SpectralDescentPreconditionerConfig))
-        if descent:
-            # As the reference: these hyperparameters mean nothing to it, and roots "every step".
-            warnings.warn(
-                f"DistributedShampoo: betas[1], epsilon and precondition_frequency have no effect with "
-                f"{type(preconditioner_config).__name__}; precondition_frequency is set to 1",
-                stacklevel=2,
-            )
-            for group in self.param_groups:
+            config = _group_preconditioner_config(group.get("preconditioner_config", preconditioner_config), preconditioner_dtype, index)
+            group["preconditioner_config"] = config
+            if isinstance(config, (SignDescentPreconditionerConfig, SpectralDescentPreconditionerConfig)):
+                # As the reference: these hyperparameters mean nothing to it, and roots "every step".
+                warnings.warn(
+                    f"DistributedShampoo: betas[1], epsilon and precondition_frequency have no effect with "
+                    f"{type(config).__name__}; precondition_frequency is set to 1",
+                    stacklevel=2,
+                )
                 group["precondition_frequency"] = 1
-        self._preconditioner_config: PreconditionerConfig = preconditioner_config
-        # What each group's entry in ``distributed_state_dict()["param_groups"]`` holds besides the
-        # hyperparameters, under the reference's names.
-        self._configs: dict[str, object] = {
-            "grafting_config": grafting_config,
-            "distributed_config": distributed_config,
-            "preconditioner_config": preconditioner_config,
-        }
-        self._grafting: Grafting | None = Grafting(grafting_config) if grafting_config is not None else None
+        self._group_configs: list[PreconditionerConfig] = [group["preconditioner_config"] for group in self.param_groups]
+        self._group_graftings: list[Grafting | None] = [
+            Grafting(group["grafting_config"]) if group["grafting_config"] is not None else None for group in self.param_groups
+        ]
+        self._group_pseudo_inverse: list[bool] = [uses_pseudo_inverse(config) for config in self._group_configs]
         self._params: list[torch.Tensor] = [param for group in self.param_groups for param in group["params"]]
-        self._pseudo_inverse: bool = uses_pseudo_inverse(preconditioner_config)
-        group_hyperparameters = [ShampooHyperparameters.from_group(group, self._pseudo_inverse) for group in self.param_groups]
+        self._group_of: list[int] = [index for index, group in enumerate(self.param_groups) for _ in group["params"]]
+        # Each group's first parameter: its state holds the group's step.
+        self._group_firsts: list[int] = list(accumulate((len(group["params"]) for group in self.param_groups[:-1]), initial=0))
+        group_hyperparameters = self._validated_groups(self.param_groups)
         for group, hyperparameters in zip(self.param_groups, group_hyperparameters):
             # As the reference: a group holds the values -1 stands for, which its state dict carries.
             group["beta3"] = hyperparameters.current_gradient_beta
@@ -312,7 +328,8 @@ class DistributedShampoo(torch.optim.Optimizer):
                 raise ValueError(f"DistributedShampoo: parameter #{param_index} is not contiguous")
         # DTensor shapes are global: the blocks are the same under every distribution.
         target_dimensionality = distributed_config.target_parameter_dimensionality if distributed_config is not None else 1
-        if isinstance(preconditioner_config, SpectralDescentPreconditionerConfig) and target_dimensionality != 2:
+        spectral = [isinstance(self._group_configs[group], SpectralDescentPreconditionerConfig) for group in self._group_of]
+        if any(spectral) and target_dimensionality != 2:
             warnings.warn(
                 f"DistributedShampoo: target_parameter_dimensionality {target_dimensionality} is not 2; spectral "
                 "descent uses 2",
@@ -324,7 +341,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             [hyperparameters.max_preconditioner_dim for hyperparameters in param_hyperparameters],
             target_dimensionality,
         )
-        if isinstance(preconditioner_config, SpectralDescentPreconditionerConfig) and any(len(block.shape) != 2 for block in blocks):
+        if any(spectral[block.param_index] and len(block.shape) != 2 for block in blocks):
             raise ValueError(
                 "Spectral descent can only be used for 2D parameters, or parameters that have been reshaped to 2D. "
                 "To guarantee that all >2D parameters are reshaped to 2D, set max_preconditioner_dim=math.inf and "
@@ -335,7 +352,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         # Ownership balances the blocks' state bytes, so it needs them all before any rank
         # allocates its own blocks' state.
         state_nbytes = [
-            block_state_nbytes(block.shape, self._params[block.param_index].dtype, param_hyperparameters[block.param_index], self._grafting, preconditioner_config)
+            block_state_nbytes(
+                block.shape, self._params[block.param_index].dtype, param_hyperparameters[block.param_index],
+                *self._configs_of(block.param_index),
+            )
             for block in self._blocks
         ]
         self._distributor: BlockDistributor = self._make_distributor(distributed_config, state_nbytes)
@@ -346,9 +366,6 @@ class DistributedShampoo(torch.optim.Optimizer):
         # One step count per parameter group, as in the reference implementation: it counts the
         # group's calls of ``step()``, whether or not a parameter had a gradient.
         self._group_steps: list[torch.Tensor] = [torch.zeros((), dtype=torch.int64) for _ in self.param_groups]
-        self._group_of: list[int] = [index for index, group in enumerate(self.param_groups) for _ in group["params"]]
-        # Each group's first parameter: its state holds the group's step.
-        self._group_firsts: list[int] = list(accumulate((len(group["params"]) for group in self.param_groups[:-1]), initial=0))
         for param_index, (param, hyperparameters) in enumerate(zip(self._params, param_hyperparameters)):
             for position in self._layouts[param_index].block_positions:
                 if self._distributor.is_owned(position):
@@ -357,10 +374,19 @@ class DistributedShampoo(torch.optim.Optimizer):
                         BlockInfo(param, (param_index, block_key(block.block_index))),
                         block.shape,
                         hyperparameters,
-                        self._grafting,
-                        preconditioner_config,
+                        *self._configs_of(param_index),
                     )
             self.state[param] = self._param_state(param_index)
+
+    def _configs_of(self, param_index: int) -> tuple[Grafting | None, PreconditionerConfig]:
+        """The grafting and the preconditioner config of a parameter's group."""
+        group = self._group_of[param_index]
+        return self._group_graftings[group], self._group_configs[group]
+
+    def _validated_groups(self, groups: Sequence[Mapping[str, object]]) -> list[ShampooHyperparameters]:
+        """Each group's hyperparameters, validated (``epsilon`` 0 where the group's preconditioner
+        makes pseudo-inverses)."""
+        return [ShampooHyperparameters.from_group(group, pseudo) for group, pseudo in zip(groups, self._group_pseudo_inverse)]
 
     def _make_distributor(self, config: DistributedConfig | None, state_nbytes: list[int]) -> BlockDistributor:
         if not isinstance(config, (SingleDeviceDistributedConfig, DDPDistributedConfig, FullyShardDistributedConfig, type(None))):
@@ -434,7 +460,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Everything is validated before any state changes.
-        hyperparameters = self._per_param([ShampooHyperparameters.from_group(group, self._pseudo_inverse) for group in self.param_groups])
+        hyperparameters = self._per_param(self._validated_groups(self.param_groups))
         for param_index, param in enumerate(self._params):
             if param.grad is not None and param.grad.is_sparse:
                 raise RuntimeError(f"DistributedShampoo: parameter #{param_index} has a sparse gradient")
@@ -468,6 +494,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 block_inputs[1].to(dtype) if len(block_inputs) > 1 else None,
                 hyperparameters[param_index],
                 int(self._group_steps[self._group_of[param_index]]),
+                *self._configs_of(param_index),
             )
         for param_index, target, update in self._distributor.block_updates(local_params, directions, stepped):
             target.add_(update.to(target.dtype), alpha=-hyperparameters[param_index].lr)
@@ -480,10 +507,13 @@ class DistributedShampoo(torch.optim.Optimizer):
         param: torch.Tensor | None,
         hyperparameters: ShampooHyperparameters,
         step: int,
+        grafting: Grafting | None,
+        preconditioner_config: PreconditionerConfig,
     ) -> torch.Tensor:
         """Steps 2-6 of the class docstring for one block; returns ``D`` (``W -= lr * D``).
 
-        ``param`` is the block of the parameter, given when decoupled weight decay needs it.
+        ``param`` is the block of the parameter, given when decoupled weight decay needs it;
+        ``grafting`` and ``preconditioner_config`` are its group's.
         """
         beta1, beta2 = hyperparameters.beta1, hyperparameters.beta2
         shampoo = state.shampoo
@@ -491,7 +521,6 @@ class DistributedShampoo(torch.optim.Optimizer):
         bias_correction2 = 1.0 - beta2**step if use_bias_correction2 else 1.0
         if shampoo is not None:
             shampoo.update(grad, beta2, hyperparameters.epsilon, bias_correction2, hyperparameters.computes_roots_at(step))
-        grafting = self._grafting
         if grafting is not None:
             grafting.update(state.adagrad, grad)
 
@@ -510,7 +539,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             direction = (
                 shampoo.precondition(filtered, hyperparameters.epsilon, bias_correction2)
                 if shampoo is not None
-                else descent_direction(filtered, self._preconditioner_config)
+                else descent_direction(filtered, preconditioner_config)
             )
             if grafted is not None:
                 # As the reference: the grafting norm over the Shampoo norm plus 1e-16.
@@ -596,7 +625,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             }
         elif save_param_groups:
             result["param_groups"] = {
-                self._group_key(names, index): {**{key: group[key] for key in HYPERPARAMETERS}, **self._configs}
+                self._group_key(names, index): {key: group[key] for key in HYPERPARAMETERS + _CONSTRUCTOR_CONFIGS}
                 for index, group in enumerate(self.param_groups)
             }
         return result
@@ -670,9 +699,9 @@ class DistributedShampoo(torch.optim.Optimizer):
             saved_per_group: For each parameter group, a label for messages and its saved values.
         """
         updates: list[tuple[dict[str, object], dict[str, object]]] = []
-        for group, (label, saved) in zip(self.param_groups, saved_per_group):
+        for group, pseudo_inverse, (label, saved) in zip(self.param_groups, self._group_pseudo_inverse, saved_per_group):
             loaded = {**group, **{key: saved[key] for key in HYPERPARAMETERS if key in saved}}
-            new = ShampooHyperparameters.from_group(loaded, self._pseudo_inverse)
+            new = ShampooHyperparameters.from_group(loaded, pseudo_inverse)
             if new.max_preconditioner_dim != group["max_preconditioner_dim"]:
                 raise ValueError(
                     f"max_preconditioner_dim {new.max_preconditioner_dim} of {label} differs from the "

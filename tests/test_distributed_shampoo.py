@@ -38,6 +38,7 @@ from distributed_shampoo import (
     PreconditionerConfig,
     PreconditionerValueError,
     PseudoInverseConfig,
+    QREigendecompositionConfig,
     RootInvShampooPreconditionerConfig,
     SGDGraftingConfig,
     SGDPreconditionerConfig,
@@ -506,7 +507,7 @@ class PreconditionerConfigTest(unittest.TestCase):
             (lambda: EigenvalueCorrectedShampooPreconditionerConfig(ignored_basis_change_dims={2: [2]}),
              "Invalid dimensions in ignored_basis_change_dims[2]=[2]: [2]. All dimensions must be within [0, 1]."),
             (lambda: DistributedShampoo([torch.nn.Parameter(torch.ones(2))], preconditioner_config=PreconditionerConfig()),
-             "DistributedShampoo: preconditioner_config PreconditionerConfig is not implemented; use one of "
+             "DistributedShampoo: preconditioner_config PreconditionerConfig of parameter group 0 is not implemented; use one of "
              "['RootInvShampooPreconditionerConfig', 'EigendecomposedShampooPreconditionerConfig', "
              "'EigenvalueCorrectedShampooPreconditionerConfig', 'SignDescentPreconditionerConfig', "
              "'SpectralDescentPreconditionerConfig']"),
@@ -841,10 +842,39 @@ class ValidationTest(unittest.TestCase):
             weights.append(weight.detach())
         self.assertTrue(torch.equal(weights[0], weights[1]))
 
-    def test_a_config_in_a_parameter_group_is_refused(self) -> None:
-        # The reference reads it per group; ignoring it would train another optimizer.
-        groups = [{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [torch.nn.Parameter(torch.ones(2))], "preconditioner_config": DefaultShampooConfig}]
-        with self.assertRaisesRegex(ValueError, r"parameter group 1 sets \['preconditioner_config'\]; this version takes them from the constructor only"):
+    def test_each_group_steps_with_its_own_configs(self) -> None:
+        # As in the reference: one optimizer over two groups with their own grafting and
+        # preconditioner configs follows the two single-group optimizers bit for bit.
+        soap = EigenvalueCorrectedShampooPreconditionerConfig(amortized_computation_config=QREigendecompositionConfig())
+        pseudo_inverse = EigendecomposedShampooPreconditionerConfig(
+            amortized_computation_config=EighEigendecompositionConfig(rank_deficient_stability_config=PseudoInverseConfig(rank_rtol=None))
+        )
+        group_options: list[dict[str, object]] = [
+            {"grafting_config": SGDPreconditionerConfig(), "preconditioner_config": soap},
+            {"preconditioner_config": pseudo_inverse, "epsilon": 0.0},  # epsilon 0 in this group only
+            {},
+        ]
+        shapes = [(4, 6), (5, 3), (7,)]
+        initial = [torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed, shape in enumerate(shapes)]
+        grads = [[torch.randn(shape, generator=torch.Generator().manual_seed(10 + step)) for shape in shapes] for step in range(4)]
+        constructor: dict[str, object] = {"betas": (0.9, 0.95), "momentum": 0.5, "grafting_config": AdamPreconditionerConfig()}
+        together = [torch.nn.Parameter(value.clone()) for value in initial]
+        optimizer = DistributedShampoo([{"params": [param], **options} for param, options in zip(together, group_options)], **constructor)  # pyre-ignore[6]
+        run(optimizer, together, grads)
+        for index, options in enumerate(group_options):
+            alone = torch.nn.Parameter(initial[index].clone())
+            run(DistributedShampoo([alone], **{**constructor, **options}), [alone], [[step[index]] for step in grads])  # pyre-ignore[6]
+            self.assertTrue(torch.equal(together[index], alone), index)
+        self.assertIs(optimizer.param_groups[0]["preconditioner_config"], soap)
+        self.assertEqual(optimizer.param_groups[2]["preconditioner_config"], DefaultShampooConfig)
+        self.assertEqual(optimizer.param_groups[2]["grafting_config"], AdamPreconditionerConfig())
+        groups = optimizer.distributed_state_dict([(f"p{index}", param) for index, param in enumerate(together)])["param_groups"]
+        self.assertEqual([group["grafting_config"] for group in groups.values()], [SGDPreconditionerConfig(), AdamPreconditionerConfig(), AdamPreconditionerConfig()])  # pyre-ignore[16]
+        self.assertEqual(groups["p1"]["preconditioner_config"], pseudo_inverse)  # pyre-ignore[6]
+
+    def test_a_group_with_another_distribution_is_refused(self) -> None:
+        groups = [{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [torch.nn.Parameter(torch.ones(2))], "distributed_config": DDPDistributedConfig()}]
+        with self.assertRaisesRegex(ValueError, r"parameter group 1 sets distributed_config=DDPDistributedConfig\(.*\); every group is distributed by the constructor's"):
             DistributedShampoo(groups)
 
     def test_empty_parameter_group(self) -> None:

@@ -870,7 +870,7 @@ class ValidationTest(unittest.TestCase):
         self.assertEqual(optimizer.param_groups[2]["grafting_config"], AdamPreconditionerConfig())
         groups = optimizer.distributed_state_dict([(f"p{index}", param) for index, param in enumerate(together)])["param_groups"]
         self.assertEqual([group["grafting_config"] for group in groups.values()], [SGDPreconditionerConfig(), AdamPreconditionerConfig(), AdamPreconditionerConfig()])  # pyre-ignore[16]
-        self.assertEqual(groups["p1"]["preconditioner_config"], pseudo_inverse)  # pyre-ignore[6]
+        self.assertEqual(groups["p1"]["preconditioner_config"], pseudo_inverse)  # pyre-ignore[16]
 
     def test_a_group_with_another_distribution_is_refused(self) -> None:
         groups = [{"params": [torch.nn.Parameter(torch.ones(2))]}, {"params": [torch.nn.Parameter(torch.ones(2))], "distributed_config": DDPDistributedConfig()}]

@@ -496,8 +496,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                 int(self._group_steps[self._group_of[param_index]]),
                 *self._configs_of(param_index),
             )
-        for param_index, target, update in self._distributor.block_updates(local_params, directions, stepped):
-            target.add_(update.to(target.dtype), alpha=-hyperparameters[param_index].lr)
+        self._distributor.apply_updates(local_params, directions, stepped, [group.lr for group in hyperparameters])
         return loss
 
     def _block_direction(

@@ -175,6 +175,9 @@ class DDPDistributedConfig(DistributedConfig):
             ranks, each group holds the whole state, and updates are all-gathered within a group.
         communication_dtype: The dtype of the all-gathered updates (float32, bfloat16 or
             float16). A lower precision halves the traffic and rounds every update to it.
+        communicate_params: As in the reference: the owners apply their blocks' updates and
+            all-gather the updated parameter blocks (every rank, the owner too, takes them as
+            gathered, so in ``communication_dtype``), instead of all-gathering the updates.
 
     Raises:
         ValueError: If ``num_trainers_per_group`` is neither -1 nor >= 1, or the dtype is not one
@@ -183,6 +186,7 @@ class DDPDistributedConfig(DistributedConfig):
 
     num_trainers_per_group: int = -1
     communication_dtype: torch.dtype = torch.float32
+    communicate_params: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

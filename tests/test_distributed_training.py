@@ -40,6 +40,7 @@ class Run:
     resume_dir: str | None = None  # start from this checkpoint instead of from scratch
     num_trainers_per_group: int = -1
     communication_dtype: torch.dtype = torch.float32
+    communicate_params: bool = False
     preconditioner: str = "root_inv"  # or "eigendecomposed", "sign_descent", "soap", "spectral_descent"
 
 
@@ -53,7 +54,7 @@ def _model(bias: bool = True) -> torch.nn.Module:
 
 def _optimizer(model: torch.nn.Module, run: Run) -> DistributedShampoo:
     distributed = (
-        DDPDistributedConfig(run.num_trainers_per_group, run.communication_dtype) if run.world_size > 0 else None
+        DDPDistributedConfig(run.num_trainers_per_group, run.communication_dtype, run.communicate_params) if run.world_size > 0 else None
     )
     return DistributedShampoo(
         model.parameters(), lr=0.05, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-3,
@@ -177,6 +178,12 @@ class DistributedTrainingTest(TrajectoryTestCase):
     def test_groups_of_two_trainers_on_four_ranks(self) -> None:
         out = self.path("groups")
         run_on_ranks(4, train, Run(4, out, num_trainers_per_group=2))
+        self.assertSameTrajectory(read_result(out))
+
+    def test_communicating_the_updated_parameters_follows_the_same_trajectory(self) -> None:
+        # The owner's addition is the one every rank makes otherwise: bit for bit the same.
+        out = self.path("communicate_params")
+        run_on_ranks(3, train, Run(3, out, communicate_params=True))
         self.assertSameTrajectory(read_result(out))
 
     def test_distributed_data_parallel_gradients_agree_to_float_rounding(self) -> None:

@@ -40,7 +40,8 @@ class BlockDistributor(ABC):
     it computes reach every rank that holds the parameter.
 
     The optimizer's step is: ``agree_on_gradients``, then ``block_inputs`` for the owned blocks,
-    then the per-block math on the owner, then ``block_updates`` to apply. Ownership is
+    then the per-block math on the owner, then ``apply_updates`` (by default through
+    ``block_updates``). Ownership is
     ``block_owners`` over the whole block list and the group size, so it depends only on the
     blocks and the number of ranks sharing one copy of the state.
 
@@ -114,6 +115,22 @@ class BlockDistributor(ABC):
         """
 
 
+    def apply_updates(
+        self, params: Sequence[torch.Tensor], directions: Mapping[int, torch.Tensor], stepped: Sequence[bool], lrs: Sequence[float]
+    ) -> None:
+        """``W -= lr * D`` for every stepped parameter this rank holds, from its blocks' owners'
+        directions (``block_updates``).
+
+        Args:
+            params: Every parameter's local tensor on this rank.
+            directions: The direction of each block this rank owns of a stepped parameter.
+            stepped: Per parameter, whether it is stepped (the same on every rank).
+            lrs: Per parameter, its group's learning rate.
+        """
+        for param_index, target, update in self.block_updates(params, directions, stepped):
+            target.add_(update.to(target.dtype), alpha=-lrs[param_index])
+
+
 class DDPDistributor(BlockDistributor):
     """Every rank holds whole parameters; blocks are owned within groups of ranks and the updates
     their owners compute are all-gathered within the group.
@@ -166,6 +183,7 @@ class DDPDistributor(BlockDistributor):
             self._offsets[index] = per_rank_numel[owner]
             per_rank_numel[owner] += block.numel
         buffer_numel = max(per_rank_numel)
+        self._communicate_params: bool = config is not None and config.communicate_params
         dtype = config.communication_dtype if config is not None else torch.float32
         self._send: torch.Tensor = torch.zeros(buffer_numel, dtype=dtype, device=device)
         self._gathered: list[torch.Tensor] = [torch.zeros_like(self._send) for _ in range(self.group_size)]
@@ -190,6 +208,29 @@ class DDPDistributor(BlockDistributor):
             if is_stepped
             for position, param_block in zip(layout.block_positions, layout.split(param))
         ]
+
+    def apply_updates(
+        self, params: Sequence[torch.Tensor], directions: Mapping[int, torch.Tensor], stepped: Sequence[bool], lrs: Sequence[float]
+    ) -> None:
+        if not self._communicate_params or self.group_size == 1:
+            super().apply_updates(params, directions, stepped, lrs)
+            return
+        # The owners update their blocks (the same addition the others would do), and every rank
+        # takes the updated blocks as gathered.
+        regions = [
+            (param_index, position, param_block)
+            for param_index, (layout, param, is_stepped) in enumerate(zip(self._layouts, params, stepped))
+            if is_stepped
+            for position, param_block in zip(layout.block_positions, layout.split(param))
+        ]
+        updated = {
+            position: param_block.add(directions[position].to(param_block.dtype), alpha=-lrs[param_index])
+            for param_index, position, param_block in regions
+            if position in directions
+        }
+        gathered = self._all_gather(updated)
+        for _, position, param_block in regions:
+            param_block.copy_(gathered[position])
 
     def _all_gather(self, directions: Mapping[int, torch.Tensor]) -> Mapping[int, torch.Tensor]:
         """Every block's update as its owner computed it (zeros where it had none when

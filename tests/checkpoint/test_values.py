@@ -116,7 +116,8 @@ class ConfigValuesTest(ScratchDirTest):
         self.assertEqual(
             objects['["param_groups", 5, "grafting_config"]'],
             {"config": "DDPDistributedConfig", "fields": {
-                "num_trainers_per_group": 2, "communication_dtype": {"dtype": "bfloat16"}, "target_parameter_dimensionality": 1,
+                "num_trainers_per_group": 2, "communication_dtype": {"dtype": "bfloat16"}, "communicate_params": False,
+                "target_parameter_dimensionality": 1,
             }},
         )
         self.assertEqual(objects['["dtype"]'], {"dtype": "float16"})

@@ -1,6 +1,7 @@
 # pyre-strict
 """Frozen configuration dataclasses of ``DistributedShampoo`` and the names of its state keys."""
 
+import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -201,6 +202,19 @@ class DDPDistributedConfig(DistributedConfig):
             )
 
 
+@enum.unique
+class FSDPParamAssignmentStrategy(enum.Enum):
+    """The reference's assignment of an FSDP2 model's parameters to ranks: ``DEFAULT`` (blocks of
+    each rank's shard), ``REPLICATE`` (the whole parameters' blocks, as in one process) and
+    ``ROUND_ROBIN`` (whole parameters dealt out to the ranks). This package cuts blocks from the
+    global shapes and balances their state over the ranks whatever the strategy: the results of
+    ``REPLICATE`` with the memory balance ``ROUND_ROBIN`` aims at."""
+
+    DEFAULT = enum.auto()
+    REPLICATE = enum.auto()
+    ROUND_ROBIN = enum.auto()
+
+
 @dataclass(frozen=True)
 class FullyShardDistributedConfig(DistributedConfig):
     """Distributes Shampoo blocks over the ranks of an FSDP2 (``fully_shard``) model.
@@ -213,7 +227,13 @@ class FullyShardDistributedConfig(DistributedConfig):
     its trajectory, do not depend on the number of ranks, and its checkpoints load under FSDP2,
     DDP or one process at any world size. Gradients and updates travel in the parameters'
     compute dtype (float32, or float64 for float64 parameters), so nothing is rounded.
+
+    Attributes:
+        param_assignment_strategy: The reference's option, accepted and kept; every strategy
+            distributes as above (see ``FSDPParamAssignmentStrategy``).
     """
+
+    param_assignment_strategy: FSDPParamAssignmentStrategy = field(default=FSDPParamAssignmentStrategy.DEFAULT, kw_only=True)
 
 
 # The dtypes factor matrices and their inverse roots may be stored in.
@@ -541,6 +561,9 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
     SignDescentPreconditionerConfig,
     SpectralDescentPreconditionerConfig,
 )
+
+# Every enum of this package: what a checkpoint may hold as a value (``checkpoint.values``).
+ENUM_CLASSES: tuple[type[enum.Enum], ...] = (FSDPParamAssignmentStrategy,)
 
 # The kinds of configs: a checkpoint's config fills a template's of the same kind (a
 # DDPDistributedConfig saved, a FullyShardDistributedConfig in the template of the resume).

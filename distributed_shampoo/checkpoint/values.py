@@ -6,6 +6,7 @@ frozen config dataclasses (what the reference's ``distributed_state_dict()`` put
 - a finite float, an int, bool, str or None: itself;
 - a non-finite float: ``{"float": "inf" | "-inf" | "nan"}`` (JSON has no literal for them);
 - a torch dtype: ``{"dtype": "float32"}`` (the dtypes safetensors stores);
+- an enum member: ``{"enum": "<class name>", "name": "<member name>"}``;
 - a config: ``{"config": "<class name>", "fields": {<field>: <value>, ...}}``, the dataclass's
   fields, each value in this form; within a config a mapping field is ``{"mapping": [[key,
   value], ...]}`` (its int keys kept) and a sequence a JSON list (read back as a list, or a tuple
@@ -20,6 +21,7 @@ is imported or unpickled, and a decoded config is built by its class, so its own
 
 import collections.abc
 import dataclasses
+import enum
 import math
 import types
 import typing
@@ -28,10 +30,12 @@ from collections.abc import Callable, Mapping
 import torch
 
 from distributed_shampoo.checkpoint.errors import UnsupportedValueError
-from distributed_shampoo.shampoo_types import CONFIG_CLASSES, CONFIG_KINDS
+from distributed_shampoo.shampoo_types import CONFIG_CLASSES, CONFIG_KINDS, ENUM_CLASSES
 
 # The config classes a checkpoint may hold, by class name.
 CONFIG_TYPES: dict[str, type[object]] = {cls.__name__: cls for cls in CONFIG_CLASSES}
+# The enums a checkpoint may hold, by class name.
+ENUM_TYPES: dict[str, type[enum.Enum]] = {cls.__name__: cls for cls in ENUM_CLASSES}
 # The dtypes a checkpoint may hold as values, by name.
 DTYPES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype
@@ -50,7 +54,12 @@ SCALAR_TYPES: tuple[type[object], ...] = (bool, int, float, str, type(None))
 
 def is_value(node: object) -> bool:
     """Whether ``node`` is a leaf a checkpoint stores in the index: a scalar, a dtype, a config."""
-    return isinstance(node, SCALAR_TYPES) or (isinstance(node, torch.dtype) and node in _DTYPE_NAMES) or _is_config(node)
+    return (
+        isinstance(node, SCALAR_TYPES)
+        or (isinstance(node, torch.dtype) and node in _DTYPE_NAMES)
+        or _is_config(node)
+        or ENUM_TYPES.get(type(node).__name__) is type(node)
+    )
 
 
 def _is_config(value: object) -> bool:
@@ -78,6 +87,8 @@ def encode_value(value: object) -> object:
         return {"dtype": _DTYPE_NAMES[value]}
     if _is_config(value):
         return {"config": type(value).__name__, "fields": _encode_fields(value)}
+    if isinstance(value, enum.Enum) and ENUM_TYPES.get(type(value).__name__) is type(value):
+        return {"enum": type(value).__name__, "name": value.name}
     return value
 
 
@@ -126,7 +137,12 @@ def decode_value(raw: object, fail: Callable[[str], Exception], depth: int = 0) 
         return DTYPES[raw["dtype"]]
     if sorted(raw) == ["config", "fields"]:
         return _decode_config(raw["config"], raw["fields"], fail, depth)
-    raise fail('expected a JSON scalar, {"float": ...}, {"dtype": ...} or {"config": ..., "fields": ...}')
+    if sorted(raw) == ["enum", "name"]:
+        cls = ENUM_TYPES.get(raw["enum"]) if isinstance(raw["enum"], str) else None
+        if cls is None or not isinstance(raw["name"], str) or raw["name"] not in cls.__members__:
+            raise fail(f"unknown enum member {str(raw['enum'])[:80]}.{str(raw['name'])[:80]} (this library reads {sorted(ENUM_TYPES)})")
+        return cls[raw["name"]]
+    raise fail('expected a JSON scalar, {"float": ...}, {"dtype": ...}, {"enum": ..., "name": ...} or {"config": ..., "fields": ...}')
 
 
 def _decode_field_value(raw: object, fail: Callable[[str], Exception], depth: int) -> object:

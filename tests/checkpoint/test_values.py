@@ -32,6 +32,7 @@ from distributed_shampoo.shampoo_types import (
     DDPDistributedConfig,
     EigendecomposedShampooPreconditionerConfig,
     EigenvalueCorrectedShampooPreconditionerConfig,
+    FSDPParamAssignmentStrategy,
     FullyShardDistributedConfig,
     RMSpropPreconditionerConfig,
     RootInvShampooPreconditionerConfig,
@@ -49,7 +50,7 @@ _CONFIGS: dict[str, object] = {
     "adam": AdamPreconditionerConfig(beta2=0.9),
     "adam, the reference's name": AdamGraftingConfig(beta2=0.95),
     "ddp": DDPDistributedConfig(num_trainers_per_group=2, communication_dtype=torch.bfloat16),
-    "fsdp": FullyShardDistributedConfig(),
+    "fsdp": FullyShardDistributedConfig(param_assignment_strategy=FSDPParamAssignmentStrategy.ROUND_ROBIN),
     # Mapping fields keep their int keys; a tuple field comes back a tuple.
     "root inverse, exponent overrides": RootInvShampooPreconditionerConfig(
         inverse_exponent_override={1: 0.5, 2: {0: 0.0, 1: 0.25}}, inv_factor_matrix_dtype=torch.float64,
@@ -98,6 +99,7 @@ class ConfigValuesTest(ScratchDirTest):
         return {
             "param_groups": [{"lr": 0.1, "grafting_config": config} for config in _CONFIGS.values()],
             "dtype": torch.float16,
+            "strategy": FSDPParamAssignmentStrategy.REPLICATE,
             "inf": -math.inf,
             "w": torch.arange(3.0),
         }
@@ -107,6 +109,7 @@ class ConfigValuesTest(ScratchDirTest):
         loaded = load_checkpoint(self.root / "ckpt")
         self.assertEqual([group["grafting_config"] for group in loaded["param_groups"]], list(_CONFIGS.values()))  # pyre-ignore[16]
         self.assertIs(loaded["dtype"], torch.float16)
+        self.assertIs(loaded["strategy"], FSDPParamAssignmentStrategy.REPLICATE)
         self.assertEqual(loaded["inf"], -math.inf)
         verify_checkpoint(self.root / "ckpt")
 
@@ -121,6 +124,7 @@ class ConfigValuesTest(ScratchDirTest):
             }},
         )
         self.assertEqual(objects['["dtype"]'], {"dtype": "float16"})
+        self.assertEqual(objects['["strategy"]'], {"enum": "FSDPParamAssignmentStrategy", "name": "REPLICATE"})
 
     @parameterized.expand([("from_the_index", False), ("from_the_loader_files", True)])
     def test_template_receives_the_saved_configs(self, _name: str, loader_files: bool) -> None:
@@ -182,6 +186,8 @@ class ConfigValuesTest(ScratchDirTest):
             ("refused_by_the_class", {"config": "AdaGradPreconditionerConfig", "fields": {"epsilon": -1.0}},
              r"AdaGradPreconditionerConfig refuses its saved fields: AdaGradPreconditionerConfig: epsilon must be > 0, got -1.0"),
             ("unknown_dtype", {"dtype": "Tensor"}, r'expected a JSON scalar, \{"float": ...\}, \{"dtype": ...\}'),
+            ("unknown_enum_member", {"enum": "FSDPParamAssignmentStrategy", "name": "__class__"}, r"unknown enum member FSDPParamAssignmentStrategy.__class__"),
+            ("unknown_enum", {"enum": "os.system", "name": "DEFAULT"}, r"unknown enum member os.system.DEFAULT \(this library reads \['FSDPParamAssignmentStrategy'\]\)"),
             ("nested_too_deep", _nested(10), r"configs nested deeper than 8"),
             ("mapping_not_pairs", _soap({"mapping": [[2]]}), r'EigenvalueCorrectedShampooPreconditionerConfig\.ignored_basis_change_dims: expected \{"mapping": \[\[key, value\], \.\.\.\]\}'),
             ("mapping_key_twice", _soap({"mapping": [[2, [0]], [2, [1]]]}), r"EigenvalueCorrectedShampooPreconditionerConfig\.ignored_basis_change_dims: the mapping key 2 appears twice"),

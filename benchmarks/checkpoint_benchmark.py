@@ -34,6 +34,7 @@ from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.distributor.block_distributor import block_owners
 from distributed_shampoo.launch import run_on_ranks
+from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 
 # (block width, number of blocks): ~460 MiB in 798 tensors, and ~230 MiB in 6,398 tensors.
 STATES: dict[int, int] = {512: 114, 128: 914}
@@ -59,11 +60,13 @@ def owned_blocks(width: int, world_size: int, rank: int) -> list[int]:
 
 
 def shampoo_state(width: int, world_size: int, rank: int, zeros: bool = False) -> dict[str, object]:
+    """This rank's blocks, as the optimizer's ``distributed_state_dict`` holds them: the
+    parameter's state flattened to JSON-list keys."""
     blocks = {}
     for block in owned_blocks(width, world_size, rank):
         tensors = block_tensors(width, block)
         blocks[f"block_{block}"] = _map_tensors(tensors, torch.zeros_like) if zeros else tensors
-    return {"state": {"model.weight": blocks}}
+    return {"state": {"model.weight": flatten(blocks)}}
 
 
 def _map_tensors(node: object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:

@@ -28,6 +28,7 @@ from distributed_shampoo.shampoo_types import (
     DistributedConfig,
     FullyShardDistributedConfig,
     GraftingConfig,
+    HybridShardDistributedConfig,
     HYPERPARAMETERS,
     PRECONDITIONER_DTYPES,
     AmortizedPreconditionerConfig,
@@ -46,7 +47,8 @@ from distributed_shampoo.shampoo_types import (
 from distributed_shampoo.utils.optimizer_modules import OptimizerModule
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten, Key, unflatten, update_param_state_dict_object
 
-# Constructor arguments the reference also reads per parameter group; here they hold for all groups.
+# The configs every parameter group holds, under the reference's keys (grafting and preconditioner
+# configs may differ per group; the distribution is the constructor's).
 _CONSTRUCTOR_CONFIGS: tuple[str, ...] = ("grafting_config", "distributed_config", "preconditioner_config")
 # The structures ``distributed_state_dict`` returns (see there).
 StateDictLayout = Literal["reference", "nested"]
@@ -210,7 +212,8 @@ class DistributedShampoo(torch.optim.Optimizer):
             settings), or None to run it eagerly.
         distributed_config: One process (``SingleDeviceDistributedConfig``, the default, or
             None), blocks distributed over DDP ranks (``DDPDistributedConfig``) or over an FSDP2
-            model's ranks (``FullyShardDistributedConfig``); its
+            model's ranks (``FullyShardDistributedConfig``, ``HybridShardDistributedConfig`` for
+            HSDP); its
             ``target_parameter_dimensionality`` steers the merging of small dimensions.
         preconditioner_config: ``RootInvShampooPreconditionerConfig`` (the default,
             ``DefaultShampooConfig``): the factors' dtype (``factor_matrix_dtype``, float32), the
@@ -392,8 +395,10 @@ class DistributedShampoo(torch.optim.Optimizer):
         if not isinstance(config, (SingleDeviceDistributedConfig, DDPDistributedConfig, FullyShardDistributedConfig, type(None))):
             raise ValueError(
                 f"DistributedShampoo: distributed_config {type(config).__name__} is not supported; use "
-                "SingleDeviceDistributedConfig, DDPDistributedConfig or FullyShardDistributedConfig"
+                "SingleDeviceDistributedConfig, DDPDistributedConfig, FullyShardDistributedConfig or HybridShardDistributedConfig"
             )
+        if isinstance(config, HybridShardDistributedConfig):
+            return FullyShardDistributor(self._params, self._blocks, self._layouts, state_nbytes, hybrid=True, device_mesh=config.device_mesh)
         if isinstance(config, FullyShardDistributedConfig):
             return FullyShardDistributor(self._params, self._blocks, self._layouts, state_nbytes)
         sharded = [index for index, param in enumerate(self._params) if isinstance(param, DTensor)]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from distributed_shampoo.preconditioner.matrix_functions_types import (
     CoupledHigherOrderConfig,
@@ -235,6 +236,31 @@ class FullyShardDistributedConfig(DistributedConfig):
 
     param_assignment_strategy: FSDPParamAssignmentStrategy = field(default=FSDPParamAssignmentStrategy.DEFAULT, kw_only=True)
 
+
+
+@dataclass(frozen=True)
+class HybridShardDistributedConfig(FullyShardDistributedConfig):
+    """Distributes Shampoo blocks over an FSDP2 model sharded hybridly (HSDP: ``fully_shard`` on a
+    2-D mesh, the parameters ``(Replicate(), Shard(0))``).
+
+    Within each replica (one row of the mesh) the blocks are distributed as under
+    ``FullyShardDistributedConfig``; the replicas, whose gradients FSDP2 all-reduces, compute
+    the same steps, so every replica holds the whole optimizer state. (The reference instead
+    spreads each block's work over the replicas as well, by the DDP fields below.)
+
+    Attributes:
+        device_mesh: The 2-D mesh, or None for the parameters' own. A live object, not saved in a
+            checkpoint's typed JSON (it reads back as None).
+        communication_dtype: The reference's DDP field across replicas; accepted and kept, no
+            effect here.
+        num_trainers_per_group: Likewise.
+        communicate_params: Likewise.
+    """
+
+    device_mesh: DeviceMesh | None = field(default=None, kw_only=True, compare=False, metadata={"saved": False})
+    communication_dtype: torch.dtype = field(default=torch.float32, kw_only=True)
+    num_trainers_per_group: int = field(default=-1, kw_only=True)
+    communicate_params: bool = field(default=False, kw_only=True)
 
 # The dtypes factor matrices and their inverse roots may be stored in.
 PRECONDITIONER_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -546,6 +572,7 @@ CONFIG_CLASSES: tuple[type[object], ...] = (
     SingleDeviceDistributedConfig,
     DDPDistributedConfig,
     FullyShardDistributedConfig,
+    HybridShardDistributedConfig,
     PerturbationConfig,
     PseudoInverseConfig,
     EighEigendecompositionConfig,

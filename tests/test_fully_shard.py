@@ -23,6 +23,7 @@ from distributed_shampoo import (
     DDPDistributedConfig,
     DistributedShampoo,
     FullyShardDistributedConfig,
+    HybridShardDistributedConfig,
 )
 from distributed_shampoo.checkpoint.plan import local_data
 from distributed_shampoo.launch import run_on_ranks
@@ -36,7 +37,7 @@ LATER_SAVE_AT = 6  # a resumed run saves again here
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: ``mode`` is "fsdp", "ddp" or "single" (no process group)."""
+    """One training run: ``mode`` is "fsdp", "hsdp" (hybrid sharding), "ddp" or "single" (no process group)."""
 
     mode: str
     out: str  # rank 0 writes the losses and the final full parameters here
@@ -59,7 +60,9 @@ def _model() -> torch.nn.Sequential:
 def _optimizer(model: torch.nn.Module, mode: str) -> DistributedShampoo:
     """Two groups: decoupled weight decay (conv and hidden layer) and an L2 term (the head)."""
     params = list(model.parameters())
-    config = {"fsdp": FullyShardDistributedConfig(), "ddp": DDPDistributedConfig(), "single": None}[mode]
+    config = {
+        "fsdp": FullyShardDistributedConfig(), "hsdp": HybridShardDistributedConfig(), "ddp": DDPDistributedConfig(), "single": None,
+    }[mode]
     return DistributedShampoo(
         [{"params": params[:4]}, {"params": params[4:], "use_decoupled_weight_decay": False}],
         lr=0.02, betas=(0.9, 0.999), epsilon=1e-8, momentum=0.5, weight_decay=1e-3, max_preconditioner_dim=6,
@@ -75,9 +78,10 @@ def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
     return torch.nn.functional.mse_loss(model(inputs), targets)
 
 
-def _fully_shard(model: torch.nn.Module, world_size: int) -> None:
-    """FSDP2 with float64 gradient averaging: the mean of identical float32 gradients is exact."""
-    mesh = init_device_mesh("cpu", (world_size,))
+def _fully_shard(model: torch.nn.Module, world_size: int, hybrid: bool = False) -> None:
+    """FSDP2 with float64 gradient averaging: the mean of identical float32 gradients is exact.
+    Hybrid: 2 replicas, each sharded over half the ranks (HSDP)."""
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard")) if hybrid else init_device_mesh("cpu", (world_size,))
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float64)
     for layer in model.children():
         if any(True for _ in layer.parameters()):
@@ -94,8 +98,8 @@ def train(rank: int, world_size: int, run: Run) -> None:
     """Trains to STEPS (from ``run.resume_at`` when resuming); rank 0 writes the trajectory."""
     torch.set_num_threads(1)
     model = _model()
-    if run.mode == "fsdp":
-        _fully_shard(model, world_size)
+    if run.mode in ("fsdp", "hsdp"):
+        _fully_shard(model, world_size, hybrid=run.mode == "hsdp")
     optimizer = _optimizer(model, run.mode)
     head_bias = list(model.parameters())[-1]
     first_step = 0
@@ -230,6 +234,14 @@ class FullyShardTest(TrajectoryTestCase):
         torch.testing.assert_close(losses, self.reference[0], rtol=0, atol=1e-6)
         for name, value in self.reference[1].items():
             torch.testing.assert_close(params[name], value, rtol=0, atol=1e-6)
+
+    def test_hybrid_sharding_follows_the_trajectory_and_its_checkpoint_resumes_under_fsdp2(self) -> None:
+        # 2 replicas x 2 shards: each replica distributes the blocks over its 2 ranks, both compute
+        # the same steps; the replicas' copies of a block are written once.
+        run_on_ranks(4, train, Run("hsdp", self.path("hsdp4"), save_dir=self.path("ckpt_hsdp4")))
+        self.assertSameTrajectory(read_result(self.path("hsdp4")))
+        run_on_ranks(3, train, Run("fsdp", self.path("hsdp4to3"), resume_dir=self.path("ckpt_hsdp4")))
+        self.assertSameTrajectory(read_result(self.path("hsdp4to3")), from_step=SAVE_AT)
 
     @parameterized.expand([("4_to_2", 4, 2), ("4_to_3", 4, 3), ("2_to_4", 2, 4)])
     def test_resumes_at_another_world_size(self, _: str, saved_on: int, resumed_on: int) -> None:

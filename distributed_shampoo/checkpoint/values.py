@@ -13,7 +13,8 @@ frozen config dataclasses (what the reference's ``distributed_state_dict()`` put
   where the field is annotated ``tuple``). A field holding a function (``scale_fn``) is saved only
   when it holds the field's default, and then is left out: a checkpoint holds no code. Reading,
   a field with a default may be absent (one added to the class since the file was written, or a
-  default function) and takes its default.
+  default function, or a field marked ``metadata={"saved": False}``, a live object such as a device
+  mesh) and takes its default.
 
 Types are resolved by name against ``CONFIG_TYPES`` and ``DTYPES`` only: nothing named in a file
 is imported or unpickled, and a decoded config is built by its class, so its own validation runs.
@@ -95,6 +96,8 @@ def encode_value(value: object) -> object:
 def _encode_fields(config: object) -> dict[str, object]:
     fields: dict[str, object] = {}
     for field in dataclasses.fields(config):
+        if field.metadata.get("saved", True) is False:
+            continue  # a live object (a device mesh): reading takes the default
         value = getattr(config, field.name)
         if callable(value) and not _is_config(value):
             if value is not field.default:

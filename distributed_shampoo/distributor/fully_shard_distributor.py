@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from distributed_shampoo.distributor.block_distributor import BlockDistributor
 from distributed_shampoo.distributor.block_layout import BlockSpec, ParamLayout
@@ -62,35 +62,38 @@ class _Piece:
         return tuple(index.stop - index.start for index in self.holder_index)
 
 
-def _sharded(params: Sequence[torch.Tensor]) -> tuple[DeviceMesh, list[DTensor]]:
-    """The one 1-D mesh every parameter is ``Shard(0)`` over, and the parameters as DTensors.
+def _sharded(params: Sequence[torch.Tensor], hybrid: bool) -> tuple[DeviceMesh, list[DTensor]]:
+    """The one mesh every parameter is sharded over, and the parameters as DTensors: ``Shard(0)``
+    on a 1-D mesh, or with ``hybrid``, ``(Replicate(), Shard(0))`` on a 2-D one.
 
     Raises:
         ValueError: A parameter is not such a DTensor, or the parameters use different meshes.
     """
+    config = "HybridShardDistributedConfig" if hybrid else "FullyShardDistributedConfig"
+    expected = ((Replicate(), Shard(0)), 2) if hybrid else ((Shard(0),), 1)
     mesh: DeviceMesh | None = None
     sharded: list[DTensor] = []
     for index, param in enumerate(params):
         if not isinstance(param, DTensor):
             raise ValueError(
-                f"FullyShardDistributedConfig: parameter #{index} is a {type(param).__name__}, not a DTensor; "
+                f"{config}: parameter #{index} is a {type(param).__name__}, not a DTensor; "
                 "apply torch.distributed.fsdp.fully_shard to the model (its root included) before building the optimizer"
             )
-        if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),) or param.dim() == 0:
+        if (tuple(param.placements), param.device_mesh.ndim) != expected or param.dim() == 0:
             raise ValueError(
-                f"FullyShardDistributedConfig: parameter #{index} is placed {tuple(param.placements)} on a "
-                f"{param.device_mesh.ndim}-D mesh with shape {tuple(param.shape)}; expected fully_shard's (Shard(0),) "
-                "on a 1-D mesh"
+                f"{config}: parameter #{index} is placed {tuple(param.placements)} on a "
+                f"{param.device_mesh.ndim}-D mesh with shape {tuple(param.shape)}; expected fully_shard's {expected[0]} "
+                f"on a {expected[1]}-D mesh"
             )
         if not param.to_local().is_contiguous():
-            raise ValueError(f"FullyShardDistributedConfig: parameter #{index}'s local shard is not contiguous")
+            raise ValueError(f"{config}: parameter #{index}'s local shard is not contiguous")
         if mesh is None:
             mesh = param.device_mesh
         elif param.device_mesh != mesh:
-            raise ValueError(f"FullyShardDistributedConfig: parameter #{index} is on a different device mesh than #0")
+            raise ValueError(f"{config}: parameter #{index} is on a different device mesh than #0")
         sharded.append(param)
     if mesh is None:
-        raise ValueError("FullyShardDistributedConfig: the optimizer has no parameters")
+        raise ValueError(f"{config}: the optimizer has no parameters")
     return mesh, sharded
 
 
@@ -98,10 +101,14 @@ class FullyShardDistributor(BlockDistributor):
     """Blocks of FSDP2 parameters, each owned by one rank of their mesh (see the module docstring).
 
     Args:
-        params: Every parameter: DTensors ``Shard(0)`` on one 1-D mesh.
+        params: Every parameter: DTensors ``Shard(0)`` on one 1-D mesh (with ``hybrid``,
+            ``(Replicate(), Shard(0))`` on one 2-D mesh: each replica distributes the blocks over
+            its shard ranks, and the replicas compute the same steps).
         blocks: Every block of every parameter, in block order.
         layouts: Each parameter's layout (of its global shape).
         state_nbytes: The bytes of each block's optimizer state.
+        hybrid: The parameters are sharded hybridly (HSDP).
+        device_mesh: With ``hybrid``, the mesh the config names, or None.
 
     Raises:
         ValueError: A parameter is not a ``fully_shard`` DTensor, or the ranks' shards do not
@@ -114,10 +121,16 @@ class FullyShardDistributor(BlockDistributor):
         blocks: Sequence[BlockSpec],
         layouts: Sequence[ParamLayout],
         state_nbytes: Sequence[int],
+        hybrid: bool = False,
+        device_mesh: DeviceMesh | None = None,
     ) -> None:
-        mesh, sharded = _sharded(params)
-        super().__init__(blocks, layouts, state_nbytes, mesh.size(), mesh.get_local_rank())
-        self._group: dist.ProcessGroup = mesh.get_group()
+        mesh, sharded = _sharded(params, hybrid)
+        if hybrid and device_mesh is not None and device_mesh != mesh:
+            raise ValueError(f"HybridShardDistributedConfig: device_mesh {device_mesh} is not the parameters' mesh {mesh}")
+        # The shard dimension: the last (the only one without hybrid sharding).
+        shard_dim = mesh.ndim - 1
+        super().__init__(blocks, layouts, state_nbytes, mesh.size(shard_dim), mesh.get_local_rank(shard_dim))
+        self._group: dist.ProcessGroup = mesh.get_group(shard_dim)
         locals_ = [param.to_local() for param in sharded]
         self._device: torch.device = locals_[0].device
         # Every rank's number of dim-0 rows of every parameter: shards are contiguous, in rank order.

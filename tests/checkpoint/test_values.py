@@ -34,6 +34,7 @@ from distributed_shampoo.shampoo_types import (
     EigenvalueCorrectedShampooPreconditionerConfig,
     FSDPParamAssignmentStrategy,
     FullyShardDistributedConfig,
+    HybridShardDistributedConfig,
     RMSpropPreconditionerConfig,
     RootInvShampooPreconditionerConfig,
     SGDPreconditionerConfig,
@@ -51,6 +52,7 @@ _CONFIGS: dict[str, object] = {
     "adam, the reference's name": AdamGraftingConfig(beta2=0.95),
     "ddp": DDPDistributedConfig(num_trainers_per_group=2, communication_dtype=torch.bfloat16),
     "fsdp": FullyShardDistributedConfig(param_assignment_strategy=FSDPParamAssignmentStrategy.ROUND_ROBIN),
+    "hsdp": HybridShardDistributedConfig(num_trainers_per_group=2, communicate_params=True),
     # Mapping fields keep their int keys; a tuple field comes back a tuple.
     "root inverse, exponent overrides": RootInvShampooPreconditionerConfig(
         inverse_exponent_override={1: 0.5, 2: {0: 0.0, 1: 0.25}}, inv_factor_matrix_dtype=torch.float64,
@@ -152,6 +154,10 @@ class ConfigValuesTest(ScratchDirTest):
         self.assertEqual(fields["ignored_basis_change_dims"], {"mapping": [[2, [0]]]})
         self.assertEqual(fields["inverse_exponent_override"], {"mapping": [[2, {"float": "inf"}]]})
         self.assertEqual(objects['["sign"]'], {"config": "SignDescentPreconditionerConfig", "fields": {}})
+        # A live device mesh is not saved: it reads back as None.
+        save_checkpoint(self.root / "hsdp", {"hsdp": HybridShardDistributedConfig()})
+        self.assertNotIn("device_mesh", _objects(read_document(self.root / "hsdp"))['["hsdp"]']["fields"])
+        self.assertIsNone(load_checkpoint(self.root / "hsdp")["hsdp"].device_mesh)  # pyre-ignore[16]
 
     def test_a_function_other_than_the_default_is_refused_naming_key_and_field(self) -> None:
         state = {"param_groups": {"w": {"preconditioner_config": SignDescentPreconditionerConfig(scale_fn=lambda m: 2.0)}}}

@@ -325,6 +325,23 @@ class PreconditionerConfigTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "Invalid order: 1. Must be >= 2."):
             CoupledHigherOrderConfig(rel_epsilon=0.0, abs_epsilon=0.0, order=1)
 
+    def test_a_failed_higher_order_root_keeps_the_last_good_one(self) -> None:
+        # A rank-1 factor without a regulariser has no inverse root: the iteration does not
+        # converge, X^p overflows and the check of A X^p = I gives NaN, an ArithmeticError, which
+        # counts as a failed amortized computation; the roots stay the identities they started
+        # as, until the failures exceed the tolerance.
+        higher_order = CoupledHigherOrderConfig(rel_epsilon=0.0, abs_epsilon=0.0)
+        config = RootInvShampooPreconditionerConfig(amortized_computation_config=higher_order, num_tolerated_failed_amortized_computations=1)
+        weight = torch.nn.Parameter(torch.zeros(3, 4))
+        optimizer = DistributedShampoo([weight], max_preconditioner_dim=4, preconditioner_config=config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "did not converge"
+            run(optimizer, [weight], [[torch.ones(3, 4)]])
+            roots = optimizer.state[weight]["block_0"]["shampoo"]["inv_factor_matrices"]
+            self.assertTrue(torch.equal(roots[0], torch.eye(3)) and torch.equal(roots[1], torch.eye(4)))
+            with self.assertRaisesRegex(ValueError, "The number of failed amortized computations of a block exceeded the allowed tolerance"):
+                run(optimizer, [weight], [[torch.ones(3, 4)]])
+
     def test_coupled_newton_roots(self) -> None:
         # The iteration converges to the eigendecomposition's root (to its tolerance), and the
         # optimizer computes its roots with it.

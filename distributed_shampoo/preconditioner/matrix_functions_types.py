@@ -144,8 +144,9 @@ class CoupledHigherOrderConfig(RootInvConfig):
     optimizer's ``epsilon``), ``X = z^(1/p) I`` and ``M = z A`` with ``z = 1 / trace(A)``, one
     Newton step, then ``M' = sum_i b_i (I - M)^i`` (Lakic's coefficients), ``X = X M'``,
     ``M = M'^p M`` until ``max |M - I| <= tolerance``, stagnation or divergence; finally
-    ``X^q``. A result off by more than 0.1 (``max |A X^p - I|``) or not finite fails the
-    computation (``ArithmeticError``): the block keeps its last good root.
+    ``X^q``. A result off by more than 0.1 (``max |A X^p - I|``, also when that is NaN, which the
+    reference lets pass) or not finite fails the computation (``ArithmeticError``): the block
+    keeps its last good root.
 
     Attributes:
         rel_epsilon: The regulariser relative to ``|A|_inf``, an upper bound of the top eigenvalue.

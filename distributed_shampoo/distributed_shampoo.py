@@ -12,7 +12,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import ParamsT
 
-from distributed_shampoo.checkpoint.plan import local_data
+from distributed_shampoo.checkpoint.plan import flattened_paths, local_data
 from distributed_shampoo.distributor.block_distributor import BlockDistributor, DDPDistributor
 from distributed_shampoo.distributor.block_layout import BlockSpec, param_layouts, ParamLayout
 from distributed_shampoo.distributor.fully_shard_distributor import FullyShardDistributor
@@ -49,7 +49,7 @@ from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten, Key, unf
 
 # The configs every parameter group holds, under the reference's keys (grafting and preconditioner
 # configs may differ per group; the distribution is the constructor's).
-_CONSTRUCTOR_CONFIGS: tuple[str, ...] = ("grafting_config", "distributed_config", "preconditioner_config")
+_GROUP_CONFIGS: tuple[str, ...] = ("grafting_config", "distributed_config", "preconditioner_config")
 # The structures ``distributed_state_dict`` returns (see there).
 StateDictLayout = Literal["reference", "nested"]
 
@@ -629,7 +629,7 @@ class DistributedShampoo(torch.optim.Optimizer):
             }
         elif save_param_groups:
             result["param_groups"] = {
-                self._group_key(names, index): {key: group[key] for key in HYPERPARAMETERS + _CONSTRUCTOR_CONFIGS}
+                self._group_key(names, index): {key: group[key] for key in HYPERPARAMETERS + _GROUP_CONFIGS}
                 for index, group in enumerate(self.param_groups)
             }
         return result
@@ -652,8 +652,8 @@ class DistributedShampoo(torch.optim.Optimizer):
 
         Takes both layouts of ``distributed_state_dict`` (so also the reference implementation's
         own state dicts), each parameter's state flattened or nested. Of a group, only the
-        hyperparameters are read, not its configs: this optimizer's are the constructor's, and
-        its state already has their shapes.
+        hyperparameters are read, not its configs: this optimizer's are those it was built with,
+        whose shapes its state already has.
 
         Args:
             state_dict: What ``distributed_state_dict`` returned, e.g. filled by ``load_checkpoint``.
@@ -678,8 +678,7 @@ class DistributedShampoo(torch.optim.Optimizer):
                     raise KeyError(f"load_distributed_state_dict: no state for parameter {name!r}")
                 continue
             saved = _mapping(state, name)
-            if saved and all(isinstance(key, str) and key.startswith("[") for key in saved):
-                # The reference's layout: JSON-list keys.
+            if flattened_paths(saved) is not None:  # the reference's layout: JSON-list keys, as the checkpoint layer reads them
                 saved = cast(Mapping[Key, object], unflatten(cast(Mapping[str, object], saved)))
             update_param_state_dict_object(self._param_state(index), saved, enable_missing_key_check)
 

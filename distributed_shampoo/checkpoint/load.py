@@ -35,7 +35,7 @@ from distributed_shampoo.checkpoint.plan import (
     check_placements,
     child_prefix,
     close_name,
-    flattened_paths,
+    key_paths,
     local_box,
     spelled_prefix,
     StateDict,
@@ -150,10 +150,9 @@ def leaf_names(template: StateDict) -> list[str]:
         if isinstance(node, torch.Tensor) or is_value(node):
             names.append(close_name(prefix))
         elif isinstance(node, Mapping):
-            spelled = flattened_paths(node) or [(key,) for key in node]
-            for (key, child), keys in zip(node.items(), spelled):
+            for (key, child), keys in zip(node.items(), key_paths(node)):
                 if isinstance(key, (str, int)) and not isinstance(key, bool):
-                    visit(child, spelled_prefix(prefix, keys))
+                    visit(child, spelled_prefix(prefix, keys))  # pyre-ignore[6]: str or int keys, as checked
         elif isinstance(node, (list, tuple)):
             for position, child in enumerate(node):
                 visit(child, child_prefix(prefix, position))
@@ -200,11 +199,10 @@ class LoadPlan:
         ``prefix``); returns what should replace it (itself, unless a value)."""
         if isinstance(node, Mapping):
             # A flattened mapping's keys stand for the paths they spell (``plan``'s module docstring).
-            spelled = flattened_paths(node) or [(key,) for key in node]
-            for (key, child), keys in zip(node.items(), spelled):
+            for (key, child), keys in zip(node.items(), key_paths(node)):
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TemplateMismatchError(f"{list(path)}: template key {key!r} is not a str or int")
-                replacement = self._walk(child, path + keys, spelled_prefix(prefix, keys))
+                replacement = self._walk(child, path + keys, spelled_prefix(prefix, keys))  # pyre-ignore[6]: checked
                 if replacement is not child:
                     self.assignments.append((node, key, replacement))
             return node

@@ -59,6 +59,10 @@ def close_name(prefix: str) -> str:
     return f"{prefix}]" if prefix else "[]"
 
 
+# Any key type: the walkers check that keys are str or int themselves.
+_AnyKey = TypeVar("_AnyKey")
+
+
 @functools.lru_cache(maxsize=65536)
 def _spelled_path(key: str) -> tuple[Key, ...] | None:
     """The key path a JSON-list key spells, or None for any other string. Cached: the same keys
@@ -74,11 +78,17 @@ def _spelled_path(key: str) -> tuple[Key, ...] | None:
     return tuple(path)
 
 
-def flattened_paths(node: Mapping[object, object]) -> list[tuple[Key, ...]] | None:
+def flattened_paths(node: Mapping[_AnyKey, object]) -> list[tuple[Key, ...]] | None:
     """The key path each key of ``node`` spells, in order, when every key spells one (a
     flattened mapping); None otherwise."""
     spelled = [_spelled_path(key) if isinstance(key, str) else None for key in node]
     return cast(list[tuple[Key, ...]], spelled) if spelled and None not in spelled else None
+
+
+def key_paths(node: Mapping[_AnyKey, object]) -> Sequence[tuple[object, ...]]:
+    """The key path each key of ``node`` stands for: the path it spells in a flattened mapping,
+    else the key alone."""
+    return flattened_paths(node) or [(key,) for key in node]
 
 
 def spelled_prefix(prefix: str, path: tuple[Key, ...]) -> str:

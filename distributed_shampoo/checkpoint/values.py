@@ -59,12 +59,16 @@ def is_value(node: object) -> bool:
         isinstance(node, SCALAR_TYPES)
         or (isinstance(node, torch.dtype) and node in _DTYPE_NAMES)
         or _is_config(node)
-        or ENUM_TYPES.get(type(node).__name__) is type(node)
+        or _is_enum(node)
     )
 
 
 def _is_config(value: object) -> bool:
     return CONFIG_TYPES.get(type(value).__name__) is type(value)
+
+
+def _is_enum(value: object) -> bool:
+    return ENUM_TYPES.get(type(value).__name__) is type(value)
 
 
 def same_config_kind(saved: object, template: object) -> bool:
@@ -88,7 +92,7 @@ def encode_value(value: object) -> object:
         return {"dtype": _DTYPE_NAMES[value]}
     if _is_config(value):
         return {"config": type(value).__name__, "fields": _encode_fields(value)}
-    if isinstance(value, enum.Enum) and ENUM_TYPES.get(type(value).__name__) is type(value):
+    if isinstance(value, enum.Enum) and _is_enum(value):
         return {"enum": type(value).__name__, "name": value.name}
     return value
 
@@ -214,7 +218,7 @@ def _conform(value: object, annotation: object) -> object:
         if not isinstance(value, dict):
             return _MISMATCH
         pairs = [(_conform(key, arguments[0]), _conform(item, arguments[1])) for key, item in value.items()]
-        return _MISMATCH if any(_MISMATCH in pair for pair in pairs) else dict(pairs)
+        return _MISMATCH if any(part is _MISMATCH for pair in pairs for part in pair) else dict(pairs)
     if origin in (collections.abc.Sequence, list, tuple):
         if not isinstance(value, list):
             return _MISMATCH
@@ -225,7 +229,9 @@ def _conform(value: object, annotation: object) -> object:
         if item_types is None:
             return _MISMATCH
         items = [_conform(item, item_type) for item, item_type in zip(value, item_types)]
-        return _MISMATCH if _MISMATCH in items else tuple(items) if origin is tuple else items
+        if any(item is _MISMATCH for item in items):
+            return _MISMATCH
+        return tuple(items) if origin is tuple else items
     if annotation is float:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _MISMATCH
     if annotation in (int, str, bool):

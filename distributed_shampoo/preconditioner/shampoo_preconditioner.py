@@ -261,11 +261,6 @@ def along_dims(tensor: torch.Tensor, matrices: dict[int, torch.Tensor]) -> torch
 _MAX_ROOT_TERM = 100
 
 
-def _terms(exponent: float) -> tuple[int, int]:
-    root = Fraction(1.0 / exponent)
-    return abs(root.numerator), root.denominator
-
-
 class ShampooPreconditioner(OptimizerModule):
     """One factor matrix per preconditioned dimension of a block (``factor_matrices``, numbered
     over those dimensions) and what each preconditions with, which the subclass keeps and
@@ -393,8 +388,9 @@ class RootInvShampooPreconditioner(ShampooPreconditioner):
                 f"CoupledNewtonConfig computes integer roots only; a block of order {len(block_shape)} has the exponents "
                 f"{[exponent for _, exponent in self._preconditioned()]}"
             )
+        roots = [Fraction(1.0 / exponent) for _, exponent in self._preconditioned()]
         if isinstance(self._root_config, CoupledHigherOrderConfig) and (
-            large := [str(Fraction(1.0 / exponent)) for _, exponent in self._preconditioned() if max(_terms(exponent)) > _MAX_ROOT_TERM]
+            large := [str(root) for root in roots if max(abs(root.numerator), root.denominator) > _MAX_ROOT_TERM]
         ):
             # The iteration takes matrix powers of the root's numerator and denominator.
             raise ValueError(

@@ -627,7 +627,9 @@ class ParameterShapesTest(unittest.TestCase):
         self.assertAlmostEqual(float(scalar.detach()), 2.0 - 0.5 / math.sqrt(0.25 + 1e-2), places=5)
         g = torch.arange(7.0, dtype=torch.float64)
         expected_bias = -(explicit_root(torch.outer(g, g), 2, 1e-2) @ g)
-        torch.testing.assert_close(bias.detach().double(), expected_bias, rtol=1e-5, atol=1e-6)
+        # The root is computed in float32 from a matrix of condition number ~9e3 (91 / 1e-2): float32
+        # rounding, amplified, not 1e-5, is the tolerance (the CPU's kernels decide the last digits).
+        torch.testing.assert_close(bias.detach().double(), expected_bias, rtol=2e-4, atol=2e-5)
         g = torch.ones(4, 27, dtype=torch.float64)
         expected_conv = -(explicit_root(g @ g.T, 4, 1e-2) @ g @ explicit_root(g.T @ g, 4, 1e-2))
         torch.testing.assert_close(conv.detach().double(), expected_conv.reshape(4, 3, 3, 3), rtol=1e-5, atol=1e-6)

@@ -48,7 +48,9 @@ def _setup(config: PreconditionerConfig) -> tuple[torch.nn.Module, DistributedSh
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sign and spectral descent say which hyperparameters they ignore
         optimizer = DistributedShampoo(
-            model.parameters(), lr=0.05, betas=(0.9, 0.95), momentum=0.5, max_preconditioner_dim=math.inf,
+            # epsilon: a 5x6 weight's 6x6 factor has rank 5 after one step; with the default 1e-12
+            # it is singular in float32, where coupled Newton diverges or not by the CPU's rounding.
+            model.parameters(), lr=0.05, betas=(0.9, 0.95), epsilon=1e-6, momentum=0.5, max_preconditioner_dim=math.inf,
             grafting_config=AdamPreconditionerConfig(beta2=0.9), preconditioner_config=config,
             distributed_config=SingleDeviceDistributedConfig(target_parameter_dimensionality=2),
         )

@@ -165,6 +165,12 @@ class TensorLayout:
         """Bytes of the tensor's data (its chunks tile it, so also the bytes they store)."""
         return math.prod(self.shape) * self.dtype.itemsize
 
+    def piece_shapes(self, logical_name: str) -> list[tuple[str, tuple[int, ...]]]:
+        """The stored name and shape of each stored piece (``stored_pieces`` without building them)."""
+        if self.chunks:
+            return [(chunk.name, chunk.shape) for chunk in self.chunks]
+        return [(logical_name, self.shape)]
+
     def stored_pieces(self, logical_name: str) -> tuple[ChunkLayout, ...]:
         """The stored pieces, a whole tensor being one piece at offset zero."""
         if self.chunks:
@@ -259,9 +265,7 @@ class CheckpointIndex:
     def piece_layouts(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Stored name -> dtype and shape of every stored piece."""
         return {
-            piece.name: (layout.dtype, piece.shape)
-            for name, layout in self.tensors.items()
-            for piece in layout.stored_pieces(name)
+            piece: (layout.dtype, shape) for name, layout in self.tensors.items() for piece, shape in layout.piece_shapes(name)
         }
 
     def shard_files(self) -> list[str]:
@@ -340,8 +344,12 @@ def sealed_digest(text: bytes) -> str | None:
     if not text.startswith(_SEALED_DIGEST_HEAD) or text[end : end + 2] != b'",':
         return None
     digest = text[len(_SEALED_DIGEST_HEAD) : end].decode("ascii", errors="replace")
-    content = _SEALED_HEAD.encode() + text[end + 2 :].rstrip(b"\n")
-    return digest if xxhash.xxh3_128_hexdigest(content) == digest else None
+    content_end = len(text)
+    while content_end > end + 2 and text[content_end - 1] == 0x0A:  # b"\n"
+        content_end -= 1
+    state = xxhash.xxh3_128(_SEALED_HEAD.encode())
+    state.update(memoryview(text)[end + 2 : content_end])  # hashed in place: an index can be 100 MiB
+    return digest if state.hexdigest() == digest else None
 
 
 @dataclass(frozen=True)

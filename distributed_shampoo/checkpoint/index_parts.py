@@ -47,7 +47,7 @@ from distributed_shampoo.checkpoint.format import (
     part_file_name,
     seal,
 )
-from distributed_shampoo.checkpoint.parse import Fields, parse_index_document, strict_json
+from distributed_shampoo.checkpoint.parse import Fields, index_json, parse_index_document
 from distributed_shampoo.checkpoint.reader import read_small_file
 
 _RECORD: np.dtype = np.dtype([("hash", "<u8"), ("part", "<u4")])
@@ -149,7 +149,7 @@ def read_partial_index(directory: Path, prefix: str, names: Iterable[str]) -> Ch
     for part in parts:
         path = directory / part_file_name(prefix, part, manifest.world_size)
         text = read_small_file(path, "index part", MAX_INDEX_BYTES, CorruptCheckpointError)
-        document = strict_json(text, path, "index part")
+        document = index_json(text, path, "index part")
         loaded = parse_index_document(path, document, "part", manifest, wanted, text)
         recorded = document["metadata"]["index_digest"] if isinstance(document, dict) and isinstance(document.get("metadata"), dict) else None
         if recorded != part_digests[part]:
@@ -165,7 +165,7 @@ def read_partial_index(directory: Path, prefix: str, names: Iterable[str]) -> Ch
 def _read_manifest(path: Path) -> tuple[CheckpointIndex, object]:
     """The manifest, validated, and its parsed document."""
     text = read_small_file(path, "manifest", MAX_INDEX_BYTES, CheckpointNotFoundError)
-    document = strict_json(text, path, "manifest")
+    document = index_json(text, path, "manifest")
     return parse_index_document(path, document, "manifest", text=text), document
 
 

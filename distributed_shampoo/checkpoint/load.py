@@ -152,7 +152,7 @@ def leaf_names(template: StateDict) -> list[str]:
         elif isinstance(node, Mapping):
             for (key, child), keys in zip(node.items(), key_paths(node)):
                 if isinstance(key, (str, int)) and not isinstance(key, bool):
-                    visit(child, spelled_prefix(prefix, keys))  # pyre-ignore[6]: str or int keys, as checked
+                    visit(child, spelled_prefix(prefix, key, keys))  # pyre-ignore[6]: str or int keys, as checked
         elif isinstance(node, (list, tuple)):
             for position, child in enumerate(node):
                 visit(child, child_prefix(prefix, position))
@@ -197,12 +197,16 @@ class LoadPlan:
     def _walk(self, node: object, path: tuple[Key, ...], prefix: str) -> object:
         """Plans the load of ``node`` (at ``path``, whose name ``child_prefix`` built as
         ``prefix``); returns what should replace it (itself, unless a value)."""
+        if isinstance(node, torch.Tensor):  # first: most leaves are tensors
+            if self._selected(path):
+                self._plan_leaf_tensor(close_name(prefix), node)
+            return node
         if isinstance(node, Mapping):
             # A flattened mapping's keys stand for the paths they spell (``plan``'s module docstring).
             for (key, child), keys in zip(node.items(), key_paths(node)):
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TemplateMismatchError(f"{list(path)}: template key {key!r} is not a str or int")
-                replacement = self._walk(child, path + keys, spelled_prefix(prefix, keys))  # pyre-ignore[6]: checked
+                replacement = self._walk(child, path + keys, spelled_prefix(prefix, key, keys))  # pyre-ignore[6]: checked
                 if replacement is not child:
                     self.assignments.append((node, key, replacement))
             return node
@@ -215,21 +219,9 @@ class LoadPlan:
                 return node
             changed = any(new is not old for new, old in zip(replacements, node))
             return type(node)(replacements) if changed else node
-        if not selected(path, self._selection):
+        if not self._selected(path):
             return node
-        self._matched.update(selected_path for selected_path in self._selection or () if path[: len(selected_path)] == selected_path)
         name = close_name(prefix)
-        if isinstance(node, torch.Tensor):
-            if name in self.index.tensors:
-                self._plan_tensor(name, node)
-            elif name in self.index.objects:
-                raise TemplateMismatchError(
-                    f"{name}: the template holds a tensor but {self.index.directory} saved the value "
-                    f"{self.index.objects[name]!r}"
-                )
-            else:
-                self._missing.append(name)
-            return node
         if is_value(node):
             if name in self.index.objects:
                 return _convert(name, self.index.objects[name], node)
@@ -238,6 +230,24 @@ class LoadPlan:
             self._missing.append(name)
             return node
         raise TemplateMismatchError(f"{name}: cannot load into a {type(node).__name__}")
+
+    def _selected(self, path: tuple[Key, ...]) -> bool:
+        """Whether the leaf at ``path`` is selected; records the selected key paths it matches."""
+        if self._selection is None:
+            return True
+        matched = [prefix for prefix in self._selection if path[: len(prefix)] == prefix]
+        self._matched.update(matched)
+        return bool(matched)
+
+    def _plan_leaf_tensor(self, name: str, leaf: torch.Tensor) -> None:
+        if name in self.index.tensors:
+            self._plan_tensor(name, leaf)
+        elif name in self.index.objects:
+            raise TemplateMismatchError(
+                f"{name}: the template holds a tensor but {self.index.directory} saved the value {self.index.objects[name]!r}"
+            )
+        else:
+            self._missing.append(name)
 
     def _check_complete(self, keys: list[tuple[Key, ...]] | None) -> None:
         if self._missing:
@@ -249,13 +259,13 @@ class LoadPlan:
 
     def _plan_tensor(self, name: str, leaf: torch.Tensor) -> None:
         layout = self.index.tensors[name]
-        if leaf.dtype != layout.dtype or tuple(leaf.shape) != layout.shape:
+        if leaf.dtype != layout.dtype or leaf.shape != layout.shape:
             raise TemplateMismatchError(
                 f"{name}: the template has a {DTYPE_TO_NAME.get(leaf.dtype, str(leaf.dtype))} tensor of shape "
                 f"{list(leaf.shape)} but {self.index.directory} saved {DTYPE_TO_NAME[layout.dtype]} {list(layout.shape)}"
             )
-        if leaf.device.type == "meta" or leaf.layout != torch.strided or leaf.is_conj() or leaf.is_neg():
-            what = "on the meta device (it holds no memory)" if leaf.device.type == "meta" else "not a plain strided tensor"
+        if leaf.is_meta or leaf.layout != torch.strided or leaf.is_conj() or leaf.is_neg():
+            what = "on the meta device (it holds no memory)" if leaf.is_meta else "not a plain strided tensor"
             raise TemplateMismatchError(f"{name}: the template tensor is {what} and cannot be filled")
         if not isinstance(leaf, DTensor) and not layout.chunks:  # the common case: a whole tensor, read whole
             if leaf.numel():
@@ -370,7 +380,7 @@ class LoadPlan:
             direct: dict[str, list[ReadRequest]] = {}
             for read, entry in zip(self.reads, self._entries):
                 target = read.target
-                if target.device.type == "cpu" and target.is_contiguous():
+                if target.is_cpu and target.is_contiguous():
                     direct.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, target))
                 else:
                     temporaries.append((read, entry, target))
@@ -525,7 +535,7 @@ def prepare(
 def _open_holding(index: CheckpointIndex, names: Iterable[str]) -> OpenFiles:
     """Opens the files of the named tensors and checks that their headers hold them as the index
     says: only then may memory be allocated for them."""
-    pieces = [piece.name for name in names for piece in index.tensors[name].stored_pieces(name)]
+    pieces = [piece for name in names for piece, _ in index.tensors[name].piece_shapes(name)]
     files = OpenFiles(index, pieces)
     try:
         for piece in pieces:

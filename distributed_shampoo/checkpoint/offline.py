@@ -72,8 +72,8 @@ def summarize(index: CheckpointIndex) -> dict[str, object]:
     dtypes: dict[str, dict[str, int]] = {}
     parameters: dict[str, dict[str, int]] = {}
     for name, layout in index.tensors.items():
-        for piece in layout.stored_pieces(name):
-            stored_bytes[piece.name] = math.prod(piece.shape) * layout.dtype.itemsize
+        for piece, shape in layout.piece_shapes(name):
+            stored_bytes[piece] = math.prod(shape) * layout.dtype.itemsize
         for table, key in ((dtypes, DTYPE_TO_NAME[layout.dtype]), (parameters, parameter_of(name))):
             entry = table.setdefault(key, {"tensors": 0, "bytes": 0})
             entry["tensors"] += 1

@@ -4,6 +4,12 @@
 Every field is type-checked before it is used, every size is checked against what the files hold
 before anything is allocated for it, and (format version 2) the index's digest and each header's
 digest must match, so a changed byte either loads nothing or is reported as a typed error.
+
+Text whose digest matches (the bytes this library wrote) is decoded lazily with msgspec: each
+entry of the per-tensor maps stays raw JSON text (``msgspec.Raw``) until it is read, and an
+entry is decoded straight into typed fields (``_StoredLayout``, ``_StoredEntry``) whose types and
+ranges msgspec checks in C. A loading rank thus decodes only its own entries. An entry that does
+not decode that way is decoded as plain JSON and checked field by field, which says what is wrong.
 """
 
 import json
@@ -13,7 +19,9 @@ import re
 import struct
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
+from typing import Annotated, TypeVar
 
+import msgspec
 import torch
 
 from distributed_shampoo.checkpoint.errors import (
@@ -61,6 +69,39 @@ _HEX: frozenset[str] = frozenset("0123456789abcdef")
 _SIMPLE_KEY: str = r'(?:"[ !#-\[\]-~]*"|0|-?[1-9][0-9]{0,17})'
 _CANONICAL_NAME: re.Pattern[str] = re.compile(rf"\[{_SIMPLE_KEY}(?:, {_SIMPLE_KEY})*\]")
 _CONTAINER_KINDS: tuple[str, ...] = ("list", "tuple", "dict")
+
+
+# The maps of an index's metadata with an entry per stored tensor: decoded lazily.
+_PER_TENSOR_FIELDS: frozenset[str] = frozenset({"tensors", "checksums", "pages"})
+_RAW_OBJECT: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_Size = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _StoredChunk(msgspec.Struct):
+    name: str
+    offsets: list[_Size]
+    shape: list[_Size]
+
+
+class _StoredLayout(msgspec.Struct):
+    """An index's tensor entry, as msgspec checks its types (unknown fields are ignored, as the
+    field-by-field parser ignores them; a missing or null field fails, as there)."""
+
+    dtype: str
+    shape: list[_Size]
+    chunks: list[_StoredChunk] | msgspec.UnsetType = msgspec.UNSET
+
+
+class _StoredEntry(msgspec.Struct):
+    """A safetensors header entry, as msgspec checks its types."""
+
+    dtype: str
+    shape: list[_Size]
+    data_offsets: tuple[_Size, _Size]
+
+
+_LAYOUT: msgspec.json.Decoder[_StoredLayout] = msgspec.json.Decoder(_StoredLayout)
+_ENTRY: msgspec.json.Decoder[_StoredEntry] = msgspec.json.Decoder(_StoredEntry)
 
 
 class _DuplicateKey(ValueError):
@@ -115,6 +156,29 @@ def strict_json(data: bytes, path: Path, what: str) -> object:
         raise CorruptCheckpointError(f"{path}: the {what} is not valid JSON ({error})") from None
 
 
+def index_json(data: bytes, path: Path, what: str) -> object:
+    """``strict_json`` for index-shaped text (an index, an index part, a manifest).
+
+    Text that ``seal`` wrote (``sealed_digest`` matches) is decoded lazily: ``weight_map`` and the
+    per-tensor maps of ``metadata`` (tensors, checksums, pages) become dicts of ``msgspec.Raw``
+    entries, which ``parse_index_document`` decodes as it reads them; the other fields are decoded
+    by the ``json`` module, as ``strict_json`` decodes them. Other text goes to ``strict_json``.
+
+    Raises:
+        CorruptCheckpointError: As ``strict_json``.
+    """
+    if sealed_digest(data) is not None:
+        try:
+            document = {key: _RAW_OBJECT.decode(value) for key, value in _RAW_OBJECT.decode(data).items()}
+            metadata = document.get("metadata", {})
+            for key, value in metadata.items():
+                metadata[key] = _RAW_OBJECT.decode(value) if key in _PER_TENSOR_FIELDS else json.loads(bytes(value))
+            return document
+        except (msgspec.DecodeError, ValueError, RecursionError):
+            pass  # another shape of document: ``strict_json``'s document lets the schema checks say what is wrong
+    return strict_json(data, path, what)
+
+
 class Fields:
     """Typed access to fields of a parsed JSON document; every failure names file and field."""
 
@@ -127,6 +191,19 @@ class Fields:
         if len(field) > 160:
             field = field[:157] + "..."
         return CorruptCheckpointError(f"{self.path}: {field}: {problem}")
+
+    def decoded(self, value: object, field: str) -> object:
+        """``value``, decoded if it is a lazily decoded entry (``index_json``)."""
+        if not isinstance(value, msgspec.Raw):
+            return value
+        try:
+            return msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            pass
+        try:
+            return json.loads(bytes(value))
+        except (ValueError, RecursionError) as error:
+            raise self.fail(field, f"is not valid JSON ({error})") from None
 
     def obj(self, value: object, field: str) -> dict[str, object]:
         if not isinstance(value, dict):
@@ -219,7 +296,7 @@ def read_index(directory: str | os.PathLike[str], wanted: Collection[str] | None
     """
     path = find_index_file(Path(directory))
     data = read_small_file(path, "index", MAX_INDEX_BYTES, CheckpointNotFoundError)
-    return parse_index_document(path, strict_json(data, path, "index"), "index", wanted=wanted, text=data)
+    return parse_index_document(path, index_json(data, path, "index"), "index", wanted=wanted, text=data)
 
 
 def parse_index_document(
@@ -296,7 +373,7 @@ def parse_index_document(
     tensors = {name: _parse_layout(fields, name, entry, check_name=wanted is None) for name, entry in raw_tensors.items()}
     if kind == "manifest" and (tensors or weight_map):
         raise fields.fail('"tensors"', "a manifest holds no tensor entries (the parts do)")
-    pieces = {piece.name: (layout.dtype, piece.shape) for name, layout in tensors.items() for piece in layout.stored_pieces(name)}
+    pieces = {piece: (layout.dtype, shape) for name, layout in tensors.items() for piece, shape in layout.piece_shapes(name)}
     partial = wanted is not None
     weight_map = _piece_entries(fields, weight_map, pieces, '"weight_map"', partial, fields.text)
     shard_files = set(files) if version >= 2 else _shard_names(prefix, world_size, weight_map.values())
@@ -402,28 +479,56 @@ def _parse_layout(fields: Fields, name: str, entry: object, check_name: bool = T
     where = '"tensors" ' + name
     if check_name:
         fields.name(name, where)
-    layout = fields.obj(entry, where)
-    dtype_name = layout.get("dtype")
+    typed = _typed(_LAYOUT, entry)
+    if typed is not None:
+        dtype_name: object = typed.dtype
+        shape = tuple(typed.shape)
+        raw_chunks = typed.chunks
+        stored_chunks = [(c.name, tuple(c.offsets), tuple(c.shape)) for c in raw_chunks] if isinstance(raw_chunks, list) else None
+    else:
+        layout = fields.obj(fields.decoded(entry, where), where)
+        dtype_name = layout.get("dtype")
+        shape = fields.dims(layout.get("shape"), f'{where} "shape"')
+        stored_chunks = None if "chunks" not in layout else _chunk_fields(fields, where, layout["chunks"])
     if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
         raise fields.fail(f"{where} \"dtype\"", f"unknown dtype {_short(dtype_name)}")
-    shape = fields.dims(layout.get("shape"), f'{where} "shape"')
     chunks: list[ChunkLayout] = []
-    if "chunks" in layout:
-        raw_chunks = layout["chunks"]
-        if not isinstance(raw_chunks, list):
-            raise fields.fail(f'{where} "chunks"', f"expected a list, got {_short(raw_chunks)}")
-        for position, raw in enumerate(raw_chunks):
-            chunk_where = where + ' "chunks"'
-            chunk = fields.obj(raw, chunk_where)
-            offsets = fields.dims(chunk.get("offsets"), f'{chunk_where} "offsets"')
-            chunk_shape = fields.dims(chunk.get("shape"), f'{chunk_where} "shape"')
-            if chunk.get("name") != chunk_name(name, offsets):
-                raise fields.fail(f'{chunk_where} "name"', f"must be {chunk_name(name, offsets)!r}, got {_short(chunk.get('name'))}")
+    if stored_chunks is not None:
+        for chunk_field, offsets, chunk_shape in stored_chunks:
+            if chunk_field != chunk_name(name, offsets):
+                raise fields.fail(f'{where} "chunks" "name"', f"must be {chunk_name(name, offsets)!r}, got {_short(chunk_field)}")
             chunks.append(ChunkLayout(chunk_name(name, offsets), offsets, chunk_shape))
         problem = tiling_problem(shape, [(c.offsets, c.shape) for c in chunks])
         if problem is not None:
             raise fields.fail(f'{where} "chunks"', f"do not tile the {list(shape)} tensor exactly: {problem}")
     return TensorLayout(shape, NAME_TO_DTYPE[dtype_name], tuple(chunks))
+
+
+def _chunk_fields(fields: Fields, where: str, raw_chunks: object) -> list[tuple[object, tuple[int, ...], tuple[int, ...]]]:
+    """The (name, offsets, shape) of each chunk of a layout, type-checked field by field."""
+    if not isinstance(raw_chunks, list):
+        raise fields.fail(f'{where} "chunks"', f"expected a list, got {_short(raw_chunks)}")
+    chunk_where = where + ' "chunks"'
+    chunks: list[tuple[object, tuple[int, ...], tuple[int, ...]]] = []
+    for raw in raw_chunks:
+        chunk = fields.obj(raw, chunk_where)
+        offsets = fields.dims(chunk.get("offsets"), f'{chunk_where} "offsets"')
+        chunks.append((chunk.get("name"), offsets, fields.dims(chunk.get("shape"), f'{chunk_where} "shape"')))
+    return chunks
+
+
+_Typed = TypeVar("_Typed")
+
+
+def _typed(decoder: "msgspec.json.Decoder[_Typed]", entry: object) -> _Typed | None:
+    """A lazily decoded entry (``index_json``) decoded into typed fields, or None if it is not
+    one or does not decode that way (then the field-by-field checks say what is wrong)."""
+    if not isinstance(entry, msgspec.Raw):
+        return None
+    try:
+        return decoder.decode(entry)
+    except msgspec.DecodeError:
+        return None
 
 
 def _piece_entries(
@@ -434,11 +539,11 @@ def _piece_entries(
     if not partial:
         if raw.keys() != set(pieces):
             raise fields.fail(field, f'lists other stored tensors than "tensors": {_difference(raw, pieces)}')
-        return {name: parse(value, f"{field} {name}") for name, value in raw.items()}
+        return {name: parse(fields.decoded(value, field), f"{field} {name}") for name, value in raw.items()}
     missing = [name for name in pieces if name not in raw]
     if missing:
         raise fields.fail(field, f'lacks stored tensors that "tensors" holds: {sorted(missing)[:2]}')
-    return {name: parse(raw[name], f"{field} {name}") for name in pieces}
+    return {name: parse(fields.decoded(raw[name], field), f"{field} {name}") for name in pieces}
 
 
 def _parse_pages(
@@ -452,7 +557,7 @@ def _parse_pages(
     # Kept as the concatenated text (``page_digest`` slices one out): splitting millions of
     # digests is most of the time a large state's index takes to parse.
     return {
-        name: fields.hex(raw[name], f'"pages" {_short(name)}', 16 * -(-piece_bytes[name] // page_bytes))
+        name: fields.hex(fields.decoded(raw[name], '"pages"'), f'"pages" {_short(name)}', 16 * -(-piece_bytes[name] // page_bytes))
         for name in paged
     }
 
@@ -559,15 +664,20 @@ def _read_header(fd: int, path: Path, index: CheckpointIndex, rank: int, names: 
     if len(raw) != header_size:
         raise CorruptCheckpointError(f"{path}: truncated while reading its header")
     record = index.files.get(path.name)
-    if record is not None and size == record.size and checksum(raw) == record.header_digest:
-        header = json.loads(raw)  # exactly the bytes this save's writer wrote
-    else:
+    header: object = None
+    matches = record is not None and size == record.size and checksum(raw) == record.header_digest
+    if matches:  # exactly the bytes this save's writer wrote: entries decoded as they are read
+        try:
+            header = _RAW_OBJECT.decode(raw)
+        except msgspec.DecodeError:
+            pass
+    if not isinstance(header, dict):
         header = strict_json(raw.rstrip(b" "), path, "safetensors header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
-    if record is not None and (size != record.size or checksum(raw) != record.header_digest):
+    if record is not None and not matches:
         _raise_header_mismatch(path, header, index, size, record)
-    metadata = header.get("__metadata__")
+    metadata = Fields(path).decoded(header.get("__metadata__"), '"__metadata__"')
     if index.format_version >= 2 and metadata != shard_header_metadata(rank, index.world_size, index.save_id):
         raise CorruptCheckpointError(f"{path}: the header's __metadata__ {_short(metadata)} is not rank {rank}'s of this save")
     if names is None:
@@ -594,16 +704,22 @@ def _raise_header_mismatch(path: Path, header: dict[str, object], index: Checkpo
 def _header_entry(fields: Fields, name: str, raw: object, data_start: int) -> HeaderEntry:
     """One header entry, type-checked; its offsets made absolute."""
     where = "header entry " + name
-    info = fields.obj(raw, where)
-    dtype_name = info.get("dtype")
+    typed = _typed(_ENTRY, raw)
+    if typed is not None:
+        dtype_name: object = typed.dtype
+        shape = tuple(typed.shape)
+        begin, end = typed.data_offsets
+    else:
+        info = fields.obj(fields.decoded(raw, where), where)
+        dtype_name = info.get("dtype")
+        shape = fields.dims(info.get("shape"), f'{where} "shape"')
+        offsets = fields.dims(info.get("data_offsets"), f'{where} "data_offsets"')
+        if len(offsets) != 2:
+            raise fields.fail(f'{where} "data_offsets"', f"expected [begin, end], got {list(offsets)}")
+        begin, end = offsets
     if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
         raise fields.fail(where, f"unknown dtype {_short(dtype_name)}")
     dtype = NAME_TO_DTYPE[dtype_name]
-    shape = fields.dims(info.get("shape"), f'{where} "shape"')
-    offsets = fields.dims(info.get("data_offsets"), f'{where} "data_offsets"')
-    if len(offsets) != 2:
-        raise fields.fail(f'{where} "data_offsets"', f"expected [begin, end], got {list(offsets)}")
-    begin, end = offsets
     if end - begin != math.prod(shape) * dtype.itemsize:
         raise fields.fail(
             where, f"spans {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {math.prod(shape) * dtype.itemsize}"

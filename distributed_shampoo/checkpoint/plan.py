@@ -91,10 +91,22 @@ def key_paths(node: Mapping[_AnyKey, object]) -> Sequence[tuple[object, ...]]:
     return flattened_paths(node) or [(key,) for key in node]
 
 
-def spelled_prefix(prefix: str, path: tuple[Key, ...]) -> str:
-    """``child_prefix`` applied along ``path``."""
-    for key in path:
-        prefix = child_prefix(prefix, key)
+@functools.lru_cache(maxsize=65536)
+def _canonically_spelled(key: str) -> bool:
+    """Whether ``key`` is exactly ``encode_key`` of the path it spells."""
+    path = _spelled_path(key)
+    return path is not None and encode_key(path) == key
+
+
+def spelled_prefix(prefix: str, key: object, path: tuple[Key, ...]) -> str:
+    """The name prefix of the child at ``key`` of a mapping, where ``key_paths`` gave ``path``:
+    ``child_prefix`` applied along ``path``. A key that spells its path as ``encode_key`` would
+    (the optimizer's flattened keys) is that text already, so it is reused instead of being built
+    a component at a time (the cost per leaf of a load)."""
+    if path != (key,) and isinstance(key, str) and _canonically_spelled(key):
+        return f"{prefix}, {key[1:-1]}" if prefix else key[:-1]
+    for component in path:
+        prefix = child_prefix(prefix, component)
     return prefix
 
 

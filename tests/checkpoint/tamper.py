@@ -3,7 +3,8 @@
 
 ``reseal`` recomputes the integrity fields (each file's size and header digest, the index digest)
 after an edit, so a test can reach the checks behind them: a resealed edit is what a deliberately
-crafted index looks like.
+crafted index looks like. It writes the index in ``seal``'s layout, as the library does, so that a
+load decodes it as it decodes a real index (lazily, entry by entry).
 """
 
 import contextlib
@@ -14,7 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 from distributed_shampoo.checkpoint import index_parts
-from distributed_shampoo.checkpoint.format import checksum, index_digest
+from distributed_shampoo.checkpoint.format import checksum, index_digest, seal
 
 INDEX = "optimizer.safetensors.index.json"
 
@@ -41,8 +42,15 @@ def reseal(directory: Path) -> None:
         (length,) = struct.unpack("<Q", data[:8])
         files[name] = {"size": len(data), "header_digest": checksum(data[8 : 8 + length])}
     metadata.pop("index_digest", None)
-    metadata["index_digest"] = index_digest(document)
-    write_document(directory, document)
+    try:
+        sealed = seal(document)  # the library's own layout, so loads take the path they take for real files
+    except (ValueError, TypeError):
+        sealed = None  # not JSON the library can write (NaN, a non-str key): digest it as it is
+    if sealed is not None and len(metadata) > 1:  # an empty "metadata" has no place for the digest in seal's layout
+        (directory / INDEX).write_text(sealed)
+    else:
+        metadata["index_digest"] = index_digest(document)
+        write_document(directory, document)
     drop_loader_files(directory)
     if not isinstance(files, dict) or metadata.get("world_size") != len(files):
         return  # one part per rank: an edited world size would make millions of them

@@ -95,6 +95,18 @@ def _text_edit(old: str, new: str) -> Callable[[Path], None]:
     return apply
 
 
+def _edit_header_entry(**fields: object) -> Callable[[Path], None]:
+    """Sets fields of tensor "a"'s header entry, then reseals: the header matches the index's
+    digest, so a load decodes it as it decodes what the writer wrote."""
+
+    def edit(header: dict[str, object]) -> None:
+        entry = header['["a"]']
+        assert isinstance(entry, dict)
+        entry.update(fields)
+
+    return lambda directory: (rewrite_header(directory / _SHARD, edit), reseal(directory))[0]
+
+
 def _header_metadata_rank(header: dict[str, object]) -> None:
     metadata = header["__metadata__"]
     assert isinstance(metadata, dict)
@@ -110,6 +122,10 @@ _DAMAGES: list[tuple[str, Callable[[Path], None], type[CheckpointError], str]] =
     ("renamed_in_header", _rename_in_header(False), CorruptCheckpointError, r"the header does not match the index's digest [0-9a-f]{16}: it was modified or damaged"),
     ("renamed_in_header_resealed", _rename_in_header(True), IndexMismatchError, r'\["a"\] is absent in the file but the index says F32 \[1000\]'),
     ("header_rank_resealed", lambda d: (rewrite_header(d / _SHARD, _header_metadata_rank), reseal(d))[0], CorruptCheckpointError, r"the header's __metadata__ .* is not rank 0's of this save"),
+    ("header_offsets_resealed", _edit_header_entry(data_offsets=[0, 4000, 1]), CorruptCheckpointError, r'header entry \["a"\] "data_offsets": expected \[begin, end\], got \[0, 4000, 1\]'),
+    ("header_negative_dim_resealed", _edit_header_entry(shape=[-1000]), CorruptCheckpointError, r'header entry \["a"\] "shape": expected an integer >= 0, got -1000'),
+    ("header_dtype_resealed", _edit_header_entry(dtype="F33"), CorruptCheckpointError, r"header entry \[\"a\"\]: unknown dtype 'F33'"),
+    ("header_size_resealed", _edit_header_entry(data_offsets=[0, 3996]), CorruptCheckpointError, r'header entry \["a"\]: spans 3996 bytes but shape \[1000\] of F32 needs 4000'),
     ("index_edited", edit_index(lambda d: d["metadata"].update(total_size=1), sealed=False), CorruptCheckpointError, r'"index_digest": the index content hashes to [0-9a-f]{32} but records [0-9a-f]{32}: the index was modified or damaged'),
     ("index_object_edited", _text_edit('\\"lr\\"]":0.1', '\\"lr\\"]":0.2'), CorruptCheckpointError, r"the index was modified or damaged"),
     ("index_version", edit_index(lambda d: d["metadata"].update(format_version=4)), IncompatibleFormatError, r"format_version 4 is not supported \(this library reads 1, 2, 3\)"),
@@ -233,6 +249,13 @@ class BadInputTest(unittest.TestCase):
             # Without a template, the whole index is read and the loader's files are not.
             self.assertEqual(load_checkpoint(self.directory)["lr"], 0.1)
         self.assertTrue(torch.equal(template["a"], torch.zeros(1000)))  # pyre-ignore[6]
+
+    def test_unknown_fields_of_entries_are_ignored(self) -> None:
+        # What a later writer may add to an entry: both ways of decoding one skip it.
+        edit_index(lambda d: _tensor(d, '["a"]').update(note="added"))(self.directory)
+        _edit_header_entry(note="added")(self.directory)
+        for loaded in (load_checkpoint(self.directory), load_checkpoint(self.directory, {"a": torch.zeros(1000)}, strict=False)):
+            self.assertTrue(torch.equal(loaded["a"], _state()["a"]))  # pyre-ignore[6]: a tensor
 
     def test_index_and_header_that_disagree(self) -> None:
         edit_index(_set_shape)(self.directory)

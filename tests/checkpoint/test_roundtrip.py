@@ -26,7 +26,8 @@ from distributed_shampoo.checkpoint import (
     verify_checkpoint,
 )
 from distributed_shampoo.checkpoint import index_parts
-from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME
+from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME, seal, sealed_digest
+from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 from tests.checkpoint.scratch import ScratchDirTest
 
@@ -254,12 +255,54 @@ class FlattenedMappingTest(ScratchDirTest):
         with self.assertRaisesRegex(MissingKeyError, r'holds no value for 1 template keys: \["state", "fc.weight", "block_1", "momentum"\]'):
             load_checkpoint(self.root / "ckpt", template)
 
+    def test_keys_spelled_otherwise_name_the_same_leaves(self) -> None:
+        # A canonically spelled key is reused as the names' text; any other spelling of the same
+        # path (no space after the comma, a literal non-ASCII character) is named component by component.
+        saved = {"s": {"block_0": {"m": torch.ones(2), "\u00e9": torch.full((1,), 2.0)}, "step": torch.full((1,), 3.0)}}
+        save_checkpoint(self.root / "ckpt", saved)
+        template: dict[str, object] = {
+            "s": {'["block_0","m"]': torch.zeros(2), '["block_0", "\u00e9"]': torch.zeros(1), '["step"]': torch.zeros(1)}
+        }
+        load_checkpoint(self.root / "ckpt", template)
+        state = template["s"]
+        assert isinstance(state, dict)
+        self.assertTrue(torch.equal(state['["block_0","m"]'], torch.ones(2)))
+        self.assertTrue(torch.equal(state['["block_0", "\u00e9"]'], torch.full((1,), 2.0)))
+        self.assertTrue(torch.equal(state['["step"]'], torch.full((1,), 3.0)))
+
     def test_a_mapping_with_other_keys_too_is_not_flattened(self) -> None:
         save_checkpoint(self.root / "ckpt", {"m": {'["a"]': torch.ones(1), "b": torch.zeros(1)}})
         self.assertEqual(sorted(read_checkpoint_index(self.root / "ckpt").tensors), ['["m", "[\\"a\\"]"]', '["m", "b"]'])
 
 
+class TensorBytesTest(unittest.TestCase):
+    """``tensor_bytes`` gives a tensor's values as row-major bytes, whichever path it takes."""
+
+    @parameterized.expand(
+        [
+            ("contiguous", lambda: torch.arange(12.0).reshape(3, 4)),
+            ("bfloat16", lambda: torch.arange(12.0).reshape(3, 4).to(torch.bfloat16)),
+            ("requires_grad", lambda: torch.arange(12.0, requires_grad=True)),
+            ("transposed", lambda: torch.arange(12.0).reshape(3, 4).t()),
+            ("conjugate", lambda: torch.complex(torch.arange(3.0), torch.ones(3)).conj()),
+            ("zero_dim", lambda: torch.tensor(7, dtype=torch.int16)),
+            ("empty", lambda: torch.zeros(0, 5)),
+        ]
+    )
+    def test_values_as_row_major_bytes(self, _name: str, make: Callable[[], torch.Tensor]) -> None:
+        tensor = make()
+        expected = tensor.detach().resolve_conj().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self.assertEqual(bytes(tensor_bytes(tensor)), expected)
+
+
 class FormatTest(unittest.TestCase):
+    def test_sealed_text_with_trailing_newlines_is_still_sealed(self) -> None:
+        text = seal({"metadata": {"x": 1}, "weight_map": {}}).encode()
+        digest = sealed_digest(text)
+        self.assertIsNotNone(digest)
+        self.assertEqual(sealed_digest(text + b"\n\n"), digest)
+        self.assertIsNone(sealed_digest(text.replace(b'"x":1', b'"x":2')))
+
     def test_hf_compatible_layout(self) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp) / "ckpt"

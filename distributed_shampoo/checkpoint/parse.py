@@ -71,9 +71,15 @@ _CANONICAL_NAME: re.Pattern[str] = re.compile(rf"\[{_SIMPLE_KEY}(?:, {_SIMPLE_KE
 _CONTAINER_KINDS: tuple[str, ...] = ("list", "tuple", "dict")
 
 
-# The maps of an index's metadata with an entry per stored tensor: decoded lazily.
-_PER_TENSOR_FIELDS: frozenset[str] = frozenset({"tensors", "checksums", "pages"})
+# The maps of an index's metadata with an entry per stored tensor, and how ``index_json`` decodes
+# them: layouts stay raw until read; digests are strings, checked as such in C.
 _RAW_OBJECT: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_STR_OBJECT: msgspec.json.Decoder[dict[str, str]] = msgspec.json.Decoder(dict[str, str])
+_PER_TENSOR_FIELDS: dict[str, msgspec.json.Decoder[dict[str, msgspec.Raw]] | msgspec.json.Decoder[dict[str, str]]] = {
+    "tensors": _RAW_OBJECT,
+    "checksums": _STR_OBJECT,
+    "pages": _STR_OBJECT,
+}
 _Size = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -159,23 +165,28 @@ def strict_json(data: bytes, path: Path, what: str) -> object:
 def index_json(data: bytes, path: Path, what: str) -> object:
     """``strict_json`` for index-shaped text (an index, an index part, a manifest).
 
-    Text that ``seal`` wrote (``sealed_digest`` matches) is decoded lazily: ``weight_map`` and the
-    per-tensor maps of ``metadata`` (tensors, checksums, pages) become dicts of ``msgspec.Raw``
-    entries, which ``parse_index_document`` decodes as it reads them; the other fields are decoded
-    by the ``json`` module, as ``strict_json`` decodes them. Other text goes to ``strict_json``.
+    Text that ``seal`` wrote (``sealed_digest`` matches) is decoded by msgspec: ``weight_map``,
+    ``checksums`` and ``pages`` as maps of strings, ``tensors`` as a map of ``msgspec.Raw``
+    entries, which ``parse_index_document`` decodes as it reads them (a load reads its own); the
+    other fields are decoded by the ``json`` module, as ``strict_json`` decodes them. Other text,
+    or text whose maps are not of that kind, goes to ``strict_json`` (its schema checks then say
+    what is wrong).
 
     Raises:
         CorruptCheckpointError: As ``strict_json``.
     """
     if sealed_digest(data) is not None:
         try:
-            document = {key: _RAW_OBJECT.decode(value) for key, value in _RAW_OBJECT.decode(data).items()}
-            metadata = document.get("metadata", {})
-            for key, value in metadata.items():
-                metadata[key] = _RAW_OBJECT.decode(value) if key in _PER_TENSOR_FIELDS else json.loads(bytes(value))
-            return document
-        except (msgspec.DecodeError, ValueError, RecursionError):
-            pass  # another shape of document: ``strict_json``'s document lets the schema checks say what is wrong
+            top = _RAW_OBJECT.decode(data)
+            metadata: dict[str, object] = {}
+            for key, value in _RAW_OBJECT.decode(top["metadata"]).items():
+                decoder = _PER_TENSOR_FIELDS.get(key)
+                metadata[key] = decoder.decode(value) if decoder is not None else json.loads(bytes(value))
+            document: dict[str, object] = {"metadata": metadata, "weight_map": _STR_OBJECT.decode(top["weight_map"])}
+            if top.keys() == document.keys():
+                return document
+        except (msgspec.DecodeError, KeyError, ValueError, RecursionError):
+            pass
     return strict_json(data, path, what)
 
 
@@ -539,11 +550,11 @@ def _piece_entries(
     if not partial:
         if raw.keys() != set(pieces):
             raise fields.fail(field, f'lists other stored tensors than "tensors": {_difference(raw, pieces)}')
-        return {name: parse(fields.decoded(value, field), f"{field} {name}") for name, value in raw.items()}
+        return {name: parse(value, f"{field} {name}") for name, value in raw.items()}
     missing = [name for name in pieces if name not in raw]
     if missing:
         raise fields.fail(field, f'lacks stored tensors that "tensors" holds: {sorted(missing)[:2]}')
-    return {name: parse(fields.decoded(raw[name], field), f"{field} {name}") for name in pieces}
+    return {name: parse(raw[name], f"{field} {name}") for name in pieces}
 
 
 def _parse_pages(
@@ -557,7 +568,7 @@ def _parse_pages(
     # Kept as the concatenated text (``page_digest`` slices one out): splitting millions of
     # digests is most of the time a large state's index takes to parse.
     return {
-        name: fields.hex(fields.decoded(raw[name], '"pages"'), f'"pages" {_short(name)}', 16 * -(-piece_bytes[name] // page_bytes))
+        name: fields.hex(raw[name], f'"pages" {_short(name)}', 16 * -(-piece_bytes[name] // page_bytes))
         for name in paged
     }
 

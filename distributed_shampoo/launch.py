@@ -50,6 +50,10 @@ def _child(
             world_size=world_size,
             timeout=timedelta(seconds=collective_timeout_s),
         )
+        # Every rank is connected to every other before any starts: a rank whose work needs no
+        # collective (a load) could otherwise finish and exit while a slower one is still
+        # connecting to it, which fails that one ("Gloo connectFullMesh failed ... closed by peer").
+        dist.barrier()
         try:
             fn(rank, world_size, *args)
         finally:

@@ -204,13 +204,10 @@ class Fields:
         return CorruptCheckpointError(f"{self.path}: {field}: {problem}")
 
     def decoded(self, value: object, field: str) -> object:
-        """``value``, decoded if it is a lazily decoded entry (``index_json``)."""
+        """``value``, decoded by the ``json`` module (as ``strict_json`` decodes) if it is a lazily
+        decoded entry (``index_json``, a header's), for the field-by-field checks."""
         if not isinstance(value, msgspec.Raw):
             return value
-        try:
-            return msgspec.json.decode(value)
-        except msgspec.DecodeError:
-            pass
         try:
             return json.loads(bytes(value))
         except (ValueError, RecursionError) as error:
@@ -688,12 +685,13 @@ def _read_header(fd: int, path: Path, index: CheckpointIndex, rank: int, names: 
         raise CorruptCheckpointError(f"{path}: the safetensors header is not a JSON object")
     if record is not None and not matches:
         _raise_header_mismatch(path, header, index, size, record)
-    metadata = Fields(path).decoded(header.get("__metadata__"), '"__metadata__"')
+    fields = Fields(path)
+    metadata = fields.decoded(header.get("__metadata__"), '"__metadata__"')
     if index.format_version >= 2 and metadata != shard_header_metadata(rank, index.world_size, index.save_id):
         raise CorruptCheckpointError(f"{path}: the header's __metadata__ {_short(metadata)} is not rank {rank}'s of this save")
     if names is None:
-        return _header_entries(Fields(path), header, 8 + header_size, size)
-    return _some_header_entries(Fields(path), header, names, 8 + header_size, size)
+        return _header_entries(fields, header, 8 + header_size, size)
+    return _some_header_entries(fields, header, names, 8 + header_size, size)
 
 
 def _raise_header_mismatch(path: Path, header: dict[str, object], index: CheckpointIndex, size: int, record: FileRecord) -> None:

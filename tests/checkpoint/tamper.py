@@ -42,11 +42,13 @@ def reseal(directory: Path) -> None:
         (length,) = struct.unpack("<Q", data[:8])
         files[name] = {"size": len(data), "header_digest": checksum(data[8 : 8 + length])}
     metadata.pop("index_digest", None)
-    try:
-        sealed = seal(document)  # the library's own layout, so loads take the path they take for real files
-    except (ValueError, TypeError):
-        sealed = None  # not JSON the library can write (NaN, a non-str key): digest it as it is
-    if sealed is not None and len(metadata) > 1:  # an empty "metadata" has no place for the digest in seal's layout
+    sealed = None
+    if metadata:  # seal's layout splices the digest in before another field of "metadata"
+        try:
+            sealed = seal(document)  # the library's own layout, so loads take the path they take for real files
+        except (ValueError, TypeError):
+            pass  # not JSON the library can write (NaN, a non-str key); seal changed nothing
+    if sealed is not None:
         (directory / INDEX).write_text(sealed)
     else:
         metadata["index_digest"] = index_digest(document)

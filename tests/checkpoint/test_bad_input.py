@@ -251,7 +251,7 @@ class BadInputTest(unittest.TestCase):
         self.assertTrue(torch.equal(template["a"], torch.zeros(1000)))  # pyre-ignore[6]
 
     def test_unknown_fields_of_entries_are_ignored(self) -> None:
-        # What a later writer may add to an entry: both ways of decoding one skip it.
+        # What a later writer may add to an index or header entry: a load skips it.
         edit_index(lambda d: _tensor(d, '["a"]').update(note="added"))(self.directory)
         _edit_header_entry(note="added")(self.directory)
         for loaded in (load_checkpoint(self.directory), load_checkpoint(self.directory, {"a": torch.zeros(1000)}, strict=False)):

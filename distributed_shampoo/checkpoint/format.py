@@ -295,7 +295,7 @@ def canonical_json(document: object) -> str:
 
 
 _SORTED_ENCODER: msgspec.json.Encoder = msgspec.json.Encoder(order="sorted")
-_PLAIN_SCALARS: frozenset[type] = frozenset({str, int, bool, type(None)})
+_PLAIN_SCALARS: frozenset[type[object]] = frozenset({str, int, bool, type(None)})
 
 
 def _json_text(value: object) -> str:
@@ -308,18 +308,21 @@ def _plain(node: object) -> bool:
     pending = [node]
     while pending:
         item = pending.pop()
-        kind = type(item)
-        if kind is dict:
+        if isinstance(item, dict):
+            if type(item) is not dict:
+                return False
             for key, value in item.items():
                 if type(key) is not str:
                     return False
                 if type(value) not in _PLAIN_SCALARS:
                     pending.append(value)
-        elif kind is list:
+        elif isinstance(item, list):
+            if type(item) is not list:
+                return False
             for value in item:
                 if type(value) not in _PLAIN_SCALARS:
                     pending.append(value)
-        elif kind not in _PLAIN_SCALARS:
+        elif type(item) not in _PLAIN_SCALARS:
             return False
     return True
 

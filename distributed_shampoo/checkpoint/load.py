@@ -58,7 +58,8 @@ class _PieceRead(NamedTuple):
     """One saved piece's overlap with one template tensor's region (a named tuple: one per read)."""
 
     name: str  # the logical tensor
-    piece: ChunkLayout
+    piece: str  # the stored piece's name
+    piece_shape: tuple[int, ...]
     box_start: tuple[int, ...]  # in the piece's coordinates
     box_shape: tuple[int, ...]
     target: torch.Tensor  # the template's memory for the box (a view of its local tensor)
@@ -66,7 +67,8 @@ class _PieceRead(NamedTuple):
 
 
 def _piece_read(name: str, piece: ChunkLayout, box_start: tuple[int, ...], box_shape: tuple[int, ...], target: torch.Tensor) -> _PieceRead:
-    return _PieceRead(name, piece, box_start, box_shape, target, box_runs(piece.shape, box_start, box_shape, target.element_size()))
+    runs = box_runs(piece.shape, box_start, box_shape, target.element_size())
+    return _PieceRead(name, piece.name, piece.shape, box_start, box_shape, target, runs)
 
 
 class OpenFiles:
@@ -206,7 +208,11 @@ class LoadPlan:
             for (key, child), keys in zip(node.items(), key_paths(node)):
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TemplateMismatchError(f"{list(path)}: template key {key!r} is not a str or int")
-                replacement = self._walk(child, path + keys, spelled_prefix(prefix, key, keys))  # pyre-ignore[6]: checked
+                name_prefix = spelled_prefix(prefix, key, keys)  # pyre-ignore[6]: checked
+                if self._selection is None and isinstance(child, torch.Tensor):  # most leaves: no recursion
+                    self._plan_leaf_tensor(close_name(name_prefix), child)
+                    continue
+                replacement = self._walk(child, path + keys, name_prefix)  # pyre-ignore[6]: str or int keys, as checked
                 if replacement is not child:
                     self.assignments.append((node, key, replacement))
             return node
@@ -269,9 +275,8 @@ class LoadPlan:
             raise TemplateMismatchError(f"{name}: the template tensor is {what} and cannot be filled")
         if not isinstance(leaf, DTensor) and not layout.chunks:  # the common case: a whole tensor, read whole
             if leaf.numel():
-                (piece,) = layout.stored_pieces(name)
                 self._destinations.append((name, leaf))
-                self.reads.append(_piece_read(name, piece, (0,) * leaf.dim(), layout.shape, leaf))
+                self.reads.append(_PieceRead(name, name, layout.shape, (0,) * leaf.dim(), layout.shape, leaf, [(0, layout.nbytes)]))
             return
         if isinstance(leaf, DTensor):
             check_placements(name, leaf, TemplateMismatchError)
@@ -336,19 +341,19 @@ class LoadPlan:
         Raises:
             CheckpointError: The files are missing, damaged, or belong to another save.
         """
-        self.files = opened = files or OpenFiles(self.index, [read.piece.name for read in self.reads])
+        self.files = opened = files or OpenFiles(self.index, [read.piece for read in self.reads])
         try:
-            self._entries = entries = [opened.entry(read.piece.name) for read in self.reads]
+            self._entries = entries = [opened.entry(read.piece) for read in self.reads]
             self._prefetch(opened, entries)
             if not self.verify:
                 return
             units: dict[str, list[Unit]] = {}
             for read, entry in zip(self.reads, entries):
-                file_units = units.setdefault(self.index.weight_map[read.piece.name], [])
-                if read.box_shape == read.piece.shape:
-                    file_units.append(whole_unit(read.piece.name, entry, self.index))
+                file_units = units.setdefault(self.index.weight_map[read.piece], [])
+                if read.box_shape == read.piece_shape:
+                    file_units.append(whole_unit(read.piece, entry, self.index))
                 else:
-                    file_units += units_for_ranges(read.piece.name, entry, self.index, read.runs)
+                    file_units += units_for_ranges(read.piece, entry, self.index, read.runs)
             for file_name, file_units in units.items():
                 check_units(opened.fds[file_name], self.index.directory / file_name, file_units)
         except BaseException:
@@ -359,7 +364,7 @@ class LoadPlan:
         """Starts the disk reading every byte range this load copies, before the first is read."""
         by_file: dict[str, list[tuple[int, int]]] = {}
         for read, entry in zip(self.reads, entries):
-            ranges = by_file.setdefault(self.index.weight_map[read.piece.name], [])
+            ranges = by_file.setdefault(self.index.weight_map[read.piece], [])
             ranges += [(entry.begin + offset, length) for offset, length in read.runs]
         for file_name, ranges in by_file.items():
             prefetch(files.fds[file_name], ranges)
@@ -381,7 +386,7 @@ class LoadPlan:
             for read, entry in zip(self.reads, self._entries):
                 target = read.target
                 if target.is_cpu and target.is_contiguous():
-                    direct.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, target))
+                    direct.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, target))
                 else:
                     temporaries.append((read, entry, target))
             for file_name, requests in direct.items():
@@ -412,7 +417,7 @@ class LoadPlan:
         by_file: dict[str, list[ReadRequest]] = {}
         for read, entry, target in batch:
             buffer = torch.empty(read.box_shape, dtype=target.dtype)
-            by_file.setdefault(self.index.weight_map[read.piece.name], []).extend(_requests(read, entry, buffer))
+            by_file.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, buffer))
             copies.append((target, buffer))
         for file_name, requests in by_file.items():
             read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
@@ -427,6 +432,8 @@ class LoadPlan:
 def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> list[ReadRequest]:
     """Requests that fill ``buffer`` (contiguous, box-shaped) from the piece stored at ``entry``."""
     data = tensor_bytes(buffer)
+    if len(read.runs) == 1:  # the common case: a whole piece, or a box contiguous in it
+        return [ReadRequest(entry.begin + read.runs[0][0], data)]
     requests: list[ReadRequest] = []
     position = 0
     for offset, length in read.runs:

@@ -4,8 +4,9 @@
 The safetensors library's ``save_file`` (0.8) costs ~20 us per tensor here (shared/notes), copies
 every tensor's data into a ``bytes`` object before writing, refuses non-contiguous or shared
 tensors and creates 0600 files. Shampoo state has thousands of small blocks, so we lay the file
-out ourselves (the format is an 8-byte header length, a JSON header, then the raw bytes), hash as
-we go, and hand the kernel up to 1024 buffers per ``writev``.
+out ourselves (the format is an 8-byte header length, a JSON header, then the raw bytes), hand
+the kernel up to 1024 buffers per ``writev``, and hash the tensors whose memory we wrote from
+while the file is fsynced (the disk's write-back leaves the CPU idle).
 """
 
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
@@ -13,7 +14,8 @@ from __future__ import annotations  # memoryview[int] annotations are not subscr
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +36,9 @@ _NUMPY_DTYPES: frozenset[torch.dtype] = frozenset(
 )
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview[int]:
-    """The tensor's values as row-major little-endian bytes, without a copy for contiguous CPU
-    tensors (a conjugate or negative view is materialised: its bytes are not its values)."""
+def shared_bytes(tensor: torch.Tensor) -> memoryview[int] | None:
+    """The tensor's values as row-major little-endian bytes in the tensor's own memory (a
+    contiguous, non-empty CPU tensor that is not a conjugate or negative view), else None."""
     if (
         tensor.dtype in _NUMPY_DTYPES
         and tensor.is_cpu
@@ -48,6 +50,16 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview[int]:
     ):  # the common case, in a fifth of the general path's time (a save or load makes one per tensor)
         # pyre-fixme[6]: an ndarray is a buffer; this numpy's stub does not declare ``__buffer__``
         return memoryview(tensor.numpy()).cast("B")
+    return None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview[int]:
+    """The tensor's values as row-major little-endian bytes, without a copy where
+    ``shared_bytes`` gives them (a conjugate or negative view is materialised: its bytes are not
+    its values)."""
+    shared = shared_bytes(tensor)
+    if shared is not None:
+        return shared
     flat = tensor.detach()
     if flat.is_conj() or flat.is_neg():
         flat = flat.resolve_conj().resolve_neg()
@@ -108,28 +120,55 @@ def write_safetensors(
     encoded += b" " * (-len(encoded) % 8)
     checksums: dict[str, str] = {}
     pages: dict[str, tuple[str, ...]] = {}
+    # Tensors written from their own memory are hashed during the fsync; a copy (CUDA,
+    # non-contiguous) is hashed before it is written and freed, so staging stays bounded.
+    shared: list[tuple[str, memoryview[int]]] = []
+
+    def hash_into_records(items: Sequence[tuple[str, memoryview[int]]]) -> None:
+        for name, data in items:
+            checksums[name], paged = checksums_of(data)
+            if paged:
+                pages[name] = paged
+
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         pending: list[memoryview[int] | bytes] = [len(encoded).to_bytes(8, "little"), encoded]
         pending_bytes = 8 + len(encoded)
         for name, tensor in ordered:
-            data = tensor_bytes(tensor)
-            checksums[name], paged = checksums_of(data)
-            if paged:
-                pages[name] = paged
+            data = shared_bytes(tensor)
+            if data is not None:
+                shared.append((name, data))
+            else:
+                data = tensor_bytes(tensor)
+                hash_into_records([(name, data)])
             pending.append(data)
             pending_bytes += data.nbytes
             if pending_bytes >= _FLUSH_BYTES or len(pending) >= _IOV_MAX:
                 _writev_all(fd, pending)
                 pending, pending_bytes = [], 0
         _writev_all(fd, pending)
-        os.fsync(fd)
+        _fsync_while(fd, lambda: hash_into_records(shared))
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    return WrittenFile(checksums, pages, FileRecord(8 + len(encoded) + position, checksum(encoded)))
+    # Records in the file's order, whichever tensors were hashed first.
+    in_order = [name for name, _ in ordered]
+    return WrittenFile(
+        {name: checksums[name] for name in in_order},
+        {name: pages[name] for name in in_order if name in pages},
+        FileRecord(8 + len(encoded) + position, checksum(encoded)),
+    )
+
+
+def _fsync_while(fd: int, work: Callable[[], None]) -> None:
+    """fsyncs ``fd`` on a worker thread while ``work`` runs (fsync releases the GIL); returns
+    when both are done, raising ``work``'s error or else fsync's."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        synced = pool.submit(os.fsync, fd)
+        work()
+        synced.result()
 
 
 def _writev_all(fd: int, buffers: list[memoryview[int] | bytes]) -> None:

@@ -20,7 +20,7 @@ class _Text(str):
     """A str subclass: the fast path must not assume it encodes as a str does."""
 
 
-_ALL_ASCII = "".join(chr(code) for code in range(128))
+_ALL_ASCII: str = "".join(chr(code) for code in range(128))
 
 _CASES: list[tuple[str, object]] = [
     ("plain_index_like", {"metadata": {"tensors": {'["a"]': {"dtype": "F32", "shape": [2, 3]}}, "n": 3}, "weight_map": {'["a"]': "f"}}),

@@ -26,8 +26,8 @@ from distributed_shampoo.checkpoint import (
     verify_checkpoint,
 )
 from distributed_shampoo.checkpoint import index_parts
-from distributed_shampoo.checkpoint.format import DTYPE_TO_NAME, seal, sealed_digest
-from distributed_shampoo.checkpoint.writer import tensor_bytes
+from distributed_shampoo.checkpoint.format import checksum, checksums_of, DTYPE_TO_NAME, seal, sealed_digest
+from distributed_shampoo.checkpoint.writer import _fsync_while, tensor_bytes, write_safetensors
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 from tests.checkpoint.scratch import ScratchDirTest
 
@@ -293,6 +293,39 @@ class TensorBytesTest(unittest.TestCase):
         tensor = make()
         expected = tensor.detach().resolve_conj().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         self.assertEqual(bytes(tensor_bytes(tensor)), expected)
+
+
+class WriteSafetensorsTest(ScratchDirTest):
+    """Tensors written from their own memory are hashed while the file is fsynced, copies before
+    they are written: the records must not depend on which."""
+
+    def test_records_hold_every_tensors_checksum_in_the_files_order(self) -> None:
+        base = torch.arange(3 * 2**18, dtype=torch.float32).reshape(3, 2**18)  # 3 MiB: page checksums
+        tensors = [
+            ("shared_paged", base),
+            ("copied_transposed", base[:, :8].t()),
+            ("copied_bfloat16", torch.arange(6.0).to(torch.bfloat16)),
+            ("shared_small", torch.arange(5, dtype=torch.int64)),
+        ]
+        written = write_safetensors(self.root / "f.safetensors", tensors, {})
+        data = (self.root / "f.safetensors").read_bytes()
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        header.pop("__metadata__")
+        self.assertEqual(list(written.checksums), sorted(header, key=lambda name: header[name]["data_offsets"]))
+        self.assertEqual(written.checksums, {name: checksum(tensor_bytes(t)) for name, t in tensors})
+        self.assertEqual(list(written.pages), ["shared_paged"])
+        self.assertEqual(written.pages["shared_paged"], checksums_of(tensor_bytes(base))[1])
+
+    def test_a_failed_fsync_fails_the_write_once_the_hashing_is_done(self) -> None:
+        read_end, write_end = os.pipe()  # fsync of a pipe fails (EINVAL)
+        self.addCleanup(os.close, read_end)
+        self.addCleanup(os.close, write_end)
+        hashed: list[int] = []
+        with self.assertRaisesRegex(OSError, "Invalid argument"):
+            _fsync_while(read_end, lambda: hashed.append(1))
+        self.assertEqual(hashed, [1])
+        with self.assertRaisesRegex(ValueError, "hashing failed"):
+            _fsync_while(read_end, lambda: (_ for _ in ()).throw(ValueError("hashing failed")))
 
 
 class FormatTest(unittest.TestCase):

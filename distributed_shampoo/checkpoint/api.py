@@ -54,7 +54,7 @@ from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare,
 from distributed_shampoo.checkpoint.parse import check_header_matches, find_index_file, read_header, read_index, strict_json
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
 from distributed_shampoo.checkpoint.reader import open_regular, read_small_file
-from distributed_shampoo.checkpoint.writer import tensor_bytes, write_json, write_new_file, write_safetensors, WrittenFile
+from distributed_shampoo.checkpoint.writer import start_safetensors, SyncingFile, tensor_bytes, write_new_file, WrittenFile
 from distributed_shampoo.utils.shampoo_checkpoint_utils import Key
 
 # A load that finds the checkpoint replaced under it (another job's overwrite) starts again this
@@ -276,8 +276,10 @@ def _decide(everyone: list[_Prepared], target: Path) -> tuple[GlobalPlan | None,
 def finish_save(staged: StagedSave, group: Group) -> Path:
     """The second half of a save: write this rank's file, then rank 0 commits the index.
 
-    Two collectives on ``group`` (which must hold the same ranks, in the same order, as the group
-    that staged the save): gather the written files' records on rank 0, broadcast the outcome.
+    Three collectives on ``group`` (which must hold the same ranks, in the same order, as the
+    group that staged the save): gather the written files' records on rank 0 (sent while the files
+    are still being fsynced, so rank 0 encodes the index meanwhile), gather that every file is
+    durable, broadcast the outcome. Nothing is published before every file is durable.
 
     Args:
         staged: What ``stage_save`` returned. If ``staged.failed``, this rank writes nothing and
@@ -292,27 +294,41 @@ def finish_save(staged: StagedSave, group: Group) -> Path:
             ``CheckpointError``, or ``DistributedSaveError`` naming it); nothing was published.
     """
     own_error: BaseException | None = None
+    syncing: SyncingFile | None = None
     try:
         if staged.failed is not None:
             raise staged.failed
-        written = write_safetensors(
+        syncing = start_safetensors(
             staged.staging / shard_file_name(staged.prefix, group.rank, group.world_size),
             staged.writes,
             shard_header_metadata(group.rank, group.world_size, staged.save_id),
         )
-        mine = _Written(written, {name: checksum(tensor_bytes(tensor)) for name, tensor in staged.replicas}, None)
+        mine = _Written(syncing.record, {name: checksum(tensor_bytes(tensor)) for name, tensor in staged.replicas}, None)
     except BaseException as error:  # reported to every rank so that none waits for this one
         own_error = error
         mine = _Written(None, {}, _shared(error, group.rank, staged.target))
     try:
         results = group.gather_to_first(mine)  # only rank 0 needs the records
         failure: CheckpointError | None = None
+        commit: _IndexCommit | None = None
         if results is not None:
             failure = next((r.error for r in results if r.error is not None), None)
         if results is not None and failure is None and staged.plan is not None:
             try:
                 _check_replicas(results)
-                commit_index(staged, staged.plan, group.world_size, [r.file for r in results if r.file is not None])
+                commit = encode_index(staged, staged.plan, group.world_size, [r.file for r in results if r.file is not None])
+            except BaseException as error:
+                own_error, failure = error, _shared(error, 0, staged.target)
+        sync_error = _wait_durable(syncing)
+        syncing = None
+        if sync_error is not None and own_error is None:
+            own_error = sync_error
+        synced = group.gather_to_first(None if sync_error is None else _shared(sync_error, group.rank, staged.target))
+        if synced is not None and failure is None:
+            failure = next((error for error in synced if error is not None), None)
+        if failure is None and commit is not None:
+            try:
+                publish_index(staged, commit)
             except BaseException as error:
                 own_error, failure = error, _shared(error, 0, staged.target)
         failure = group.broadcast_from_first(failure)
@@ -322,6 +338,8 @@ def finish_save(staged: StagedSave, group: Group) -> Path:
             warnings.warn(f"saving {staged.target}: {error}; the checkpoint was published", stacklevel=2)
             return staged.target
         failure = own_error = own_error or error
+    finally:
+        _wait_durable(syncing)  # a collective failed before this rank's file was waited for
     if group.rank == 0 and failure is not None:
         shutil.rmtree(staged.staging, ignore_errors=True)
     if own_error is not None:
@@ -329,6 +347,17 @@ def finish_save(staged: StagedSave, group: Group) -> Path:
     if failure is not None:
         raise failure
     return staged.target
+
+
+def _wait_durable(syncing: SyncingFile | None) -> BaseException | None:
+    """Waits until this rank's file is durable; the fsync's error, if any."""
+    if syncing is None:
+        return None
+    try:
+        syncing.wait_durable()
+    except BaseException as error:
+        return error
+    return None
 
 
 def _is_published(staged: StagedSave) -> bool:
@@ -403,9 +432,18 @@ def _check_metadata(metadata: Mapping[str, object] | None) -> None:
         raise UnsupportedValueError(f"metadata must be JSON-serialisable without NaN/inf: {error}") from None
 
 
+@dataclass(frozen=True)
+class _IndexCommit:
+    """An encoded index, ready to be written into the staging directory and published."""
+
+    index: CheckpointIndex
+    contents: dict[str, bytes]  # file name -> content: the index first, then the loader's files
+
+
 def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: list[WrittenFile]) -> CheckpointIndex:
-    """Writes the index of a staged save whose files are all written (``files``, rank order),
-    then publishes it (rank 0, which holds the global ``plan``).
+    """Writes the index of a staged save whose files are all durable (``files``, rank order),
+    then publishes it (rank 0, which holds the global ``plan``): ``encode_index``, then
+    ``publish_index``.
 
     Returns:
         The index written.
@@ -414,6 +452,14 @@ def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: l
         CheckpointExistsError: The target appeared meanwhile and ``overwrite`` is false, or it is
             no longer a checkpoint.
     """
+    commit = encode_index(staged, plan, world_size, files)
+    publish_index(staged, commit)
+    return commit.index
+
+
+def encode_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: list[WrittenFile]) -> _IndexCommit:
+    """The index of a staged save from its files' records (``files``, rank order), encoded with
+    the loader's files if it is large; nothing is written."""
     weight_map: dict[str, str] = {}
     checksums: dict[str, str] = {}
     pages: dict[str, str] = {}
@@ -422,9 +468,8 @@ def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: l
         weight_map.update((name, file_name) for name in written.checksums)
         checksums.update(written.checksums)
         pages.update((name, "".join(digests)) for name, digests in written.pages.items())
-    target = staged.target
     index = CheckpointIndex(
-        directory=target,
+        directory=staged.target,
         prefix=staged.prefix,
         world_size=world_size,
         total_size=sum(layout.nbytes for layout in plan.tensors.values()),
@@ -439,13 +484,23 @@ def commit_index(staged: StagedSave, plan: GlobalPlan, world_size: int, files: l
         files={shard_file_name(staged.prefix, rank, world_size): w.record for rank, w in enumerate(files)},
     )
     document = index_document(index)
-    text = seal(document)
-    write_json(staged.staging / index_file_name(staged.prefix), text)
+    text = seal(document).encode()
+    contents = {index_file_name(staged.prefix): text}
     if wants_loader_files(len(text)):
-        for file_name, content in loader_files(document).items():
-            write_new_file(staged.staging / file_name, content)
-    publish(staged.staging, target, staged.save_id[:16], staged.overwrite)
-    return index
+        contents.update(loader_files(document))
+    return _IndexCommit(index, contents)
+
+
+def publish_index(staged: StagedSave, commit: _IndexCommit) -> None:
+    """Writes an encoded index into the staging directory (each file fsynced) and publishes the
+    checkpoint.
+
+    Raises:
+        CheckpointExistsError: As ``commit_index``.
+    """
+    for file_name, content in commit.contents.items():
+        write_new_file(staged.staging / file_name, content)
+    publish(staged.staging, staged.target, staged.save_id[:16], staged.overwrite)
 
 
 _Template = TypeVar("_Template", bound=StateDict)

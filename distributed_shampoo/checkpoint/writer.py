@@ -14,8 +14,8 @@ from __future__ import annotations  # memoryview[int] annotations are not subscr
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +86,47 @@ class WrittenFile:
 def write_safetensors(
     path: Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]
 ) -> WrittenFile:
-    """Writes ``tensors`` to a new safetensors file at ``path`` and fsyncs it.
+    """Writes ``tensors`` to a new safetensors file at ``path`` and fsyncs it:
+    ``start_safetensors(...).wait_durable()``.
+
+    Raises:
+        OSError: If the file exists or writing fails (the partial file is removed).
+    """
+    return start_safetensors(path, tensors, metadata).wait_durable()
+
+
+class SyncingFile:
+    """A shard file whose bytes are written and hashed (``record``) and whose fsync may still be
+    running: a save sends the record on before the disk is done, and publishes only after
+    ``wait_durable``."""
+
+    def __init__(self, path: Path, fd: int, synced: Future[None], record: WrittenFile) -> None:
+        self.path = path
+        self.record = record
+        self._fd: int | None = fd
+        self._synced = synced
+
+    def wait_durable(self) -> WrittenFile:
+        """Waits for the fsync and closes the file (a later call only repeats the outcome).
+
+        Raises:
+            OSError: The fsync failed (the file is removed).
+        """
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            _close_after(fd, self.path, self._synced)
+        self._synced.result()  # the outcome again, for a later call
+        return self.record
+
+
+def start_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> SyncingFile:
+    """Writes ``tensors`` to a new safetensors file at ``path`` and starts its fsync on a worker
+    thread (fsync releases the GIL); returns once every tensor is hashed.
 
     Tensors are laid out by element size, largest first, then in the given order, so every tensor
     starts aligned to its element size; the header is padded with spaces to a multiple of 8. The
-    result is byte-for-byte valid for the safetensors library's reader.
+    result is byte-for-byte valid for the safetensors library's reader. The tensors must not
+    change until this returns.
 
     Args:
         path: A file that must not exist yet; created with mode 0666 minus the umask.
@@ -98,7 +134,8 @@ def write_safetensors(
         metadata: The header's ``__metadata__`` (string to string).
 
     Returns:
-        The checksums and page checksums of its tensors, its size and header digest.
+        The file, with the checksums and page checksums of its tensors, its size and header
+        digest; ``wait_durable()`` before publishing it.
 
     Raises:
         OSError: If the file exists or writing fails (the partial file is removed).
@@ -120,8 +157,9 @@ def write_safetensors(
     encoded += b" " * (-len(encoded) % 8)
     checksums: dict[str, str] = {}
     pages: dict[str, tuple[str, ...]] = {}
-    # Tensors written from their own memory are hashed during the fsync; a copy (CUDA,
-    # non-contiguous) is hashed before it is written and freed, so staging stays bounded.
+    # Tensors written from their own memory are hashed during the fsync (the disk's write-back
+    # leaves the CPU idle); a copy (CUDA, non-contiguous) is hashed before it is written and
+    # freed, so staging stays bounded.
     shared: list[tuple[str, memoryview[int]]] = []
 
     def hash_into_records(items: Sequence[tuple[str, memoryview[int]]]) -> None:
@@ -131,6 +169,7 @@ def write_safetensors(
                 pages[name] = paged
 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    synced: Future[None] | None = None
     try:
         pending: list[memoryview[int] | bytes] = [len(encoded).to_bytes(8, "little"), encoded]
         pending_bytes = 8 + len(encoded)
@@ -147,28 +186,44 @@ def write_safetensors(
                 _writev_all(fd, pending)
                 pending, pending_bytes = [], 0
         _writev_all(fd, pending)
-        _fsync_while(fd, lambda: hash_into_records(shared))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distributed_shampoo-fsync")
+        synced = pool.submit(os.fsync, fd)
+        pool.shutdown(wait=False)  # the thread exits once the fsync returns
+        hash_into_records(shared)
+    except BaseException:
+        if synced is None:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+        else:
+            try:
+                _close_after(fd, path, synced)
+            except OSError:
+                pass  # the error that stopped the write is the one to raise
+            path.unlink(missing_ok=True)
+        raise
+    # Records in the file's order, whichever tensors were hashed first.
+    in_order = [name for name, _ in ordered]
+    record = WrittenFile(
+        {name: checksums[name] for name in in_order},
+        {name: pages[name] for name in in_order if name in pages},
+        FileRecord(8 + len(encoded) + position, checksum(encoded)),
+    )
+    return SyncingFile(path, fd, synced, record)
+
+
+def _close_after(fd: int, path: Path, synced: Future[None]) -> None:
+    """Waits for the fsync ``synced``, then closes ``fd``; removes ``path`` if the fsync failed.
+
+    Raises:
+        OSError: The fsync's error.
+    """
+    try:
+        synced.result()
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    # Records in the file's order, whichever tensors were hashed first.
-    in_order = [name for name, _ in ordered]
-    return WrittenFile(
-        {name: checksums[name] for name in in_order},
-        {name: pages[name] for name in in_order if name in pages},
-        FileRecord(8 + len(encoded) + position, checksum(encoded)),
-    )
-
-
-def _fsync_while(fd: int, work: Callable[[], None]) -> None:
-    """fsyncs ``fd`` on a worker thread while ``work`` runs (fsync releases the GIL); returns
-    when both are done, raising ``work``'s error or else fsync's."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        synced = pool.submit(os.fsync, fd)
-        work()
-        synced.result()
 
 
 def _writev_all(fd: int, buffers: list[memoryview[int] | bytes]) -> None:
@@ -181,11 +236,6 @@ def _writev_all(fd: int, buffers: list[memoryview[int] | bytes]) -> None:
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
-
-
-def write_json(path: Path, text: str) -> None:
-    """Writes a new text file and fsyncs it."""
-    write_new_file(path, text.encode())
 
 
 def write_new_file(path: Path, data: bytes) -> None:

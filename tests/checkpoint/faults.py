@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distributed_shampoo.checkpoint import api as checkpoint_api, AsyncCheckpointer, CheckpointError, DistributedSaveError
-from distributed_shampoo.checkpoint.writer import write_safetensors
+from distributed_shampoo.checkpoint.writer import start_safetensors
 
 DISK_FULL_REPORT = "rank 1: OSError: [Errno 28] No space left on device"
 
@@ -31,7 +31,7 @@ def kill_this_process(*args: object, **kwargs: object) -> None:
 
 def break_writes_of_this_rank(fault: Callable[..., None]) -> None:
     """Makes every shard-file write of this process run ``fault`` instead (which raises or dies)."""
-    checkpoint_api.write_safetensors = fault  # pyre-ignore[9]: fault injection.
+    checkpoint_api.start_safetensors = fault  # pyre-ignore[9]: fault injection.
 
 
 def fill_disk_of_this_rank() -> None:
@@ -39,9 +39,18 @@ def fill_disk_of_this_rank() -> None:
     break_writes_of_this_rank(raising(OSError(errno.ENOSPC, "No space left on device")))
 
 
+FSYNC_FAILED_REPORT = "rank 1: OSError: [Errno 5] Input/output error"
+
+
+def fail_fsyncs_of_this_rank() -> None:
+    """Makes every fsync of this process fail with EIO (after the bytes were written: the disk
+    failed to persist them)."""
+    os.fsync = raising(OSError(errno.EIO, "Input/output error"))  # pyre-ignore[9]: fault injection.
+
+
 def restore_disk_of_this_rank() -> None:
     """Undoes ``fill_disk_of_this_rank``."""
-    checkpoint_api.write_safetensors = write_safetensors
+    checkpoint_api.start_safetensors = start_safetensors
 
 
 def fail_staging_copies(checkpointer: AsyncCheckpointer) -> None:

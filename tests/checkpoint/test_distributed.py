@@ -24,7 +24,7 @@ from distributed_shampoo.checkpoint import (
 from distributed_shampoo.distributor.block_distributor import block_owners
 from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.launch import run_on_ranks
-from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fill_disk_of_this_rank
+from tests.checkpoint.faults import DISK_FULL_REPORT, expect_failure_on_every_rank, fail_fsyncs_of_this_rank, fill_disk_of_this_rank, FSYNC_FAILED_REPORT
 from tests.checkpoint.tamper import writing_loader_files
 
 # (name, global shape): uneven for 3 and 4 ranks along both dimensions.
@@ -147,6 +147,16 @@ def _save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -
     )
 
 
+def _save_with_fsync_failing_on_rank_1(rank: int, world_size: int, directory: str) -> None:
+    """Rank 1's records reach rank 0 before its fsync fails: rank 0 must not publish."""
+    if rank == 1:
+        fail_fsyncs_of_this_rank()
+    expect_failure_on_every_rank(
+        rank, 1, lambda: save_checkpoint(directory, {f"r{rank}": torch.ones(3)}, overwrite=True),
+        lambda error: isinstance(error, CheckpointWriteError) and error.errno == errno.EIO, FSYNC_FAILED_REPORT,
+    )
+
+
 def _save_under_a_file(rank: int, world_size: int, directory: str) -> None:
     expect_failure_on_every_rank(  # rank 0 cannot mkdir under a file
         rank, 0, lambda: save_checkpoint(directory, {"x": torch.ones(1)}),
@@ -225,7 +235,7 @@ class DistributedCheckpointTest(unittest.TestCase):
 
     def test_failure_on_one_rank_fails_every_rank_and_keeps_the_old_checkpoint(self) -> None:
         save_checkpoint(self.directory, {"old": torch.arange(3)})
-        for failing_save in (_save_unsupported_on_one_rank, _save_with_disk_full_on_rank_1):
+        for failing_save in (_save_unsupported_on_one_rank, _save_with_disk_full_on_rank_1, _save_with_fsync_failing_on_rank_1):
             run_on_ranks(2, failing_save, self.directory)
             self.assertEqual(os.listdir(self._tmp.name), ["ckpt"])
             self.assertTrue(torch.equal(load_checkpoint(self.directory)["old"], torch.arange(3)))  # pyre-ignore[6]

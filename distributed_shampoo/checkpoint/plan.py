@@ -143,13 +143,15 @@ def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> 
                 f"{close_name(prefix)}: the flattened key {encode_key(list(conflict))} is spelled twice, "
                 "or another key lies under it"
             )
-        for value, path in zip(node.values(), paths):
-            parent = prefix
-            for key in path[:-1]:
-                parent = child_prefix(parent, key)
-                if containers is not None:
+        registered: set[tuple[Key, ...]] = set()  # parent paths whose containers are recorded
+        for (key, value), path in zip(node.items(), paths):
+            if containers is not None and path[:-1] not in registered:
+                registered.add(path[:-1])
+                parent = prefix
+                for component in path[:-1]:
+                    parent = child_prefix(parent, component)
                     containers[close_name(parent)] = "dict"
-            visit(value, child_prefix(parent, path[-1]))
+            visit(value, spelled_prefix(prefix, key, path))
 
     def visit(node: object, prefix: str) -> None:
         if isinstance(node, torch.Tensor) or is_value(node):
@@ -304,7 +306,7 @@ def plan_local(state_dict: StateDict) -> tuple[LocalPlan, dict[str, torch.Tensor
         if leaf.layout != torch.strided:
             raise UnsupportedValueError(f"{name}: only strided (dense) tensors can be saved, got {leaf.layout}")
         dtype = dtype_name(name, leaf.dtype)
-        if leaf.device.type == "meta":
+        if leaf.is_meta:
             raise UnsupportedValueError(f"{name}: a tensor on the meta device holds no data to save")
         shape = tuple(leaf.shape)
         if not isinstance(leaf, DTensor):  # the common case: a whole tensor, offered whole

@@ -45,7 +45,7 @@ FSYNC_FAILED_REPORT = "rank 1: OSError: [Errno 5] Input/output error"
 def fail_fsyncs_of_this_rank() -> None:
     """Makes every fsync of this process fail with EIO (after the bytes were written: the disk
     failed to persist them)."""
-    os.fsync = raising(OSError(errno.EIO, "Input/output error"))  # pyre-ignore[9]: fault injection.
+    os.fsync = raising(OSError(errno.EIO, "Input/output error"))
 
 
 def restore_disk_of_this_rank() -> None:

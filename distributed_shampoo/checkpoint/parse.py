@@ -196,6 +196,7 @@ class Fields:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._names: dict[str, tuple[Key, ...]] = {}  # names already decoded
+        self.whole_layouts: dict[tuple[str, tuple[int, ...]], TensorLayout] = {}  # shared by equal tensors
 
     def fail(self, field: str, problem: str) -> CorruptCheckpointError:
         """The error for ``field`` (built by concatenation on the hot path, shortened here)."""
@@ -500,15 +501,19 @@ def _parse_layout(fields: Fields, name: str, entry: object, check_name: bool = T
         stored_chunks = None if "chunks" not in layout else _chunk_fields(fields, where, layout["chunks"])
     if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
         raise fields.fail(f"{where} \"dtype\"", f"unknown dtype {_short(dtype_name)}")
+    if stored_chunks is None:  # stored whole: one (immutable) layout per dtype and shape
+        shared = fields.whole_layouts.get((dtype_name, shape))
+        if shared is None:
+            fields.whole_layouts[(dtype_name, shape)] = shared = TensorLayout(shape, NAME_TO_DTYPE[dtype_name])
+        return shared
     chunks: list[ChunkLayout] = []
-    if stored_chunks is not None:
-        for chunk_field, offsets, chunk_shape in stored_chunks:
-            if chunk_field != chunk_name(name, offsets):
-                raise fields.fail(f'{where} "chunks" "name"', f"must be {chunk_name(name, offsets)!r}, got {_short(chunk_field)}")
-            chunks.append(ChunkLayout(chunk_name(name, offsets), offsets, chunk_shape))
-        problem = tiling_problem(shape, [(c.offsets, c.shape) for c in chunks])
-        if problem is not None:
-            raise fields.fail(f'{where} "chunks"', f"do not tile the {list(shape)} tensor exactly: {problem}")
+    for chunk_field, offsets, chunk_shape in stored_chunks:
+        if chunk_field != chunk_name(name, offsets):
+            raise fields.fail(f'{where} "chunks" "name"', f"must be {chunk_name(name, offsets)!r}, got {_short(chunk_field)}")
+        chunks.append(ChunkLayout(chunk_name(name, offsets), offsets, chunk_shape))
+    problem = tiling_problem(shape, [(c.offsets, c.shape) for c in chunks])
+    if problem is not None:
+        raise fields.fail(f'{where} "chunks"', f"do not tile the {list(shape)} tensor exactly: {problem}")
     return TensorLayout(shape, NAME_TO_DTYPE[dtype_name], tuple(chunks))
 
 

@@ -380,12 +380,17 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
     writes: list[list[str]] = [[] for _ in local_plans]
     replicas: list[list[str]] = [[] for _ in local_plans]
     tensors: dict[str, TensorLayout] = {}
+    whole: dict[tuple[str, tuple[int, ...]], TensorLayout] = {}  # one (immutable) layout per dtype and shape
     for name, (rank, offer) in first_offer.items():
-        dtype = NAME_TO_DTYPE[offer.dtype]
         if not offer.chunked:
             writes[rank].append(name)
-            tensors[name] = TensorLayout(offer.global_shape, dtype)
+            key = (offer.dtype, offer.global_shape)
+            layout = whole.get(key)
+            if layout is None:
+                whole[key] = layout = TensorLayout(offer.global_shape, NAME_TO_DTYPE[offer.dtype])
+            tensors[name] = layout
             continue
+        dtype = NAME_TO_DTYPE[offer.dtype]
         pieces = sorted(chunks[name].values(), key=lambda item: item[1].offsets)
         problem = tiling_problem(offer.global_shape, [(piece.offsets, piece.local_shape) for _, piece in pieces])
         if problem is not None:

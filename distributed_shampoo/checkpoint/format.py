@@ -179,6 +179,13 @@ class TensorLayout:
         return (ChunkLayout(logical_name, (0,) * len(self.shape), self.shape),)
 
 
+@functools.lru_cache(maxsize=4096)
+def whole_layout(shape: tuple[int, ...], dtype: torch.dtype) -> TensorLayout:
+    """The layout of a tensor stored whole, one (immutable) object per shape and dtype: a state
+    holds thousands of equal blocks, and planning or parsing builds a layout for each."""
+    return TensorLayout(shape, dtype)
+
+
 def tiling_problem(shape: Sequence[int], boxes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> str | None:
     """Why ``boxes`` (``(offsets, shape)`` pairs) do not tile a tensor of ``shape`` exactly, or None.
 

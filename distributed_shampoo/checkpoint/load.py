@@ -28,7 +28,7 @@ from distributed_shampoo.checkpoint.errors import (
     MissingShardFileError,
     TemplateMismatchError,
 )
-from distributed_shampoo.checkpoint.format import CheckpointIndex, ChunkLayout, DTYPE_TO_NAME, HeaderEntry
+from distributed_shampoo.checkpoint.format import CheckpointIndex, DTYPE_TO_NAME, HeaderEntry
 from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
 from distributed_shampoo.checkpoint.plan import (
@@ -66,9 +66,11 @@ class _PieceRead(NamedTuple):
     runs: list[tuple[int, int]]  # the box's byte ranges (offset in the piece, length), ``box_runs``
 
 
-def _piece_read(name: str, piece: ChunkLayout, box_start: tuple[int, ...], box_shape: tuple[int, ...], target: torch.Tensor) -> _PieceRead:
-    runs = box_runs(piece.shape, box_start, box_shape, target.element_size())
-    return _PieceRead(name, piece.name, piece.shape, box_start, box_shape, target, runs)
+def _piece_read(
+    name: str, piece: str, piece_shape: tuple[int, ...], box_start: tuple[int, ...], box_shape: tuple[int, ...], target: torch.Tensor
+) -> _PieceRead:
+    runs = box_runs(piece_shape, box_start, box_shape, target.element_size())
+    return _PieceRead(name, piece, piece_shape, box_start, box_shape, target, runs)
 
 
 class OpenFiles:
@@ -208,11 +210,7 @@ class LoadPlan:
             for (key, child), keys in zip(node.items(), key_paths(node)):
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise TemplateMismatchError(f"{list(path)}: template key {key!r} is not a str or int")
-                name_prefix = spelled_prefix(prefix, key, keys)  # pyre-ignore[6]: checked
-                if self._selection is None and isinstance(child, torch.Tensor):  # most leaves: no recursion
-                    self._plan_leaf_tensor(close_name(name_prefix), child)
-                    continue
-                replacement = self._walk(child, path + keys, name_prefix)  # pyre-ignore[6]: str or int keys, as checked
+                replacement = self._walk(child, path + keys, spelled_prefix(prefix, key, keys))  # pyre-ignore[6]: checked
                 if replacement is not child:
                     self.assignments.append((node, key, replacement))
             return node
@@ -276,7 +274,7 @@ class LoadPlan:
         if not isinstance(leaf, DTensor) and not layout.chunks:  # the common case: a whole tensor, read whole
             if leaf.numel():
                 self._destinations.append((name, leaf))
-                self.reads.append(_PieceRead(name, name, layout.shape, (0,) * leaf.dim(), layout.shape, leaf, [(0, layout.nbytes)]))
+                self.reads.append(_piece_read(name, name, layout.shape, (0,) * leaf.dim(), layout.shape, leaf))
             return
         if isinstance(leaf, DTensor):
             check_placements(name, leaf, TemplateMismatchError)
@@ -286,7 +284,7 @@ class LoadPlan:
         self._destinations.append((name, destination))
         for piece in layout.stored_pieces(name):
             if piece.offsets == region_offsets and piece.shape == region_shape:  # the common case: read whole
-                self.reads.append(_piece_read(name, piece, (0,) * len(region_shape), region_shape, destination))
+                self.reads.append(_piece_read(name, piece.name, piece.shape, (0,) * len(region_shape), region_shape, destination))
                 continue
             low = [max(p, r) for p, r in zip(piece.offsets, region_offsets)]
             high = [min(p + ps, r + rs) for p, ps, r, rs in zip(piece.offsets, piece.shape, region_offsets, region_shape)]
@@ -295,7 +293,7 @@ class LoadPlan:
                 continue
             box_start = tuple(lo - p for lo, p in zip(low, piece.offsets))
             target = destination[tuple(slice(lo - r, h - r) for lo, h, r in zip(low, high, region_offsets))]
-            self.reads.append(_piece_read(name, piece, box_start, box_shape, target))
+            self.reads.append(_piece_read(name, piece.name, piece.shape, box_start, box_shape, target))
 
     def _check_aliasing(self) -> None:
         """Template tensors that share memory would receive two values in one place; an exact
@@ -432,8 +430,6 @@ class LoadPlan:
 def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> list[ReadRequest]:
     """Requests that fill ``buffer`` (contiguous, box-shaped) from the piece stored at ``entry``."""
     data = tensor_bytes(buffer)
-    if len(read.runs) == 1:  # the common case: a whole piece, or a box contiguous in it
-        return [ReadRequest(entry.begin + read.runs[0][0], data)]
     requests: list[ReadRequest] = []
     position = 0
     for offset, length in read.runs:

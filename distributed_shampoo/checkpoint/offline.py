@@ -24,7 +24,7 @@ from distributed_shampoo.checkpoint.format import (
     DTYPE_TO_NAME,
     shard_file_name,
     shard_header_metadata,
-    TensorLayout,
+    whole_layout,
 )
 from distributed_shampoo.checkpoint.load import read_whole_tensors
 from distributed_shampoo.checkpoint.parse import read_index
@@ -163,7 +163,7 @@ def rewrite_checkpoint(
     target = Path(out_dir).absolute()
     if target.exists():
         raise CheckpointExistsError(f"{target} already exists")
-    layouts = {name: TensorLayout(layout.shape, layout.dtype) for name, layout in index.tensors.items()}
+    layouts = {name: whole_layout(layout.shape, layout.dtype) for name, layout in index.tensors.items()}
     save_id = new_save_id()
     staging = staging_dir(target, save_id[:16])
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ from distributed_shampoo.checkpoint.format import (
     sealed_digest,
     shard_header_metadata,
     TensorLayout,
+    whole_layout,
     tiling_problem,
 )
 from distributed_shampoo.checkpoint.reader import read_small_file
@@ -196,7 +197,6 @@ class Fields:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._names: dict[str, tuple[Key, ...]] = {}  # names already decoded
-        self.whole_layouts: dict[tuple[str, tuple[int, ...]], TensorLayout] = {}  # shared by equal tensors
 
     def fail(self, field: str, problem: str) -> CorruptCheckpointError:
         """The error for ``field`` (built by concatenation on the hot path, shortened here)."""
@@ -501,11 +501,8 @@ def _parse_layout(fields: Fields, name: str, entry: object, check_name: bool = T
         stored_chunks = None if "chunks" not in layout else _chunk_fields(fields, where, layout["chunks"])
     if not isinstance(dtype_name, str) or dtype_name not in NAME_TO_DTYPE:
         raise fields.fail(f"{where} \"dtype\"", f"unknown dtype {_short(dtype_name)}")
-    if stored_chunks is None:  # stored whole: one (immutable) layout per dtype and shape
-        shared = fields.whole_layouts.get((dtype_name, shape))
-        if shared is None:
-            fields.whole_layouts[(dtype_name, shape)] = shared = TensorLayout(shape, NAME_TO_DTYPE[dtype_name])
-        return shared
+    if stored_chunks is None:
+        return whole_layout(shape, NAME_TO_DTYPE[dtype_name])
     chunks: list[ChunkLayout] = []
     for chunk_field, offsets, chunk_shape in stored_chunks:
         if chunk_field != chunk_name(name, offsets):

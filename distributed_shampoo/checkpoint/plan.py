@@ -31,6 +31,7 @@ from distributed_shampoo.checkpoint.format import (
     DTYPE_TO_NAME,
     NAME_TO_DTYPE,
     TensorLayout,
+    whole_layout,
     tiling_problem,
 )
 from distributed_shampoo.checkpoint.values import CONFIG_TYPES, encode_value, is_value
@@ -380,15 +381,10 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
     writes: list[list[str]] = [[] for _ in local_plans]
     replicas: list[list[str]] = [[] for _ in local_plans]
     tensors: dict[str, TensorLayout] = {}
-    whole: dict[tuple[str, tuple[int, ...]], TensorLayout] = {}  # one (immutable) layout per dtype and shape
     for name, (rank, offer) in first_offer.items():
         if not offer.chunked:
             writes[rank].append(name)
-            key = (offer.dtype, offer.global_shape)
-            layout = whole.get(key)
-            if layout is None:
-                whole[key] = layout = TensorLayout(offer.global_shape, NAME_TO_DTYPE[offer.dtype])
-            tensors[name] = layout
+            tensors[name] = whole_layout(offer.global_shape, NAME_TO_DTYPE[offer.dtype])
             continue
         dtype = NAME_TO_DTYPE[offer.dtype]
         pieces = sorted(chunks[name].values(), key=lambda item: item[1].offsets)

@@ -11,6 +11,7 @@ while the file is fsynced (the disk's write-back leaves the CPU idle).
 
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
 
+import contextlib
 import json
 import os
 import sys
@@ -113,9 +114,15 @@ class SyncingFile:
             OSError: The fsync failed (the file is removed).
         """
         fd, self._fd = self._fd, None
+        try:
+            self._synced.result()
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+            raise
         if fd is not None:
-            _close_after(fd, self.path, self._synced)
-        self._synced.result()  # the outcome again, for a later call
+            os.close(fd)
         return self.record
 
 
@@ -191,15 +198,11 @@ def start_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], m
         pool.shutdown(wait=False)  # the thread exits once the fsync returns
         hash_into_records(shared)
     except BaseException:
-        if synced is None:
-            os.close(fd)
-            path.unlink(missing_ok=True)
-        else:
-            try:
-                _close_after(fd, path, synced)
-            except OSError:
-                pass  # the error that stopped the write is the one to raise
-            path.unlink(missing_ok=True)
+        if synced is not None:  # the fd may be closed only once the fsync is done with it
+            with contextlib.suppress(OSError):  # the error that stopped the write is the one to raise
+                synced.result()
+        os.close(fd)
+        path.unlink(missing_ok=True)
         raise
     # Records in the file's order, whichever tensors were hashed first.
     in_order = [name for name, _ in ordered]
@@ -209,21 +212,6 @@ def start_safetensors(path: Path, tensors: Sequence[tuple[str, torch.Tensor]], m
         FileRecord(8 + len(encoded) + position, checksum(encoded)),
     )
     return SyncingFile(path, fd, synced, record)
-
-
-def _close_after(fd: int, path: Path, synced: Future[None]) -> None:
-    """Waits for the fsync ``synced``, then closes ``fd``; removes ``path`` if the fsync failed.
-
-    Raises:
-        OSError: The fsync's error.
-    """
-    try:
-        synced.result()
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
 
 
 def _writev_all(fd: int, buffers: list[memoryview[int] | bytes]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import unittest
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -138,22 +139,21 @@ def _save_unsupported_on_one_rank(rank: int, world_size: int, directory: str) ->
         raise AssertionError("no UnsupportedValueError")
 
 
-def _save_with_disk_full_on_rank_1(rank: int, world_size: int, directory: str) -> None:
-    if rank == 1:
-        fill_disk_of_this_rank()
-    expect_failure_on_every_rank(
-        rank, 1, lambda: save_checkpoint(directory, {f"r{rank}": torch.ones(3)}, overwrite=True),
-        lambda error: isinstance(error, CheckpointWriteError) and error.errno == errno.ENOSPC, DISK_FULL_REPORT,
-    )
+# Write faults of rank 1: how to cause it, the errno rank 1 raises, what the other ranks report.
+# A failed fsync comes after rank 1's records reached rank 0, which then must not publish.
+_RANK_1_WRITE_FAULTS: dict[str, tuple[Callable[[], None], int, str]] = {
+    "disk full": (fill_disk_of_this_rank, errno.ENOSPC, DISK_FULL_REPORT),
+    "fsync failed": (fail_fsyncs_of_this_rank, errno.EIO, FSYNC_FAILED_REPORT),
+}
 
 
-def _save_with_fsync_failing_on_rank_1(rank: int, world_size: int, directory: str) -> None:
-    """Rank 1's records reach rank 0 before its fsync fails: rank 0 must not publish."""
+def _save_with_a_write_fault_on_rank_1(rank: int, world_size: int, directory: str, fault: str) -> None:
+    inject, code, report = _RANK_1_WRITE_FAULTS[fault]
     if rank == 1:
-        fail_fsyncs_of_this_rank()
+        inject()
     expect_failure_on_every_rank(
         rank, 1, lambda: save_checkpoint(directory, {f"r{rank}": torch.ones(3)}, overwrite=True),
-        lambda error: isinstance(error, CheckpointWriteError) and error.errno == errno.EIO, FSYNC_FAILED_REPORT,
+        lambda error: isinstance(error, CheckpointWriteError) and error.errno == code, report,
     )
 
 
@@ -235,8 +235,12 @@ class DistributedCheckpointTest(unittest.TestCase):
 
     def test_failure_on_one_rank_fails_every_rank_and_keeps_the_old_checkpoint(self) -> None:
         save_checkpoint(self.directory, {"old": torch.arange(3)})
-        for failing_save in (_save_unsupported_on_one_rank, _save_with_disk_full_on_rank_1, _save_with_fsync_failing_on_rank_1):
-            run_on_ranks(2, failing_save, self.directory)
+        failing_saves: list[tuple[Callable[..., None], tuple[str, ...]]] = [
+            (_save_unsupported_on_one_rank, ()),
+            *((_save_with_a_write_fault_on_rank_1, (fault,)) for fault in _RANK_1_WRITE_FAULTS),
+        ]
+        for failing_save, fault in failing_saves:
+            run_on_ranks(2, failing_save, self.directory, *fault)
             self.assertEqual(os.listdir(self._tmp.name), ["ckpt"])
             self.assertTrue(torch.equal(load_checkpoint(self.directory)["old"], torch.arange(3)))  # pyre-ignore[6]
             self.assertEqual(json.loads(Path(self.directory, "optimizer.safetensors.index.json").read_text())["metadata"]["world_size"], 1)

@@ -7,13 +7,14 @@ import shutil
 import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import overload, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from distributed_shampoo.checkpoint import plan_cache
 from distributed_shampoo.checkpoint.collectives import DEFAULT_COLLECTIVE_TIMEOUT_S, Group
 from distributed_shampoo.checkpoint.commit import (
     check_replaceable,
@@ -69,6 +70,7 @@ class _Prepared:
     plan: LocalPlan | None
     error: CheckpointError | None
     save_id: str | None  # rank 0: the new save's identity (it also names the staging directory)
+    repeats: str | None = None  # the remembered plan's generation, when ``plan`` holds only values
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,9 @@ def stage_save(
     snapshot: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> StagedSave:
     """The first half of a save: plan on every rank; rank 0 gathers the plans, decides who writes
-    what, and sends each rank its decisions (two collectives on ``group``).
+    what, and sends each rank its decisions (two collectives on ``group``; four when a rank
+    repeats a plan rank 0 has forgotten, see ``plan_cache``). A save whose plans repeat the last
+    save's on ``group`` sends only the values and reuses that save's decisions.
 
     Rank 0 checks the target and creates the staging directory. A failure on any rank raises on
     every rank (the same error class), and the staging directory is removed.
@@ -211,7 +215,7 @@ def stage_save(
     tensors, failed = local_plan_data, None
     try:
         if snapshot is None:
-            global_plan, decision = _exchange_plans(group, prepared, target)
+            global_plan, decision, writes, replicas = _exchange_plans(group, prepared, target)
         else:  # the copies overlap the exchange: the collectives wait without the GIL
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="distributed_shampoo-plan") as pool:
                 exchanged = pool.submit(_exchange_plans, group, prepared, target)
@@ -219,7 +223,7 @@ def stage_save(
                     tensors = snapshot(local_plan_data)
                 except BaseException as error:  # the other ranks are committed to the save: fail it everywhere
                     failed = error
-                global_plan, decision = exchanged.result()
+                global_plan, decision, writes, replicas = exchanged.result()
         if decision.error is not None:
             own = decision.failed_rank == group.rank and own_prepare_error is not None
             raise own_prepare_error if own and own_prepare_error is not None else decision.error
@@ -227,36 +231,74 @@ def stage_save(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise _local(error, group.rank, target)
-    writes = [(name, tensors[name]) for name in decision.writes]
-    replicas = [(name, tensors[name]) for name in decision.replicas]
     return StagedSave(
-        target, staging_dir(target, decision.save_id[:16]), decision.save_id, prefix, global_plan, writes, replicas, metadata, overwrite, failed
+        target,
+        staging_dir(target, decision.save_id[:16]),
+        decision.save_id,
+        prefix,
+        global_plan,
+        [(name, tensors[name]) for name in writes],
+        [(name, tensors[name]) for name in replicas],
+        metadata,
+        overwrite,
+        failed,
     )
 
 
-def _exchange_plans(group: Group, prepared: "_Prepared", target: Path) -> tuple[GlobalPlan | None, "_Decision"]:
-    """Plans go to rank 0, which decides and sends each rank only its own part."""
-    everyone = group.gather_to_first(prepared)
+def _exchange_plans(
+    group: Group, prepared: "_Prepared", target: Path
+) -> tuple[GlobalPlan | None, "_Decision", tuple[str, ...], tuple[str, ...]]:
+    """Plans go to rank 0, which decides and sends each rank only its own part. A rank whose plan
+    repeats its last save's sends only its values (``plan_cache``); if rank 0 cannot use that, it
+    asks every rank for its whole plan.
+
+    Returns:
+        Rank 0's global plan (None elsewhere), this rank's decision, and the stored names this
+        rank writes and the replicas it holds (empty if the decision is a failure).
+    """
+    group_key = (group.process_group, group.rank, group.world_size)
+    offered = plan_cache.offer(group_key, prepared.plan) if prepared.plan is not None else None
+    sent = prepared if offered is None else replace(prepared, plan=offered.plan, repeats=offered.repeats)
+    global_plan, decision = _exchange(group, sent, target)
+    if decision.resend:
+        offered = None
+        global_plan, decision = _exchange(group, prepared, target)
+    if decision.error is not None or prepared.plan is None:
+        return global_plan, decision, (), ()
+    decided = None if decision.writes is None else (decision.writes, decision.replicas)
+    writes, replicas = plan_cache.settle(group_key, offered, prepared.plan, decision.generation, decided)
+    return global_plan, decision, writes, replicas
+
+
+def _exchange(group: Group, sent: "_Prepared", target: Path) -> tuple[GlobalPlan | None, "_Decision"]:
+    everyone = group.gather_to_first(sent)
     global_plan: GlobalPlan | None = None
     decisions: list[_Decision] | None = None
     if everyone is not None:
-        global_plan, decisions = _decide(everyone, target)
+        global_plan, decisions = _decide(everyone, target, (group.process_group, group.rank, group.world_size))
     return global_plan, group.scatter_from_first(decisions)
 
 
 @dataclass(frozen=True)
 class _Decision:
     """What rank 0 tells one rank after planning: the save's identity and what the rank writes,
-    or the failure every rank raises."""
+    or the failure every rank raises.
+
+    ``writes`` is None when rank 0 reused the plan of the save ``generation`` (every rank
+    repeated it): the rank writes what it remembers. ``resend``: rank 0 needs every rank's whole
+    plan (a rank repeated a plan rank 0 does not remember).
+    """
 
     save_id: str
-    writes: tuple[str, ...]
+    writes: tuple[str, ...] | None
     replicas: tuple[str, ...]  # whole tensors this rank holds and another rank writes
     error: CheckpointError | None = None
     failed_rank: int | None = None
+    generation: str = ""
+    resend: bool = False
 
 
-def _decide(everyone: list[_Prepared], target: Path) -> tuple[GlobalPlan | None, list[_Decision]]:
+def _decide(everyone: list[_Prepared], target: Path, group_key: plan_cache.GroupKey) -> tuple[GlobalPlan | None, list[_Decision]]:
     """Rank 0: the global plan from every rank's plan, and each rank's decision."""
     save_id = everyone[0].save_id or ""
     failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
@@ -264,11 +306,16 @@ def _decide(everyone: list[_Prepared], target: Path) -> tuple[GlobalPlan | None,
         failure = (0, DistributedSaveError(f"saving {target}: rank 0 reported no save identity"))
     if failure is None:
         try:
-            plan = plan_global([p.plan for p in everyone if p.plan is not None])
+            coordinated = plan_cache.coordinate(group_key, [(p.plan, p.repeats) for p in everyone if p.plan is not None], save_id)
         except BaseException as error:
             failure = (0, _shared(error, 0, target))
         else:
-            return plan, [_Decision(save_id, writes, replicas) for writes, replicas in zip(plan.writes, plan.replicas)]
+            if coordinated is None:
+                return None, [_Decision(save_id, (), (), resend=True) for _ in everyone]
+            plan, generation = coordinated.plan, coordinated.generation
+            if coordinated.reused:
+                return plan, [_Decision(save_id, None, (), generation=generation) for _ in everyone]
+            return plan, [_Decision(save_id, w, r, generation=generation) for w, r in zip(plan.writes, plan.replicas)]
     rank, error = failure
     return None, [_Decision(save_id, (), (), error, rank) for _ in everyone]
 

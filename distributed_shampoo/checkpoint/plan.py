@@ -375,7 +375,7 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
                 first_offer[offer.name] = (rank, offer)
             if offer.chunked:
                 chunks.setdefault(offer.name, {}).setdefault(offer.offsets, (rank, offer))
-    objects = _merge("value", [plan.objects for plan in local_plans])
+    objects = merge_values(local_plans)
     kinds = _merge_kinds(local_plans)
     _check_kinds(first_offer, objects, kinds)
     writes: list[list[str]] = [[] for _ in local_plans]
@@ -442,19 +442,21 @@ def _describe(offer: PlannedTensor) -> str:
     return f"{kind} {offer.dtype} tensor of shape {list(offer.global_shape)}"
 
 
-_V = TypeVar("_V")
+def merge_values(local_plans: Sequence[LocalPlan]) -> dict[str, object]:
+    """The union of every rank's values (non-tensor leaves).
 
-
-def _merge(what: str, per_rank: Sequence[Mapping[str, _V]]) -> dict[str, _V]:
-    """The union of every rank's values; the same name with different values is an error."""
-    merged: dict[str, _V] = {}
+    Raises:
+        InconsistentStateError: Two ranks hold different values under one name; names it and
+            the ranks.
+    """
+    merged: dict[str, object] = {}
     owner: dict[str, int] = {}
-    for rank, values in enumerate(per_rank):
-        for name, value in values.items():
+    for rank, plan in enumerate(local_plans):
+        for name, value in plan.objects.items():
             if name not in merged:
                 merged[name], owner[name] = value, rank
             elif json.dumps(merged[name]) != json.dumps(value):
                 raise InconsistentStateError(
-                    f"{name}: rank {owner[name]} has {what} {merged[name]!r} but rank {rank} has {value!r}"
+                    f"{name}: rank {owner[name]} has value {merged[name]!r} but rank {rank} has {value!r}"
                 )
     return merged

@@ -256,8 +256,7 @@ def _exchange_plans(
         Rank 0's global plan (None elsewhere), this rank's decision, and the stored names this
         rank writes and the replicas it holds (empty if the decision is a failure).
     """
-    group_key = (group.process_group, group.rank, group.world_size)
-    offered = plan_cache.offer(group_key, prepared.plan) if prepared.plan is not None else None
+    offered = plan_cache.offer(group, prepared.plan) if prepared.plan is not None else None
     sent = prepared if offered is None else replace(prepared, plan=offered.plan, repeats=offered.repeats)
     global_plan, decision = _exchange(group, sent, target)
     if decision.resend:
@@ -266,7 +265,7 @@ def _exchange_plans(
     if decision.error is not None or prepared.plan is None:
         return global_plan, decision, (), ()
     decided = None if decision.writes is None else (decision.writes, decision.replicas)
-    writes, replicas = plan_cache.settle(group_key, offered, prepared.plan, decision.generation, decided)
+    writes, replicas = plan_cache.settle(group, offered, prepared.plan, decision.save_id, decided)
     return global_plan, decision, writes, replicas
 
 
@@ -275,7 +274,7 @@ def _exchange(group: Group, sent: "_Prepared", target: Path) -> tuple[GlobalPlan
     global_plan: GlobalPlan | None = None
     decisions: list[_Decision] | None = None
     if everyone is not None:
-        global_plan, decisions = _decide(everyone, target, (group.process_group, group.rank, group.world_size))
+        global_plan, decisions = _decide(everyone, target, group)
     return global_plan, group.scatter_from_first(decisions)
 
 
@@ -284,8 +283,8 @@ class _Decision:
     """What rank 0 tells one rank after planning: the save's identity and what the rank writes,
     or the failure every rank raises.
 
-    ``writes`` is None when rank 0 reused the plan of the save ``generation`` (every rank
-    repeated it): the rank writes what it remembers. ``resend``: rank 0 needs every rank's whole
+    ``writes`` is None when rank 0 reused the remembered plan (every rank repeated it): the rank
+    writes what it remembers. ``resend``: rank 0 needs every rank's whole
     plan (a rank repeated a plan rank 0 does not remember).
     """
 
@@ -294,11 +293,10 @@ class _Decision:
     replicas: tuple[str, ...]  # whole tensors this rank holds and another rank writes
     error: CheckpointError | None = None
     failed_rank: int | None = None
-    generation: str = ""
     resend: bool = False
 
 
-def _decide(everyone: list[_Prepared], target: Path, group_key: plan_cache.GroupKey) -> tuple[GlobalPlan | None, list[_Decision]]:
+def _decide(everyone: list[_Prepared], target: Path, group: Group) -> tuple[GlobalPlan | None, list[_Decision]]:
     """Rank 0: the global plan from every rank's plan, and each rank's decision."""
     save_id = everyone[0].save_id or ""
     failure = next(((rank, p.error) for rank, p in enumerate(everyone) if p.error is not None), None)
@@ -306,16 +304,16 @@ def _decide(everyone: list[_Prepared], target: Path, group_key: plan_cache.Group
         failure = (0, DistributedSaveError(f"saving {target}: rank 0 reported no save identity"))
     if failure is None:
         try:
-            coordinated = plan_cache.coordinate(group_key, [(p.plan, p.repeats) for p in everyone if p.plan is not None], save_id)
+            coordinated = plan_cache.coordinate(group, [(p.plan, p.repeats) for p in everyone if p.plan is not None], save_id)
         except BaseException as error:
             failure = (0, _shared(error, 0, target))
         else:
             if coordinated is None:
                 return None, [_Decision(save_id, (), (), resend=True) for _ in everyone]
-            plan, generation = coordinated.plan, coordinated.generation
+            plan = coordinated.plan
             if coordinated.reused:
-                return plan, [_Decision(save_id, None, (), generation=generation) for _ in everyone]
-            return plan, [_Decision(save_id, w, r, generation=generation) for w, r in zip(plan.writes, plan.replicas)]
+                return plan, [_Decision(save_id, None, ()) for _ in everyone]
+            return plan, [_Decision(save_id, w, r) for w, r in zip(plan.writes, plan.replicas)]
     rank, error = failure
     return None, [_Decision(save_id, (), (), error, rank) for _ in everyone]
 

@@ -375,7 +375,7 @@ def plan_global(local_plans: Sequence[LocalPlan]) -> GlobalPlan:
                 first_offer[offer.name] = (rank, offer)
             if offer.chunked:
                 chunks.setdefault(offer.name, {}).setdefault(offer.offsets, (rank, offer))
-    objects = merge_values(local_plans)
+    objects = merge_values([plan.objects for plan in local_plans])
     kinds = _merge_kinds(local_plans)
     _check_kinds(first_offer, objects, kinds)
     writes: list[list[str]] = [[] for _ in local_plans]
@@ -442,8 +442,8 @@ def _describe(offer: PlannedTensor) -> str:
     return f"{kind} {offer.dtype} tensor of shape {list(offer.global_shape)}"
 
 
-def merge_values(local_plans: Sequence[LocalPlan]) -> dict[str, object]:
-    """The union of every rank's values (non-tensor leaves).
+def merge_values(per_rank: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """The union of every rank's values (non-tensor leaves, ``LocalPlan.objects``).
 
     Raises:
         InconsistentStateError: Two ranks hold different values under one name; names it and
@@ -451,8 +451,8 @@ def merge_values(local_plans: Sequence[LocalPlan]) -> dict[str, object]:
     """
     merged: dict[str, object] = {}
     owner: dict[str, int] = {}
-    for rank, plan in enumerate(local_plans):
-        for name, value in plan.objects.items():
+    for rank, values in enumerate(per_rank):
+        for name, value in values.items():
             if name not in merged:
                 merged[name], owner[name] = value, rank
             elif json.dumps(merged[name]) != json.dumps(value):

@@ -17,23 +17,28 @@ rank 0 ask every rank for its whole plan. One save per group is remembered; savi
 in turn on one group plans every time, as without this module.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch.distributed as dist
 
+from distributed_shampoo.checkpoint.collectives import Group
 from distributed_shampoo.checkpoint.errors import DistributedSaveError
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, merge_values, plan_global
 
 # The group a plan was exchanged on: the process group (None: the default one), rank, world size.
-GroupKey = tuple[dist.ProcessGroup | None, int, int]
+_GroupKey = tuple[dist.ProcessGroup | None, int, int]
+
+
+def _key(group: Group) -> _GroupKey:
+    return (group.process_group, group.rank, group.world_size)
 
 
 @dataclass(frozen=True)
 class _RankMemory:
     """What this rank planned in one save and what rank 0 decided for it."""
 
-    group: GroupKey
+    group: _GroupKey
     generation: str
     plan: LocalPlan
     writes: tuple[str, ...]
@@ -44,21 +49,30 @@ class _RankMemory:
 class _CoordinatorMemory:
     """Rank 0: every rank's plan in one save, and the global plan made from them."""
 
-    group: GroupKey
+    group: _GroupKey
     generation: str
     plans: tuple[LocalPlan, ...]
     plan: GlobalPlan
 
 
-# One save is remembered (the last one), whichever its group: memory stays bounded by one plan.
-_rank_memory: list[_RankMemory] = []
-_coordinator_memory: list[_CoordinatorMemory] = []
+class _Memory:
+    """The last save only, whichever its group: memory stays bounded by one plan."""
+
+    rank: _RankMemory | None = None
+    coordinator: _CoordinatorMemory | None = None
+
+
+_memory = _Memory()
 
 
 def forget() -> None:
     """Forgets the remembered plan: the next save plans from scratch."""
-    _rank_memory.clear()
-    _coordinator_memory.clear()
+    _memory.rank = _memory.coordinator = None
+
+
+def remembered_generation() -> str | None:
+    """Rank 0: the generation of the global plan it remembers, if any."""
+    return _memory.coordinator.generation if _memory.coordinator is not None else None
 
 
 @dataclass(frozen=True)
@@ -71,11 +85,11 @@ class Offer:
     remembered: _RankMemory | None
 
 
-def offer(group: GroupKey, plan: LocalPlan) -> Offer:
+def offer(group: Group, plan: LocalPlan) -> Offer:
     """This rank's offer: only the values of ``plan`` and the remembered generation if ``plan``
     repeats the plan this rank remembers for ``group``; else ``plan`` itself."""
-    remembered = next((memory for memory in _rank_memory if memory.group == group), None)
-    if remembered is not None and _repeats(plan, remembered.plan):
+    remembered = _memory.rank
+    if remembered is not None and remembered.group == _key(group) and _repeats(plan, remembered.plan):
         return Offer(LocalPlan((), plan.objects, {}), remembered.generation, remembered)
     return Offer(plan, None, None)
 
@@ -90,21 +104,14 @@ def _repeats(plan: LocalPlan, before: LocalPlan) -> bool:
 
 @dataclass(frozen=True)
 class Coordinated:
-    """Rank 0's plan for one save.
-
-    Attributes:
-        plan: The global plan.
-        generation: The generation the ranks remember it under.
-        reused: Whether every rank repeated the remembered plan: each then reuses its own
-            remembered decisions, which rank 0 need not send.
-    """
+    """Rank 0's plan for one save, and whether every rank repeated the remembered one (each
+    then reuses its own remembered decisions, which rank 0 need not send)."""
 
     plan: GlobalPlan
-    generation: str
     reused: bool
 
 
-def coordinate(group: GroupKey, sent: Sequence[tuple[LocalPlan, str | None]], save_id: str) -> Coordinated | None:
+def coordinate(group: Group, sent: Sequence[tuple[LocalPlan, str | None]], save_id: str) -> Coordinated | None:
     """Rank 0: the global plan from every rank's ``(plan, repeated generation)``: the remembered
     one with the new values when every rank repeats it, else ``plan_global`` of every rank's
     whole plan (remembered under ``save_id``).
@@ -116,40 +123,42 @@ def coordinate(group: GroupKey, sent: Sequence[tuple[LocalPlan, str | None]], sa
     Raises:
         InconsistentStateError: The ranks disagree (as ``plan_global`` and ``merge_values``).
     """
-    remembered = next((memory for memory in _coordinator_memory if memory.group == group), None)
+    remembered = _memory.coordinator
+    if remembered is not None and remembered.group != _key(group):
+        remembered = None
     repeated = [generation is not None for _, generation in sent]
     if any(repeated) and (remembered is None or any(g is not None and g != remembered.generation for _, g in sent)):
         return None
+    if remembered is not None and all(repeated):
+        values: list[Mapping[str, object]] = [plan.objects for plan, _ in sent]
+        return Coordinated(replace(remembered.plan, objects=merge_values(values)), True)
     plans = [
         replace(remembered.plans[rank], objects=plan.objects) if remembered is not None and repeats else plan
         for rank, ((plan, _), repeats) in enumerate(zip(sent, repeated))
     ]
-    if remembered is not None and all(repeated):
-        return Coordinated(replace(remembered.plan, objects=merge_values(plans)), remembered.generation, True)
     global_plan = plan_global(plans)
-    _coordinator_memory[:] = [_CoordinatorMemory(group, save_id, tuple(plans), global_plan)]
-    return Coordinated(global_plan, save_id, False)
+    _memory.coordinator = _CoordinatorMemory(_key(group), save_id, tuple(plans), global_plan)
+    return Coordinated(global_plan, False)
 
 
 def settle(
-    group: GroupKey,
+    group: Group,
     offered: Offer | None,
     plan: LocalPlan,
-    generation: str,
+    save_id: str,
     decided: tuple[tuple[str, ...], tuple[str, ...]] | None,
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """This rank's ``(writes, replicas)`` once rank 0 has decided on the plan this rank
-    ``offered`` (None: its whole ``plan``): ``decided``, remembered with ``plan`` under
-    ``generation``; or, when rank 0 sent None (it reused the remembered plan), the ones this rank
+    """This rank's ``(writes, replicas)`` once rank 0 has decided on what this rank ``offered``
+    (None: its whole ``plan``): ``decided``, remembered with ``plan`` under the save's
+    ``save_id``; or, when rank 0 sent None (it reused the remembered plan), the ones this rank
     remembers.
 
     Raises:
         DistributedSaveError: Rank 0 reused a plan this rank did not offer to repeat.
     """
     if decided is None:
-        remembered = offered.remembered if offered is not None else None
-        if remembered is None or remembered.generation != generation:
-            raise DistributedSaveError(f"rank 0 reused plan {generation}, which this rank did not offer to repeat")
-        return remembered.writes, remembered.replicas
-    _rank_memory[:] = [_RankMemory(group, generation, plan, *decided)]
+        if offered is None or offered.remembered is None:
+            raise DistributedSaveError("rank 0 reused a plan this rank did not offer to repeat")
+        return offered.remembered.writes, offered.remembered.replicas
+    _memory.rank = _RankMemory(_key(group), save_id, plan, *decided)
     return decided

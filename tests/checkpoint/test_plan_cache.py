@@ -39,10 +39,6 @@ def _assert_loads_back(directory: Path, state: dict[str, object]) -> None:
         assert torch.equal(loaded[key], value) if isinstance(value, torch.Tensor) else loaded[key] == value, key
 
 
-def _remembered_generation() -> str:
-    return plan_cache._coordinator_memory[0].generation
-
-
 def _expect_inconsistent(directory: Path, state: dict[str, object], message: str) -> None:
     try:
         save_checkpoint(directory, state)
@@ -57,7 +53,7 @@ def _saves(rank: int, world_size: int, root: str) -> None:
     base = Path(root)
     first = _state(rank, seed=1)
     save_checkpoint(base / "first", first)
-    generation = _remembered_generation() if rank == 0 else ""
+    generation = plan_cache.remembered_generation() if rank == 0 else ""
     if rank == 0:
         assert generation == read_index(base / "first").save_id
 
@@ -66,7 +62,7 @@ def _saves(rank: int, world_size: int, root: str) -> None:
     second = _state(rank, seed=2, lr=0.2, step=2.0)
     save_checkpoint(base / "second", second)
     if rank == 0:
-        assert _remembered_generation() == generation
+        assert plan_cache.remembered_generation() == generation
     _assert_loads_back(base / "second", second)
     _assert_loads_back(base / "first", first)
 
@@ -80,7 +76,7 @@ def _saves(rank: int, world_size: int, root: str) -> None:
     third = _state(rank, seed=4, extra=True)
     save_checkpoint(base / "third", third)
     if rank == 0:
-        assert _remembered_generation() == read_index(base / "third").save_id
+        assert plan_cache.remembered_generation() == read_index(base / "third").save_id
     _assert_loads_back(base / "third", third)
 
     # Rank 0 forgets while rank 1 still offers to repeat: every rank sends its whole plan again.
@@ -89,7 +85,7 @@ def _saves(rank: int, world_size: int, root: str) -> None:
     fourth = _state(rank, seed=5, extra=True)
     save_checkpoint(base / "fourth", fourth)
     if rank == 0:
-        assert _remembered_generation() == read_index(base / "fourth").save_id
+        assert plan_cache.remembered_generation() == read_index(base / "fourth").save_id
     _assert_loads_back(base / "fourth", fourth)
 
 

@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,7 +51,7 @@ from distributed_shampoo.checkpoint.format import (
 from distributed_shampoo.checkpoint.gc_pause import paused_gc
 from distributed_shampoo.checkpoint.index_parts import loader_files, read_partial_index, wants_loader_files
 from distributed_shampoo.checkpoint.integrity import check_units, check_whole_and_pages, whole_unit
-from distributed_shampoo.checkpoint.load import KeySelection, LoadPlan, prepare, leaf_names
+from distributed_shampoo.checkpoint.load import KeySelection, leaf_names, LoadPlan, normalise_keys, prepare
 from distributed_shampoo.checkpoint.parse import check_header_matches, find_index_file, read_header, read_index, strict_json
 from distributed_shampoo.checkpoint.plan import GlobalPlan, LocalPlan, plan_global, plan_local, StateDict
 from distributed_shampoo.checkpoint.reader import open_regular, read_small_file
@@ -636,24 +636,27 @@ def prepare_load(
 ) -> tuple[LoadPlan, StateDict]:
     """Phase 1 of ``load_checkpoint``: everything but changing the template (see
     ``load.prepare``), starting again from the index if the checkpoint is replaced meanwhile."""
+    selection = normalise_keys(keys)
+    leaves = leaf_names(state_dict, selection) if state_dict is not None else None
     attempts = 0
     while True:
-        index = _index_for_load(Path(checkpoint_dir), state_dict)
+        index = _index_for_load(Path(checkpoint_dir), leaves)
         try:
-            return prepare(index, state_dict, keys, strict, verify)
+            return prepare(index, state_dict, selection, strict, verify, leaves)
         except CheckpointReplacedError:
             attempts += 1
             if attempts == _REPLACED_RETRIES:
                 raise
 
 
-def _index_for_load(directory: Path, template: StateDict | None) -> CheckpointIndex:
-    """What a load needs of the index: with a template, only its tensors' entries, from the
-    loader's files (format 3: the work is proportional to what is loaded); else the whole index."""
-    if template is not None:
+def _index_for_load(directory: Path, leaves: Iterable[str] | None) -> CheckpointIndex:
+    """What a load needs of the index: with a template, only the entries of its (selected)
+    leaves, from the loader's files (format 3: the work is proportional to what is loaded); else
+    the whole index."""
+    if leaves is not None:
         index_path = find_index_file(directory)
         prefix = index_path.name[: -len(index_file_name(""))]
-        names = leaf_names(template)
+        names = list(leaves)
         partial = read_partial_index(directory, prefix, names)
         return partial if partial is not None else read_index(directory, wanted=names)
     return read_index(directory)

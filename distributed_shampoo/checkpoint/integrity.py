@@ -18,10 +18,11 @@ import xxhash
 
 from distributed_shampoo.checkpoint.errors import ChecksumMismatchError
 from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry, page_checksums, page_digest
-from distributed_shampoo.checkpoint.reader import read_ranges, ReadRequest
+from distributed_shampoo.checkpoint.reader import GAP_BYTES, read_ranges, ReadRequest
 
-# Units are read into a buffer of this size; a larger unit is read and hashed in segments of it.
-SCRATCH_BYTES: int = 8 << 20
+# Units are read into a buffer of this size (small enough to stay in a core's L2 cache while it
+# is hashed); a larger unit is read and hashed in segments of it.
+SCRATCH_BYTES: int = 1 << 20
 
 
 class Unit(NamedTuple):
@@ -84,21 +85,14 @@ def check_units(fd: int, path: Path, units: Iterable[Unit], on_mismatch: Mismatc
         CorruptCheckpointError, CheckpointReadError: The file cannot be read.
     """
     scratch = memoryview(bytearray(SCRATCH_BYTES))
-    for batch in _batches(sorted(set(units), key=lambda u: u.offset)):
-        views: list[memoryview[int]] = []
-        requests: list[ReadRequest] = []
-        position = 0
+    for start, end, batch in _spans(sorted(set(units), key=lambda u: u.offset)):
+        if end - start > SCRATCH_BYTES:  # one unit larger than the buffer
+            _compare(path, batch[0].name, _streamed_digest(fd, path, batch[0], scratch), batch[0].expected, batch[0].what, on_mismatch)
+            continue
+        read_ranges(fd, path, [ReadRequest(start, scratch[: end - start])])
         for unit in batch:
-            if unit.nbytes > SCRATCH_BYTES:
-                continue
-            view = scratch[position : position + unit.nbytes]
-            requests.append(ReadRequest(unit.offset, view))
-            views.append(view)
-            position += unit.nbytes
-        read_ranges(fd, path, requests)
-        small = iter(views)
-        for unit in batch:
-            actual = _streamed_digest(fd, path, unit, scratch) if unit.nbytes > SCRATCH_BYTES else xxhash.xxh3_64_hexdigest(next(small))
+            begin = unit.offset - start
+            actual = xxhash.xxh3_64_hexdigest(scratch[begin : begin + unit.nbytes])
             _compare(path, unit.name, actual, unit.expected, unit.what, on_mismatch)
 
 
@@ -128,18 +122,23 @@ def _compare(path: Path, name: str, actual: str, expected: str, what: str, on_mi
         on_mismatch(error)
 
 
-def _batches(units: list[Unit]) -> Iterator[list[Unit]]:
-    """Consecutive units that fit in the scratch buffer together (a large unit goes alone)."""
+def _spans(units: list[Unit]) -> Iterator[tuple[int, int, list[Unit]]]:
+    """Spans ``(start, end, units)`` of the file, each read in one request: consecutive units
+    (sorted by offset) less than ``GAP_BYTES`` apart that fit in the scratch buffer together (a
+    larger unit goes alone); reading a small gap costs less than another request."""
     batch: list[Unit] = []
-    size = 0
+    start = end = 0
     for unit in units:
-        if batch and size + unit.nbytes > SCRATCH_BYTES:
-            yield batch
-            batch, size = [], 0
+        unit_end = unit.offset + unit.nbytes
+        if batch and (unit.offset - end > GAP_BYTES or max(end, unit_end) - start > SCRATCH_BYTES):
+            yield start, end, batch
+            batch = []
+        if not batch:
+            start = end = unit.offset
         batch.append(unit)
-        size += unit.nbytes
+        end = max(end, unit_end)
     if batch:
-        yield batch
+        yield start, end, batch
 
 
 def _streamed_digest(fd: int, path: Path, unit: Unit, scratch: memoryview[int]) -> str:

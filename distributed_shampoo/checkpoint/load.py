@@ -41,7 +41,7 @@ from distributed_shampoo.checkpoint.plan import (
     StateDict,
 )
 from distributed_shampoo.checkpoint.values import is_value, same_config_kind
-from distributed_shampoo.checkpoint.reader import open_regular, prefetch, read_ranges, ReadRequest
+from distributed_shampoo.checkpoint.reader import coalesce, open_regular, prefetch, Preadv, read_coalesced, read_ranges, ReadRequest
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
 
@@ -81,6 +81,7 @@ class OpenFiles:
         self.index = index
         self.fds: dict[str, int] = {}
         self.headers: dict[str, dict[str, HeaderEntry]] = {}
+        self.prefetched: set[str] = set()  # pieces whose whole bytes ``prefetch`` asked for
         by_file: dict[str, list[str]] = {}
         for piece in pieces:
             by_file.setdefault(index.weight_map[piece], []).append(piece)
@@ -107,6 +108,21 @@ class OpenFiles:
         if entry is not None and entry.dtype == dtype and entry.shape == shape:
             return entry
         return check_header_entry(self.index.directory / file_name, stored_name, entry, dtype, shape)
+
+    def prefetch(self, pieces: Iterable[str]) -> None:
+        """Checks the header entries of stored ``pieces`` (``entry``) and starts the disk reading
+        them whole, so that it works while the load plans its reads.
+
+        Raises:
+            IndexMismatchError: As ``entry``.
+        """
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for piece in pieces:
+            entry = self.entry(piece)
+            by_file.setdefault(self.index.weight_map[piece], []).append((entry.begin, entry.end - entry.begin))
+            self.prefetched.add(piece)
+        for file_name, ranges in by_file.items():
+            prefetch(self.fds[file_name], ranges)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -145,14 +161,15 @@ def holds_selection(path: tuple[Key, ...], selection: list[tuple[Key, ...]] | No
     return selection is not None and any(prefix[: len(path)] == path for prefix in selection)
 
 
-def leaf_names(template: StateDict) -> list[str]:
-    """The logical names of the leaves of ``template``: what a load may look up in the index
-    (a value where a tensor was saved is an error ``LoadPlan`` reports, so it is looked up too)."""
-    names: list[str] = []
+def leaf_names(template: StateDict, selection: list[tuple[Key, ...]] | None = None) -> dict[str, bool]:
+    """The logical names of the (selected) leaves of ``template``: what a load may look up in the
+    index (a value where a tensor was saved is an error ``LoadPlan`` reports, so it is looked up
+    too), each with whether it is a plain tensor, which reads every piece of its tensor whole."""
+    names: dict[str, bool] = {}
 
     def visit(node: object, prefix: str) -> None:
         if isinstance(node, torch.Tensor) or is_value(node):
-            names.append(close_name(prefix))
+            names[close_name(prefix)] = isinstance(node, torch.Tensor) and not isinstance(node, DTensor)
         elif isinstance(node, Mapping):
             for (key, child), keys in zip(node.items(), key_paths(node)):
                 if isinstance(key, (str, int)) and not isinstance(key, bool):
@@ -162,7 +179,9 @@ def leaf_names(template: StateDict) -> list[str]:
                 visit(child, child_prefix(prefix, position))
 
     visit(template, "")
-    return names
+    if selection is None:
+        return names
+    return {name: plain for name, plain in names.items() if selected(tuple(decode_key(name)), selection)}
 
 
 class LoadPlan:
@@ -191,7 +210,10 @@ class LoadPlan:
         self._destinations: list[tuple[str, torch.Tensor]] = []  # (logical name, local tensor)
         self._matched: set[tuple[Key, ...]] = set()
         self._selection = keys
-        self._entries: list[HeaderEntry] = []  # of ``reads``, found by ``check()``
+        # Built by ``check()`` while the disk reads: file -> the reads straight into the template,
+        # and the reads through temporary buffers (regions not contiguous CPU memory).
+        self._direct: dict[str, list[Preadv]] = {}
+        self._temporaries: list[tuple[_PieceRead, HeaderEntry]] = []
         self._walk(template, (), "")
         if strict:
             self._check_complete(keys)
@@ -341,8 +363,9 @@ class LoadPlan:
         """
         self.files = opened = files or OpenFiles(self.index, [read.piece for read in self.reads])
         try:
-            self._entries = entries = [opened.entry(read.piece) for read in self.reads]
+            entries = [opened.entry(read.piece) for read in self.reads]
             self._prefetch(opened, entries)
+            self._plan_copies(entries)
             if not self.verify:
                 return
             units: dict[str, list[Unit]] = {}
@@ -359,13 +382,28 @@ class LoadPlan:
             raise
 
     def _prefetch(self, files: OpenFiles, entries: list[HeaderEntry]) -> None:
-        """Starts the disk reading every byte range this load copies, before the first is read."""
+        """Starts the disk reading every byte range this load copies that ``files.prefetch`` did
+        not ask for, before the first is read."""
         by_file: dict[str, list[tuple[int, int]]] = {}
         for read, entry in zip(self.reads, entries):
+            if read.piece in files.prefetched:
+                continue
             ranges = by_file.setdefault(self.index.weight_map[read.piece], [])
             ranges += [(entry.begin + offset, length) for offset, length in read.runs]
         for file_name, ranges in by_file.items():
             prefetch(files.fds[file_name], ranges)
+
+    def _plan_copies(self, entries: list[HeaderEntry]) -> None:
+        """Builds the requests ``apply()`` reads with (done in ``check()``, after the prefetch: the
+        disk reads meanwhile)."""
+        direct: dict[str, list[ReadRequest]] = {}
+        for read, entry in zip(self.reads, entries):
+            target = read.target
+            if target.is_cpu and target.is_contiguous():
+                direct.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, target))
+            else:
+                self._temporaries.append((read, entry))
+        self._direct = {file_name: coalesce(requests) for file_name, requests in direct.items()}
 
     def apply(self) -> None:
         """Phase 2: fills the template (``check()`` first). Closes the files.
@@ -379,29 +417,21 @@ class LoadPlan:
         if files is None:
             raise CheckpointError("LoadPlan.apply() needs check() first")
         try:
-            temporaries: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]] = []
-            direct: dict[str, list[ReadRequest]] = {}
-            for read, entry in zip(self.reads, self._entries):
-                target = read.target
-                if target.is_cpu and target.is_contiguous():
-                    direct.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, target))
-                else:
-                    temporaries.append((read, entry, target))
-            for file_name, requests in direct.items():
-                read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
-            self._apply_temporaries(files, temporaries)
+            for file_name, calls in self._direct.items():
+                read_coalesced(files.fds[file_name], self.index.directory / file_name, calls)
+            self._apply_temporaries(files)
         finally:
             self.close()
         for container, key, value in self.assignments:
             container[key] = value  # pyre-ignore[16]: templates hold mutable dicts and lists
 
-    def _apply_temporaries(self, files: OpenFiles, pending: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]]) -> None:
+    def _apply_temporaries(self, files: OpenFiles) -> None:
         """Reads boxes that are not contiguous CPU memory in the template into temporary buffers
         (batches of at most ``_TEMPORARY_BYTES``), then copies them in."""
-        batch: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]] = []
+        batch: list[tuple[_PieceRead, HeaderEntry]] = []
         batch_bytes = 0
-        for item in pending:
-            nbytes = math.prod(item[0].box_shape) * item[2].element_size()
+        for item in self._temporaries:
+            nbytes = math.prod(item[0].box_shape) * item[0].target.element_size()
             if batch and batch_bytes + nbytes > _TEMPORARY_BYTES:
                 self._copy_through_temporaries(files, batch)
                 batch, batch_bytes = [], 0
@@ -410,13 +440,13 @@ class LoadPlan:
         if batch:
             self._copy_through_temporaries(files, batch)
 
-    def _copy_through_temporaries(self, files: OpenFiles, batch: list[tuple[_PieceRead, HeaderEntry, torch.Tensor]]) -> None:
+    def _copy_through_temporaries(self, files: OpenFiles, batch: list[tuple[_PieceRead, HeaderEntry]]) -> None:
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         by_file: dict[str, list[ReadRequest]] = {}
-        for read, entry, target in batch:
-            buffer = torch.empty(read.box_shape, dtype=target.dtype)
+        for read, entry in batch:
+            buffer = torch.empty(read.box_shape, dtype=read.target.dtype)
             by_file.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, buffer))
-            copies.append((target, buffer))
+            copies.append((read.target, buffer))
         for file_name, requests in by_file.items():
             read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
         for target, buffer in copies:
@@ -509,19 +539,38 @@ def _parent(root: dict[Key, object], path: Sequence[Key]) -> dict[Key, object]:
 
 
 def prepare(
-    index: CheckpointIndex, template: StateDict | None, keys: KeySelection | None, strict: bool, verify: bool
+    index: CheckpointIndex,
+    template: StateDict | None,
+    selection: list[tuple[Key, ...]] | None,
+    strict: bool,
+    verify: bool,
+    leaves: Mapping[str, bool] | None = None,
 ) -> tuple[LoadPlan, StateDict]:
     """Plans and checks a load (phase 1, see the module docstring); ``plan.apply()`` then fills
     the returned template (``template``, or a new one holding the selection when it is None).
+
+    The files are opened first and the pieces that plain tensors read whole are prefetched, so
+    the disk reads while the template is planned.
+
+    Args:
+        selection: ``normalise_keys``' result.
+        leaves: ``leaf_names(template, selection)``, if the caller has it.
 
     Raises:
         CheckpointError: The template does not fit, or the files are missing, damaged or belong to
             another save; nothing was changed.
     """
-    selection = normalise_keys(keys)
     if template is not None:
-        plan = LoadPlan(index, template, selection, strict, verify)
-        plan.check()
+        leaves = leaf_names(template, selection) if leaves is None else leaves
+        pieces = {name: _pieces(index, name) for name in leaves if name in index.tensors}
+        files = OpenFiles(index, [piece for name_pieces in pieces.values() for piece in name_pieces])
+        try:
+            files.prefetch([piece for name, name_pieces in pieces.items() if leaves[name] for piece in name_pieces])
+            plan = LoadPlan(index, template, selection, strict, verify)
+        except BaseException:
+            files.close()
+            raise
+        plan.check(files)
         return plan, template
     names, _ = selected_leaves(index, selection, strict)
     files = _open_holding(index, names)
@@ -535,14 +584,17 @@ def prepare(
     return plan, fresh
 
 
+def _pieces(index: CheckpointIndex, name: str) -> list[str]:
+    return [piece for piece, _ in index.tensors[name].piece_shapes(name)]
+
+
 def _open_holding(index: CheckpointIndex, names: Iterable[str]) -> OpenFiles:
-    """Opens the files of the named tensors and checks that their headers hold them as the index
-    says: only then may memory be allocated for them."""
-    pieces = [piece for name in names for piece, _ in index.tensors[name].piece_shapes(name)]
+    """Opens the files of the named tensors, checks that their headers hold them as the index
+    says (only then may memory be allocated for them) and prefetches them."""
+    pieces = [piece for name in names for piece in _pieces(index, name)]
     files = OpenFiles(index, pieces)
     try:
-        for piece in pieces:
-            files.entry(piece)
+        files.prefetch(pieces)
     except BaseException:
         files.close()
         raise

@@ -13,7 +13,7 @@ from distributed_shampoo.checkpoint.errors import CheckpointError, CheckpointRea
 
 # Ranges closer than this are read in one call, the bytes between them into a scratch buffer:
 # reading a small gap costs less than another request to the disk.
-_MAX_GAP: int = 64 << 10
+GAP_BYTES: int = 64 << 10
 _IOV_MAX: int = 1024
 
 
@@ -97,47 +97,66 @@ def _os_call(path: Path, call, *args):  # pyre-ignore[2, 3]: a pass-through for 
         raise CheckpointReadError(f"{path}: reading failed: {error.strerror or error}") from None
 
 
-def read_ranges(fd: int, path: Path, requests: list[ReadRequest]) -> None:
-    """Fills every request's buffer from the file.
+class Preadv(NamedTuple):
+    """One ``preadv`` call: fill ``buffers``, in order, from absolute file ``offset`` on."""
 
-    Requests are sorted by offset and merged into ``preadv`` calls of up to 1024 buffers whenever
-    the next range starts at most 64 KiB after the previous one ends.
+    offset: int
+    buffers: list[memoryview[int]]
+
+
+def coalesce(requests: list[ReadRequest]) -> list[Preadv]:
+    """The ``preadv`` calls that fill every request's buffer: requests sorted by offset and merged
+    into calls of up to 1024 buffers whenever the next range starts at most ``GAP_BYTES`` after
+    the previous one ends (the bytes between go to a scratch buffer)."""
+    scratch = memoryview(bytearray(GAP_BYTES))
+    calls: list[Preadv] = []
+    group: list[memoryview[int]] = []
+    group_end = 0
+    for request in sorted(requests, key=lambda r: r.offset):
+        gap = request.offset - group_end
+        if not group or gap < 0 or gap > GAP_BYTES or len(group) >= _IOV_MAX - 1:
+            group = []
+            calls.append(Preadv(request.offset, group))
+        elif gap:
+            group.append(scratch[:gap])
+        group.append(request.buffer)
+        group_end = request.offset + request.buffer.nbytes
+    return calls
+
+
+def read_ranges(fd: int, path: Path, requests: list[ReadRequest]) -> None:
+    """Fills every request's buffer from the file, in the calls ``coalesce`` plans.
 
     Raises:
         CorruptCheckpointError: If the file ends before a requested range (truncated).
         CheckpointReadError: If reading fails.
     """
-    scratch = memoryview(bytearray(_MAX_GAP))
-    group: list[memoryview[int]] = []
-    group_start = group_end = 0
-    for request in sorted(requests, key=lambda r: r.offset):
-        gap = request.offset - group_end
-        if group and (gap < 0 or gap > _MAX_GAP or len(group) >= _IOV_MAX - 1):
-            _preadv_all(fd, path, group, group_start)
-            group = []
-        if not group:
-            group_start = request.offset
-        elif gap:
-            group.append(scratch[:gap])
-        group.append(request.buffer)
-        group_end = request.offset + request.buffer.nbytes
-    if group:
-        _preadv_all(fd, path, group, group_start)
+    read_coalesced(fd, path, coalesce(requests))
+
+
+def read_coalesced(fd: int, path: Path, calls: list[Preadv]) -> None:
+    """Makes the ``preadv`` calls (``coalesce``'s result), each until its buffers are full.
+
+    Raises:
+        CorruptCheckpointError, CheckpointReadError: As ``read_ranges``.
+    """
+    for offset, buffers in calls:
+        _preadv_all(fd, path, buffers, offset)
 
 
 def prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
     """Asks the kernel to start reading the byte ranges ``(offset, length)`` of the file now, all
     at once: scattered ranges read one after another wait for the disk once per range (ranges
     closer than 64 KiB are asked for as one)."""
-    end = -1
-    start = 0
+    spans: list[list[int]] = []  # [start, end]
     for offset, length in sorted(ranges):
-        if offset - end > _MAX_GAP:
-            if end >= 0:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-            start = offset
-        end = max(end, offset + length)
-    if end >= 0:
+        if not length:
+            continue  # posix_fadvise reads a length of 0 as "to the end of the file"
+        if spans and offset - spans[-1][1] <= GAP_BYTES:
+            spans[-1][1] = max(spans[-1][1], offset + length)
+        else:
+            spans.append([offset, offset + length])
+    for start, end in spans:
         os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
 

@@ -18,6 +18,7 @@ from distributed_shampoo.checkpoint import (
     CheckpointWriteError,
     InconsistentStateError,
     load_checkpoint,
+    MissingShardFileError,
     save_checkpoint,
     UnsupportedValueError,
     verify_checkpoint,
@@ -223,6 +224,20 @@ class DistributedCheckpointTest(unittest.TestCase):
         # A small index has no loader's files: each loading rank reads its entries from the index.
         self.assertEqual(len(os.listdir(self.directory)), save_world + 1)
         run_on_ranks(load_world, _load_blocks, self.directory)
+
+    def test_a_selected_load_reads_only_the_files_that_hold_the_selection(self) -> None:
+        run_on_ranks(2, _save_blocks, self.directory)
+        first, second = _owned_blocks(2, 0)[0], _owned_blocks(2, 1)[0]
+        (Path(self.directory) / "optimizer-00002-of-00002.safetensors").unlink()
+        template = {
+            "state": {"layer.weight": {f"block_{i}": {"momentum": torch.zeros(_block_sizes()[i])} for i in (first, second)}}
+        }
+        load_checkpoint(self.directory, template, keys=[("state", "layer.weight", f"block_{first}")])
+        blocks = template["state"]["layer.weight"]
+        self.assertTrue(torch.equal(blocks[f"block_{first}"]["momentum"], _block_value(first, "m")))
+        self.assertTrue(torch.equal(blocks[f"block_{second}"]["momentum"], torch.zeros(_block_sizes()[second])))
+        with self.assertRaisesRegex(MissingShardFileError, r"shard file .*optimizer-00002-of-00002.safetensors does not exist"):
+            load_checkpoint(self.directory, template)
 
     def test_ranks_disagreeing_on_a_key(self) -> None:
         run_on_ranks(2, _save_inconsistent, self.directory)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import torch
@@ -407,9 +408,9 @@ def sealed_digest(text: bytes) -> str | None:
     return digest if state.hexdigest() == digest else None
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
-    """A tensor in a safetensors file: dtype, shape and absolute byte range in the file."""
+class HeaderEntry(NamedTuple):
+    """A tensor in a safetensors file: dtype, shape and absolute byte range in the file (a named
+    tuple: a load makes one per piece it reads)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]

@@ -82,6 +82,7 @@ class OpenFiles:
         self.fds: dict[str, int] = {}
         self.headers: dict[str, dict[str, HeaderEntry]] = {}
         self.prefetched: set[str] = set()  # pieces whose whole bytes ``prefetch`` asked for
+        self._checked: dict[str, HeaderEntry] = {}  # pieces whose entries ``entry`` checked
         by_file: dict[str, list[str]] = {}
         for piece in pieces:
             by_file.setdefault(index.weight_map[piece], []).append(piece)
@@ -102,12 +103,16 @@ class OpenFiles:
         Raises:
             IndexMismatchError: The file lacks it or stores another dtype or shape.
         """
+        checked = self._checked.get(stored_name)
+        if checked is not None:
+            return checked
         file_name = self.index.weight_map[stored_name]
         entry = self.headers[file_name].get(stored_name)
         dtype, shape = self.index.piece_layouts[stored_name]
-        if entry is not None and entry.dtype == dtype and entry.shape == shape:
-            return entry
-        return check_header_entry(self.index.directory / file_name, stored_name, entry, dtype, shape)
+        if entry is None or entry.dtype != dtype or entry.shape != shape:
+            entry = check_header_entry(self.index.directory / file_name, stored_name, entry, dtype, shape)
+        self._checked[stored_name] = entry
+        return entry
 
     def prefetch(self, pieces: Iterable[str]) -> None:
         """Checks the header entries of stored ``pieces`` (``entry``) and starts the disk reading
@@ -397,12 +402,15 @@ class LoadPlan:
         """Builds the requests ``apply()`` reads with (done in ``check()``, after the prefetch: the
         disk reads meanwhile)."""
         direct: dict[str, list[ReadRequest]] = {}
+        weight_map = self.index.weight_map
         for read, entry in zip(self.reads, entries):
             target = read.target
-            if target.is_cpu and target.is_contiguous():
-                direct.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, target))
-            else:
+            if not (target.is_cpu and target.is_contiguous()):
                 self._temporaries.append((read, entry))
+            elif len(read.runs) == 1:  # the common case: the box is one run of the piece
+                direct.setdefault(weight_map[read.piece], []).append(ReadRequest(entry.begin + read.runs[0][0], tensor_bytes(target)))
+            else:
+                direct.setdefault(weight_map[read.piece], []).extend(_requests(read, entry, target))
         self._direct = {file_name: coalesce(requests) for file_name, requests in direct.items()}
 
     def apply(self) -> None:

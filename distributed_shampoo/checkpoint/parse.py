@@ -19,7 +19,7 @@ import re
 import struct
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, cast, TypeVar
 
 import msgspec
 import torch
@@ -72,15 +72,43 @@ _CANONICAL_NAME: re.Pattern[str] = re.compile(rf"\[{_SIMPLE_KEY}(?:, {_SIMPLE_KE
 _CONTAINER_KINDS: tuple[str, ...] = ("list", "tuple", "dict")
 
 
-# The maps of an index's metadata with an entry per stored tensor, and how ``index_json`` decodes
-# them: layouts stay raw until read; digests are strings, checked as such in C.
 _RAW_OBJECT: msgspec.json.Decoder[dict[str, msgspec.Raw]] = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_STR_OBJECT: msgspec.json.Decoder[dict[str, str]] = msgspec.json.Decoder(dict[str, str])
-_PER_TENSOR_FIELDS: dict[str, msgspec.json.Decoder[dict[str, msgspec.Raw]] | msgspec.json.Decoder[dict[str, str]]] = {
-    "tensors": _RAW_OBJECT,
-    "checksums": _STR_OBJECT,
-    "pages": _STR_OBJECT,
-}
+_Raw = msgspec.Raw | msgspec.UnsetType
+
+
+class _SealedMetadata(msgspec.Struct, forbid_unknown_fields=True):
+    """The metadata of an index, a manifest or a part as ``seal`` writes it, decoded by
+    ``index_json`` in the same pass as the rest: the maps with an entry per stored tensor typed
+    (layouts raw until read; digests strings, checked as such in C), every other field raw, for
+    the ``json`` module. A field not listed here fails the decode (``strict_json`` then parses)."""
+
+    tensors: dict[str, msgspec.Raw]
+    checksums: dict[str, str]
+    pages: dict[str, str]
+    total_size: _Raw = msgspec.UNSET
+    format: _Raw = msgspec.UNSET
+    format_version: _Raw = msgspec.UNSET
+    prefix: _Raw = msgspec.UNSET
+    world_size: _Raw = msgspec.UNSET
+    checksum_algorithm: _Raw = msgspec.UNSET
+    save_id: _Raw = msgspec.UNSET
+    page_bytes: _Raw = msgspec.UNSET
+    files: _Raw = msgspec.UNSET
+    objects: _Raw = msgspec.UNSET
+    containers: _Raw = msgspec.UNSET
+    user: _Raw = msgspec.UNSET
+    index_digest: _Raw = msgspec.UNSET
+    part: _Raw = msgspec.UNSET
+    loader: _Raw = msgspec.UNSET
+
+
+class _SealedIndex(msgspec.Struct, forbid_unknown_fields=True):
+    metadata: _SealedMetadata
+    weight_map: dict[str, str]
+
+
+_SEALED_INDEX: msgspec.json.Decoder[_SealedIndex] = msgspec.json.Decoder(_SealedIndex)
+_PER_TENSOR_FIELDS: tuple[str, ...] = ("tensors", "checksums", "pages")
 _Size = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -108,7 +136,9 @@ class _StoredEntry(msgspec.Struct):
 
 
 _LAYOUT: msgspec.json.Decoder[_StoredLayout] = msgspec.json.Decoder(_StoredLayout)
+_LAYOUTS: msgspec.json.Decoder[list[_StoredLayout]] = msgspec.json.Decoder(list[_StoredLayout])
 _ENTRY: msgspec.json.Decoder[_StoredEntry] = msgspec.json.Decoder(_StoredEntry)
+_ENTRIES: msgspec.json.Decoder[list[_StoredEntry]] = msgspec.json.Decoder(list[_StoredEntry])
 
 
 class _DuplicateKey(ValueError):
@@ -166,27 +196,28 @@ def strict_json(data: bytes, path: Path, what: str) -> object:
 def index_json(data: bytes, path: Path, what: str) -> object:
     """``strict_json`` for index-shaped text (an index, an index part, a manifest).
 
-    Text that ``seal`` wrote (``sealed_digest`` matches) is decoded by msgspec: ``weight_map``,
-    ``checksums`` and ``pages`` as maps of strings, ``tensors`` as a map of ``msgspec.Raw``
-    entries, which ``parse_index_document`` decodes as it reads them (a load reads its own); the
-    other fields are decoded by the ``json`` module, as ``strict_json`` decodes them. Other text,
-    or text whose maps are not of that kind, goes to ``strict_json`` (its schema checks then say
-    what is wrong).
+    Text that ``seal`` wrote (``sealed_digest`` matches) is decoded by msgspec in one pass:
+    ``weight_map``, ``checksums`` and ``pages`` as maps of strings, ``tensors`` as a map of
+    ``msgspec.Raw`` entries, which ``parse_index_document`` decodes as it reads them (a load reads
+    its own); the other fields are decoded by the ``json`` module, as ``strict_json`` decodes
+    them. Other text, or text with fields or maps of another kind (``_SealedMetadata``), goes to
+    ``strict_json`` (its schema checks then say what is wrong).
 
     Raises:
         CorruptCheckpointError: As ``strict_json``.
     """
     if sealed_digest(data) is not None:
         try:
-            top = _RAW_OBJECT.decode(data)
+            sealed = _SEALED_INDEX.decode(data)
             metadata: dict[str, object] = {}
-            for key, value in _RAW_OBJECT.decode(top["metadata"]).items():
-                decoder = _PER_TENSOR_FIELDS.get(key)
-                metadata[key] = decoder.decode(value) if decoder is not None else json.loads(bytes(value))
-            document: dict[str, object] = {"metadata": metadata, "weight_map": _STR_OBJECT.decode(top["weight_map"])}
-            if top.keys() == document.keys():
-                return document
-        except (msgspec.DecodeError, KeyError, ValueError, RecursionError):
+            for key in sealed.metadata.__struct_fields__:
+                value = getattr(sealed.metadata, key)
+                if key in _PER_TENSOR_FIELDS:
+                    metadata[key] = value
+                elif value is not msgspec.UNSET:
+                    metadata[key] = json.loads(bytes(value))
+            return {"metadata": metadata, "weight_map": sealed.weight_map}
+        except (msgspec.DecodeError, ValueError, RecursionError):
             pass
     return strict_json(data, path, what)
 
@@ -379,7 +410,7 @@ def parse_index_document(
     if wanted is not None:
         raw_tensors = {name: raw_tensors[name] for name in wanted if name in raw_tensors}
     # A wanted name is the load's own encoding of a template path, canonical by construction.
-    tensors = {name: _parse_layout(fields, name, entry, check_name=wanted is None) for name, entry in raw_tensors.items()}
+    tensors = _parse_layouts(fields, raw_tensors, check_names=wanted is None)
     if kind == "manifest" and (tensors or weight_map):
         raise fields.fail('"tensors"', "a manifest holds no tensor entries (the parts do)")
     pieces = {piece: (layout.dtype, shape) for name, layout in tensors.items() for piece, shape in layout.piece_shapes(name)}
@@ -390,7 +421,9 @@ def parse_index_document(
     if unknown_files:
         raise fields.fail('"weight_map"', f"names files outside this checkpoint: {sorted(unknown_files)[:3]}")
     raw_checksums = fields.obj(metadata.get("checksums"), '"checksums"')
-    checksums = _piece_entries(fields, raw_checksums, pieces, '"checksums"', partial, lambda value, field: fields.hex(value, field, 16))
+    checksums = _piece_entries(
+        fields, raw_checksums, pieces, '"checksums"', partial, lambda value, field: fields.hex(value, field, 16), digits=16
+    )
     total_size = fields.integer(metadata.get("total_size"), '"total_size"')
     stored_bytes = sum(layout.nbytes for layout in tensors.values())
     if kind != "manifest" and not partial and total_size != stored_bytes:
@@ -484,6 +517,30 @@ def _parse_files(fields: Fields, metadata: dict[str, object], prefix: str, world
     return files
 
 
+def _parse_layouts(fields: Fields, raw_tensors: dict[str, object], check_names: bool) -> dict[str, TensorLayout]:
+    """``_parse_layout`` of every entry; lazily decoded entries are decoded in one call (an index
+    holds thousands), and a whole tensor's layout needs no further check."""
+    raws = list(raw_tensors.values())
+    typed: list[_StoredLayout] | None = None
+    if all(isinstance(raw, msgspec.Raw) for raw in raws):
+        try:
+            typed = _LAYOUTS.decode(b"[" + b",".join(raws) + b"]")  # pyre-ignore[6]: Raw is a buffer
+        except msgspec.DecodeError:
+            pass  # entry by entry: ``_parse_layout`` says which is wrong
+    if typed is None:
+        return {name: _parse_layout(fields, name, entry, check_names) for name, entry in raw_tensors.items()}
+    tensors: dict[str, TensorLayout] = {}
+    for (name, entry), stored in zip(raw_tensors.items(), typed):
+        dtype = NAME_TO_DTYPE.get(stored.dtype)
+        if dtype is None or stored.chunks is not msgspec.UNSET:
+            tensors[name] = _parse_layout(fields, name, entry, check_names)
+            continue
+        if check_names:
+            fields.name(name, '"tensors" ' + name)
+        tensors[name] = whole_layout(tuple(stored.shape), dtype)
+    return tensors
+
+
 def _parse_layout(fields: Fields, name: str, entry: object, check_name: bool = True) -> TensorLayout:
     where = '"tensors" ' + name
     if check_name:
@@ -542,18 +599,40 @@ def _typed(decoder: "msgspec.json.Decoder[_Typed]", entry: object) -> _Typed | N
 
 
 def _piece_entries(
-    fields: Fields, raw: dict[str, object], pieces: Collection[str], field: str, partial: bool, parse: Callable[[object, str], str]
+    fields: Fields,
+    raw: dict[str, object],
+    pieces: Collection[str],
+    field: str,
+    partial: bool,
+    parse: Callable[[object, str], str],
+    digits: int | None = None,
 ) -> dict[str, str]:
     """The ``field`` entries of the stored ``pieces``, parsed: exactly theirs, or (``partial``)
-    at least theirs, the others left unread."""
+    at least theirs, the others left unread. They are strings (of ``digits`` hex digits, if
+    given), checked all at once; ``parse`` checks one and says what is wrong with it."""
     if not partial:
         if raw.keys() != set(pieces):
             raise fields.fail(field, f'lists other stored tensors than "tensors": {_difference(raw, pieces)}')
-        return {name: parse(value, f"{field} {name}") for name, value in raw.items()}
-    missing = [name for name in pieces if name not in raw]
-    if missing:
-        raise fields.fail(field, f'lacks stored tensors that "tensors" holds: {sorted(missing)[:2]}')
-    return {name: parse(raw[name], f"{field} {name}") for name in pieces}
+        entries = raw
+    else:
+        missing = [name for name in pieces if name not in raw]
+        if missing:
+            raise fields.fail(field, f'lacks stored tensors that "tensors" holds: {sorted(missing)[:2]}')
+        entries = {name: raw[name] for name in pieces}
+    if digits is not None and _all_hex(entries.values(), digits):
+        return cast(dict[str, str], entries)
+    if digits is None and all(type(value) is str for value in entries.values()):
+        return cast(dict[str, str], entries)
+    return {name: parse(value, f"{field} {name}") for name, value in entries.items()}  # raises for the first bad one
+
+
+def _all_hex(values: Iterable[object], digits: int) -> bool:
+    """Whether every value is a string of ``digits`` lowercase hex digits (checked in one regex
+    match over them all: an index holds thousands)."""
+    texts = list(values)
+    if not all(type(text) is str for text in texts):
+        return False
+    return re.fullmatch(f"(?:[0-9a-f]{{{digits}}},)*", ",".join(cast(list[str], texts)) + ",") is not None
 
 
 def _parse_pages(
@@ -741,12 +820,34 @@ def _header_entry(fields: Fields, name: str, raw: object, data_start: int) -> He
 def _some_header_entries(
     fields: Fields, header: dict[str, object], names: Collection[str], data_start: int, size: int
 ) -> dict[str, HeaderEntry]:
+    present = [name for name in names if name in header and name != "__metadata__"]
+    entries = _typed_header_entries(header, present, data_start)
+    if entries is None:  # not all decodable as they are: entry by entry, for the message
+        entries = {name: _header_entry(fields, name, header[name], data_start) for name in present}
+    for name, entry in entries.items():
+        if entry.end > size:
+            raise CorruptCheckpointError(f"{fields.path}: truncated: {name} ends at byte {entry.end} of a {size}-byte file")
+    return entries
+
+
+def _typed_header_entries(header: dict[str, object], names: list[str], data_start: int) -> dict[str, HeaderEntry] | None:
+    """The entries ``names`` of a lazily decoded header decoded in one call (a load reads
+    thousands), or None if one does not decode or check so (``_header_entry`` then says why)."""
+    raws = [header[name] for name in names]
+    if not all(isinstance(raw, msgspec.Raw) for raw in raws):
+        return None
+    try:
+        typed = _ENTRIES.decode(b"[" + b",".join(raws) + b"]")  # pyre-ignore[6]: Raw is a buffer
+    except msgspec.DecodeError:
+        return None
     entries: dict[str, HeaderEntry] = {}
-    for name in names:
-        if name != "__metadata__" and name in header:
-            entries[name] = entry = _header_entry(fields, name, header[name], data_start)
-            if entry.end > size:
-                raise CorruptCheckpointError(f"{fields.path}: truncated: {name} ends at byte {entry.end} of a {size}-byte file")
+    for name, stored in zip(names, typed):
+        dtype = NAME_TO_DTYPE.get(stored.dtype)
+        shape = tuple(stored.shape)
+        begin, end = stored.data_offsets
+        if dtype is None or end - begin != math.prod(shape) * dtype.itemsize:
+            return None
+        entries[name] = HeaderEntry(dtype, shape, data_start + begin, data_start + end)
     return entries
 
 

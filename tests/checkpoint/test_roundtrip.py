@@ -28,7 +28,7 @@ from distributed_shampoo.checkpoint import (
 )
 from distributed_shampoo.checkpoint import index_parts
 from distributed_shampoo.checkpoint.format import checksum, checksums_of, DTYPE_TO_NAME, seal, sealed_digest
-from distributed_shampoo.checkpoint.writer import start_safetensors, tensor_bytes, write_safetensors
+from distributed_shampoo.checkpoint.writer import shared_bytes, start_safetensors, tensor_bytes, write_safetensors
 from distributed_shampoo.utils.shampoo_checkpoint_utils import flatten
 from tests.checkpoint.scratch import ScratchDirTest
 
@@ -284,6 +284,8 @@ class TensorBytesTest(unittest.TestCase):
             ("contiguous", lambda: torch.arange(12.0).reshape(3, 4)),
             ("bfloat16", lambda: torch.arange(12.0).reshape(3, 4).to(torch.bfloat16)),
             ("requires_grad", lambda: torch.arange(12.0, requires_grad=True)),
+            ("contiguous_view_at_an_offset", lambda: torch.arange(20.0)[5:17].view(3, 4)),
+            ("float8", lambda: torch.arange(12.0).to(torch.float8_e4m3fn)),
             ("transposed", lambda: torch.arange(12.0).reshape(3, 4).t()),
             ("conjugate", lambda: torch.complex(torch.arange(3.0), torch.ones(3)).conj()),
             ("zero_dim", lambda: torch.tensor(7, dtype=torch.int16)),
@@ -294,6 +296,19 @@ class TensorBytesTest(unittest.TestCase):
         tensor = make()
         expected = tensor.detach().resolve_conj().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         self.assertEqual(bytes(tensor_bytes(tensor)), expected)
+
+    def test_a_contiguous_tensor_is_viewed_in_place_and_kept_alive_by_its_view(self) -> None:
+        view = shared_bytes(torch.arange(12.0).reshape(3, 4)[1:].to(torch.bfloat16))  # the tensor's only reference
+        self.assertIsNotNone(view)
+        assert view is not None
+        churn = [torch.full((8,), -1.0, dtype=torch.bfloat16) for _ in range(100)]  # would reuse freed memory
+        self.assertEqual(bytes(view), torch.arange(4.0, 12.0).to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+        target = torch.zeros(2, 3)
+        filled = shared_bytes(target)
+        assert filled is not None
+        filled[:] = torch.arange(6.0).numpy().tobytes()  # a load reads into this view
+        self.assertTrue(torch.equal(target, torch.arange(6.0).reshape(2, 3)))
+        self.assertEqual(len(churn), 100)
 
 
 class WriteSafetensorsTest(ScratchDirTest):

@@ -29,7 +29,7 @@ from distributed_shampoo.checkpoint.errors import (
     TemplateMismatchError,
 )
 from distributed_shampoo.checkpoint.format import CheckpointIndex, DTYPE_TO_NAME, HeaderEntry
-from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
+from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
 from distributed_shampoo.checkpoint.plan import (
     check_placements,
@@ -370,18 +370,10 @@ class LoadPlan:
         try:
             entries = [opened.entry(read.piece) for read in self.reads]
             self._prefetch(opened, entries)
-            self._plan_copies(entries)
-            if not self.verify:
-                return
-            units: dict[str, list[Unit]] = {}
-            for read, entry in zip(self.reads, entries):
-                file_units = units.setdefault(self.index.weight_map[read.piece], [])
-                if read.box_shape == read.piece_shape:
-                    file_units.append(whole_unit(read.piece, entry, self.index))
-                else:
-                    file_units += units_for_ranges(read.piece, entry, self.index, read.runs)
-            for file_name, file_units in units.items():
-                check_units(opened.fds[file_name], self.index.directory / file_name, file_units)
+            units = self._plan_copies(entries)
+            if self.verify:
+                for file_name, file_units in units.items():
+                    check_units(opened.fds[file_name], self.index.directory / file_name, file_units)
         except BaseException:
             self.close()
             raise
@@ -398,20 +390,30 @@ class LoadPlan:
         for file_name, ranges in by_file.items():
             prefetch(files.fds[file_name], ranges)
 
-    def _plan_copies(self, entries: list[HeaderEntry]) -> None:
+    def _plan_copies(self, entries: list[HeaderEntry]) -> dict[str, list[Unit]]:
         """Builds the requests ``apply()`` reads with (done in ``check()``, after the prefetch: the
-        disk reads meanwhile)."""
+        disk reads meanwhile); returns the units to verify, by file (none without ``verify``)."""
         direct: dict[str, list[ReadRequest]] = {}
-        weight_map = self.index.weight_map
+        units: dict[str, list[Unit]] = {}
+        index = self.index
         for read, entry in zip(self.reads, entries):
+            file_name = index.weight_map[read.piece]
             target = read.target
             if not (target.is_cpu and target.is_contiguous()):
                 self._temporaries.append((read, entry))
             elif len(read.runs) == 1:  # the common case: the box is one run of the piece
-                direct.setdefault(weight_map[read.piece], []).append(ReadRequest(entry.begin + read.runs[0][0], tensor_bytes(target)))
+                direct.setdefault(file_name, []).append(ReadRequest(entry.begin + read.runs[0][0], tensor_bytes(target)))
             else:
-                direct.setdefault(weight_map[read.piece], []).extend(_requests(read, entry, target))
+                direct.setdefault(file_name, []).extend(_requests(read, entry, target))
+            if not self.verify:
+                continue
+            if read.box_shape == read.piece_shape:  # the common case: one unit, the whole piece
+                unit = Unit(read.piece, "", entry.begin, entry.end - entry.begin, index.checksums[read.piece])
+                units.setdefault(file_name, []).append(unit)
+            else:
+                units.setdefault(file_name, []).extend(units_for_ranges(read.piece, entry, index, read.runs))
         self._direct = {file_name: coalesce(requests) for file_name, requests in direct.items()}
+        return units
 
     def apply(self) -> None:
         """Phase 2: fills the template (``check()`` first). Closes the files.

@@ -627,12 +627,14 @@ def _piece_entries(
 
 
 def _all_hex(values: Iterable[object], digits: int) -> bool:
-    """Whether every value is a string of ``digits`` lowercase hex digits (checked in one regex
-    match over them all: an index holds thousands)."""
+    """Whether every value is a string of ``digits`` lowercase hex digits, checked in one regex
+    match over them all (an index holds thousands): the joined text must be exactly one
+    ``digits``-long run of hex digits per value, so no value can hold a comma and two runs."""
     texts = list(values)
     if not all(type(text) is str for text in texts):
         return False
-    return re.fullmatch(f"(?:[0-9a-f]{{{digits}}},)*", ",".join(cast(list[str], texts)) + ",") is not None
+    joined = ",".join(cast(list[str], texts)) + ","
+    return len(joined) == (digits + 1) * len(texts) and re.fullmatch(f"(?:[0-9a-f]{{{digits}}},)*", joined) is not None
 
 
 def _parse_pages(

@@ -107,6 +107,12 @@ def _edit_header_entry(**fields: object) -> Callable[[Path], None]:
     return lambda directory: (rewrite_header(directory / _SHARD, edit), reseal(directory))[0]
 
 
+def _set_checksum(document: dict[str, dict[str, object]], change: Callable[[str], object]) -> None:
+    checksums = document["metadata"]["checksums"]
+    assert isinstance(checksums, dict)
+    checksums['["a"]'] = change(checksums['["a"]'])
+
+
 def _header_metadata_rank(header: dict[str, object]) -> None:
     metadata = header["__metadata__"]
     assert isinstance(metadata, dict)
@@ -136,6 +142,9 @@ _DAMAGES: list[tuple[str, Callable[[Path], None], type[CheckpointError], str]] =
     ("index_garbage", lambda d: (d / INDEX).write_bytes(b"\x00not json"), CorruptCheckpointError, r"the index is not valid JSON"),
     ("index_missing", lambda d: (d / INDEX).unlink(), CheckpointNotFoundError, r"no complete checkpoint in .*: no index file"),
     ("index_duplicate_key", _text_edit('"weight_map":{', '"weight_map":{"x":"y",'.replace('"x":"y",', '"[\\"a\\"]":"z",')), CorruptCheckpointError, r"duplicate key '\[\"a\"\]'"),
+    ("index_checksum_two_digests", edit_index(lambda d: _set_checksum(d, lambda c: f"{c},{c}")), CorruptCheckpointError, r'"checksums" \["a"\]: expected 16 lowercase hex digits, got \'[0-9a-f]{16},[0-9a-f]{16}\''),
+    ("index_checksum_upper_case", edit_index(lambda d: _set_checksum(d, str.upper)), CorruptCheckpointError, r'"checksums" \["a"\]: expected 16 lowercase hex digits'),
+    ("index_checksum_not_a_string", edit_index(lambda d: _set_checksum(d, lambda c: 7)), CorruptCheckpointError, r'"checksums" \["a"\]: expected a string, got 7'),
     ("index_shape_not_a_list", edit_index(lambda d: _tensor(d, '["a"]').update(shape=5)), CorruptCheckpointError, r'"tensors" \["a"\] "shape": expected a list of sizes, got 5'),
     ("index_chunks_not_a_list", edit_index(lambda d: _tensor(d, '["a"]').update(chunks={})), CorruptCheckpointError, r'"tensors" \["a"\] "chunks": expected a list, got \{\}'),
     ("index_negative_dim", edit_index(lambda d: _tensor(d, '["a"]').update(shape=[-1000])), CorruptCheckpointError, r'"shape": expected an integer >= 0, got -1000'),

@@ -35,14 +35,14 @@ class IndexJsonTest(ScratchDirTest):
             self.assertEqual(_plain(decoded), json.loads(text), path.name)
 
     def test_a_field_it_does_not_know_is_kept_not_dropped(self) -> None:
-        document = {"metadata": {"tensors": {}, "checksums": {}, "pages": {}, "format": "x", "later_field": [1, {"a": 2}]}, "weight_map": {}}
+        document: dict[str, dict[str, object]] = {"metadata": {"tensors": {}, "checksums": {}, "pages": {}, "format": "x", "later_field": [1, {"a": 2}]}, "weight_map": {}}
         text = seal(document).encode()
         with mock.patch.object(parse, "strict_json", wraps=parse.strict_json) as checking_parser:
             self.assertEqual(_plain(index_json(text, self.root / "i.json", "index")), json.loads(text))
         checking_parser.assert_called_once()
 
     def test_a_map_of_another_kind_is_left_to_the_checking_parser(self) -> None:
-        document = {"metadata": {"tensors": {}, "checksums": {'["a"]': 7}, "pages": {}}, "weight_map": {}}
+        document: dict[str, dict[str, object]] = {"metadata": {"tensors": {}, "checksums": {'["a"]': 7}, "pages": {}}, "weight_map": {}}
         text = seal(document).encode()
         self.assertEqual(index_json(text, self.root / "i.json", "index"), json.loads(text))
         with self.assertRaisesRegex(CorruptCheckpointError, r"i\.json: the index is not valid JSON"):

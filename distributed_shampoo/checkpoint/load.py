@@ -370,7 +370,7 @@ class LoadPlan:
         try:
             entries = [opened.entry(read.piece) for read in self.reads]
             self._prefetch(opened, entries)
-            units = self._plan_copies(entries)
+            units = self._plan_reads(entries)
             if self.verify:
                 for file_name, file_units in units.items():
                     check_units(opened.fds[file_name], self.index.directory / file_name, file_units)
@@ -390,9 +390,10 @@ class LoadPlan:
         for file_name, ranges in by_file.items():
             prefetch(files.fds[file_name], ranges)
 
-    def _plan_copies(self, entries: list[HeaderEntry]) -> dict[str, list[Unit]]:
-        """Builds the requests ``apply()`` reads with (done in ``check()``, after the prefetch: the
-        disk reads meanwhile); returns the units to verify, by file (none without ``verify``)."""
+    def _plan_reads(self, entries: list[HeaderEntry]) -> dict[str, list[Unit]]:
+        """Plans both passes over the bytes (done in ``check()``, after the prefetch: the disk reads
+        meanwhile): builds the requests ``apply()`` reads with, and returns the units ``check()``
+        verifies, by file (none without ``verify``)."""
         direct: dict[str, list[ReadRequest]] = {}
         units: dict[str, list[Unit]] = {}
         index = self.index

@@ -520,14 +520,8 @@ def _parse_files(fields: Fields, metadata: dict[str, object], prefix: str, world
 def _parse_layouts(fields: Fields, raw_tensors: dict[str, object], check_names: bool) -> dict[str, TensorLayout]:
     """``_parse_layout`` of every entry; lazily decoded entries are decoded in one call (an index
     holds thousands), and a whole tensor's layout needs no further check."""
-    raws = list(raw_tensors.values())
-    typed: list[_StoredLayout] | None = None
-    if all(isinstance(raw, msgspec.Raw) for raw in raws):
-        try:
-            typed = _LAYOUTS.decode(b"[" + b",".join(raws) + b"]")  # pyre-ignore[6]: Raw is a buffer
-        except msgspec.DecodeError:
-            pass  # entry by entry: ``_parse_layout`` says which is wrong
-    if typed is None:
+    typed = _decoded_together(_LAYOUTS, list(raw_tensors.values()))
+    if typed is None:  # entry by entry: ``_parse_layout`` says which is wrong
         return {name: _parse_layout(fields, name, entry, check_names) for name, entry in raw_tensors.items()}
     tensors: dict[str, TensorLayout] = {}
     for (name, entry), stored in zip(raw_tensors.items(), typed):
@@ -585,6 +579,17 @@ def _chunk_fields(fields: Fields, where: str, raw_chunks: object) -> list[tuple[
 
 
 _Typed = TypeVar("_Typed")
+
+
+def _decoded_together(decoder: "msgspec.json.Decoder[list[_Typed]]", raws: list[object]) -> list[_Typed] | None:
+    """Lazily decoded entries (``index_json``, a header's) decoded in one call, as the JSON array
+    they form (a load reads thousands), or None if one is not raw or does not decode that way."""
+    if not all(isinstance(raw, msgspec.Raw) for raw in raws):
+        return None
+    try:
+        return decoder.decode(b"[" + b",".join(raws) + b"]")  # pyre-ignore[6]: each is a Raw, a buffer
+    except msgspec.DecodeError:
+        return None
 
 
 def _typed(decoder: "msgspec.json.Decoder[_Typed]", entry: object) -> _Typed | None:
@@ -835,12 +840,8 @@ def _some_header_entries(
 def _typed_header_entries(header: dict[str, object], names: list[str], data_start: int) -> dict[str, HeaderEntry] | None:
     """The entries ``names`` of a lazily decoded header decoded in one call (a load reads
     thousands), or None if one does not decode or check so (``_header_entry`` then says why)."""
-    raws = [header[name] for name in names]
-    if not all(isinstance(raw, msgspec.Raw) for raw in raws):
-        return None
-    try:
-        typed = _ENTRIES.decode(b"[" + b",".join(raws) + b"]")  # pyre-ignore[6]: Raw is a buffer
-    except msgspec.DecodeError:
+    typed = _decoded_together(_ENTRIES, [header[name] for name in names])
+    if typed is None:
         return None
     entries: dict[str, HeaderEntry] = {}
     for name, stored in zip(names, typed):

@@ -29,7 +29,7 @@ from distributed_shampoo.checkpoint.errors import (
     TemplateMismatchError,
 )
 from distributed_shampoo.checkpoint.format import CheckpointIndex, DTYPE_TO_NAME, HeaderEntry
-from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges
+from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
 from distributed_shampoo.checkpoint.plan import (
     check_placements,
@@ -400,17 +400,14 @@ class LoadPlan:
         for read, entry in zip(self.reads, entries):
             file_name = index.weight_map[read.piece]
             target = read.target
-            if not (target.is_cpu and target.is_contiguous()):
-                self._temporaries.append((read, entry))
-            elif len(read.runs) == 1:  # the common case: the box is one run of the piece
-                direct.setdefault(file_name, []).append(ReadRequest(entry.begin + read.runs[0][0], tensor_bytes(target)))
-            else:
+            if target.is_cpu and target.is_contiguous():
                 direct.setdefault(file_name, []).extend(_requests(read, entry, target))
+            else:
+                self._temporaries.append((read, entry))
             if not self.verify:
                 continue
-            if read.box_shape == read.piece_shape:  # the common case: one unit, the whole piece
-                unit = Unit(read.piece, "", entry.begin, entry.end - entry.begin, index.checksums[read.piece])
-                units.setdefault(file_name, []).append(unit)
+            if read.box_shape == read.piece_shape:
+                units.setdefault(file_name, []).append(whole_unit(read.piece, entry, index))
             else:
                 units.setdefault(file_name, []).extend(units_for_ranges(read.piece, entry, index, read.runs))
         self._direct = {file_name: coalesce(requests) for file_name, requests in direct.items()}

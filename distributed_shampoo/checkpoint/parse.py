@@ -17,7 +17,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Annotated, cast, TypeVar
 
@@ -415,15 +415,13 @@ def parse_index_document(
         raise fields.fail('"tensors"', "a manifest holds no tensor entries (the parts do)")
     pieces = {piece: (layout.dtype, shape) for name, layout in tensors.items() for piece, shape in layout.piece_shapes(name)}
     partial = wanted is not None
-    weight_map = _piece_entries(fields, weight_map, pieces, '"weight_map"', partial, fields.text)
+    weight_map = _piece_entries(fields, weight_map, pieces, '"weight_map"', partial)
     shard_files = set(files) if version >= 2 else _shard_names(prefix, world_size, weight_map.values())
     unknown_files = set(weight_map.values()) - shard_files
     if unknown_files:
         raise fields.fail('"weight_map"', f"names files outside this checkpoint: {sorted(unknown_files)[:3]}")
     raw_checksums = fields.obj(metadata.get("checksums"), '"checksums"')
-    checksums = _piece_entries(
-        fields, raw_checksums, pieces, '"checksums"', partial, lambda value, field: fields.hex(value, field, 16), digits=16
-    )
+    checksums = _piece_entries(fields, raw_checksums, pieces, '"checksums"', partial, digits=16)
     total_size = fields.integer(metadata.get("total_size"), '"total_size"')
     stored_bytes = sum(layout.nbytes for layout in tensors.values())
     if kind != "manifest" and not partial and total_size != stored_bytes:
@@ -518,28 +516,20 @@ def _parse_files(fields: Fields, metadata: dict[str, object], prefix: str, world
 
 
 def _parse_layouts(fields: Fields, raw_tensors: dict[str, object], check_names: bool) -> dict[str, TensorLayout]:
-    """``_parse_layout`` of every entry; lazily decoded entries are decoded in one call (an index
-    holds thousands), and a whole tensor's layout needs no further check."""
-    typed = _decoded_together(_LAYOUTS, list(raw_tensors.values()))
-    if typed is None:  # entry by entry: ``_parse_layout`` says which is wrong
-        return {name: _parse_layout(fields, name, entry, check_names) for name, entry in raw_tensors.items()}
-    tensors: dict[str, TensorLayout] = {}
-    for (name, entry), stored in zip(raw_tensors.items(), typed):
-        dtype = NAME_TO_DTYPE.get(stored.dtype)
-        if dtype is None or stored.chunks is not msgspec.UNSET:
-            tensors[name] = _parse_layout(fields, name, entry, check_names)
-            continue
-        if check_names:
-            fields.name(name, '"tensors" ' + name)
-        tensors[name] = whole_layout(tuple(stored.shape), dtype)
-    return tensors
+    """``_parse_layout`` of every entry, the lazily decoded ones decoded in one call (an index
+    holds thousands)."""
+    typed = _decoded_together(_LAYOUTS, list(raw_tensors.values())) or [None] * len(raw_tensors)
+    return {name: _parse_layout(fields, name, entry, check_names, stored) for (name, entry), stored in zip(raw_tensors.items(), typed)}
 
 
-def _parse_layout(fields: Fields, name: str, entry: object, check_name: bool = True) -> TensorLayout:
+def _parse_layout(
+    fields: Fields, name: str, entry: object, check_name: bool = True, typed: _StoredLayout | None = None
+) -> TensorLayout:
+    """One ``tensors`` entry, checked; ``typed`` is ``entry`` already decoded, if it was."""
     where = '"tensors" ' + name
     if check_name:
         fields.name(name, where)
-    typed = _typed(_LAYOUT, entry)
+    typed = typed or _typed(_LAYOUT, entry)
     if typed is not None:
         dtype_name: object = typed.dtype
         shape = tuple(typed.shape)
@@ -583,7 +573,8 @@ _Typed = TypeVar("_Typed")
 
 def _decoded_together(decoder: "msgspec.json.Decoder[list[_Typed]]", raws: list[object]) -> list[_Typed] | None:
     """Lazily decoded entries (``index_json``, a header's) decoded in one call, as the JSON array
-    they form (a load reads thousands), or None if one is not raw or does not decode that way."""
+    they form, or None if one is not raw or does not decode that way (each is then decoded on its
+    own, and the field-by-field checks say which is wrong)."""
     if not all(isinstance(raw, msgspec.Raw) for raw in raws):
         return None
     try:
@@ -604,17 +595,11 @@ def _typed(decoder: "msgspec.json.Decoder[_Typed]", entry: object) -> _Typed | N
 
 
 def _piece_entries(
-    fields: Fields,
-    raw: dict[str, object],
-    pieces: Collection[str],
-    field: str,
-    partial: bool,
-    parse: Callable[[object, str], str],
-    digits: int | None = None,
+    fields: Fields, raw: dict[str, object], pieces: Collection[str], field: str, partial: bool, digits: int | None = None
 ) -> dict[str, str]:
     """The ``field`` entries of the stored ``pieces``, parsed: exactly theirs, or (``partial``)
-    at least theirs, the others left unread. They are strings (of ``digits`` hex digits, if
-    given), checked all at once; ``parse`` checks one and says what is wrong with it."""
+    at least theirs, the others left unread. They are strings (of ``digits`` lowercase hex digits,
+    if given), checked all at once; only when one is not is each checked, to name it."""
     if not partial:
         if raw.keys() != set(pieces):
             raise fields.fail(field, f'lists other stored tensors than "tensors": {_difference(raw, pieces)}')
@@ -624,22 +609,25 @@ def _piece_entries(
         if missing:
             raise fields.fail(field, f'lacks stored tensors that "tensors" holds: {sorted(missing)[:2]}')
         entries = {name: raw[name] for name in pieces}
-    if digits is not None and _all_hex(entries.values(), digits):
+    if _all_text(list(entries.values()), digits):
         return cast(dict[str, str], entries)
-    if digits is None and all(type(value) is str for value in entries.values()):
-        return cast(dict[str, str], entries)
+
+    def parse(value: object, where: str) -> str:
+        return fields.text(value, where) if digits is None else fields.hex(value, where, digits)
+
     return {name: parse(value, f"{field} {name}") for name, value in entries.items()}  # raises for the first bad one
 
 
-def _all_hex(values: Iterable[object], digits: int) -> bool:
-    """Whether every value is a string of ``digits`` lowercase hex digits, checked in one regex
-    match over them all (an index holds thousands): the joined text must be exactly one
-    ``digits``-long run of hex digits per value, so no value can hold a comma and two runs."""
-    texts = list(values)
-    if not all(type(text) is str for text in texts):
+def _all_text(values: list[object], digits: int | None) -> bool:
+    """Whether every value is a string (of ``digits`` lowercase hex digits, if given), checked in
+    one pass over them all (an index holds thousands). For digits, the joined text must be exactly
+    one ``digits``-long run per value, so no value can hold a comma and two runs."""
+    if not all(type(value) is str for value in values):
         return False
-    joined = ",".join(cast(list[str], texts)) + ","
-    return len(joined) == (digits + 1) * len(texts) and re.fullmatch(f"(?:[0-9a-f]{{{digits}}},)*", joined) is not None
+    if digits is None:
+        return True
+    joined = ",".join(cast(list[str], values)) + ","
+    return len(joined) == (digits + 1) * len(values) and re.fullmatch(f"(?:[0-9a-f]{{{digits}}},)*", joined) is not None
 
 
 def _parse_pages(
@@ -798,10 +786,11 @@ def _raise_header_mismatch(path: Path, header: dict[str, object], index: Checkpo
     )
 
 
-def _header_entry(fields: Fields, name: str, raw: object, data_start: int) -> HeaderEntry:
-    """One header entry, type-checked; its offsets made absolute."""
+def _header_entry(fields: Fields, name: str, raw: object, data_start: int, typed: _StoredEntry | None = None) -> HeaderEntry:
+    """One header entry, type-checked; its offsets made absolute. ``typed`` is ``raw`` already
+    decoded, if it was."""
     where = "header entry " + name
-    typed = _typed(_ENTRY, raw)
+    typed = typed or _typed(_ENTRY, raw)
     if typed is not None:
         dtype_name: object = typed.dtype
         shape = tuple(typed.shape)
@@ -828,29 +817,13 @@ def _some_header_entries(
     fields: Fields, header: dict[str, object], names: Collection[str], data_start: int, size: int
 ) -> dict[str, HeaderEntry]:
     present = [name for name in names if name in header and name != "__metadata__"]
-    entries = _typed_header_entries(header, present, data_start)
-    if entries is None:  # not all decodable as they are: entry by entry, for the message
-        entries = {name: _header_entry(fields, name, header[name], data_start) for name in present}
-    for name, entry in entries.items():
+    raws = [header[name] for name in present]
+    typed = _decoded_together(_ENTRIES, raws) or [None] * len(present)  # a load reads thousands
+    entries: dict[str, HeaderEntry] = {}
+    for name, raw, stored in zip(present, raws, typed):
+        entries[name] = entry = _header_entry(fields, name, raw, data_start, stored)
         if entry.end > size:
             raise CorruptCheckpointError(f"{fields.path}: truncated: {name} ends at byte {entry.end} of a {size}-byte file")
-    return entries
-
-
-def _typed_header_entries(header: dict[str, object], names: list[str], data_start: int) -> dict[str, HeaderEntry] | None:
-    """The entries ``names`` of a lazily decoded header decoded in one call (a load reads
-    thousands), or None if one does not decode or check so (``_header_entry`` then says why)."""
-    typed = _decoded_together(_ENTRIES, [header[name] for name in names])
-    if typed is None:
-        return None
-    entries: dict[str, HeaderEntry] = {}
-    for name, stored in zip(names, typed):
-        dtype = NAME_TO_DTYPE.get(stored.dtype)
-        shape = tuple(stored.shape)
-        begin, end = stored.data_offsets
-        if dtype is None or end - begin != math.prod(shape) * dtype.itemsize:
-            return None
-        entries[name] = HeaderEntry(dtype, shape, data_start + begin, data_start + end)
     return entries
 
 

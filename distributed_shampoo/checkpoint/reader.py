@@ -107,8 +107,9 @@ class Preadv(NamedTuple):
 def coalesce(requests: list[ReadRequest]) -> list[Preadv]:
     """The ``preadv`` calls that fill every request's buffer: requests sorted by offset and merged
     into calls of up to 1024 buffers whenever the next range starts at most ``GAP_BYTES`` after
-    the previous one ends (the bytes between go to a scratch buffer)."""
-    scratch = memoryview(bytearray(GAP_BYTES))
+    the previous one ends (the bytes between go to a scratch buffer, allocated only if there is a
+    gap: a verified load coalesces every span it checks on its own)."""
+    scratch: memoryview[int] | None = None
     calls: list[Preadv] = []
     group: list[memoryview[int]] = []
     group_end = 0
@@ -118,6 +119,7 @@ def coalesce(requests: list[ReadRequest]) -> list[Preadv]:
             group = []
             calls.append(Preadv(request.offset, group))
         elif gap:
+            scratch = scratch if scratch is not None else memoryview(bytearray(GAP_BYTES))
             group.append(scratch[:gap])
         group.append(request.buffer)
         group_end = request.offset + request.buffer.nbytes

@@ -44,7 +44,9 @@ class IndexJsonTest(ScratchDirTest):
     def test_a_map_of_another_kind_is_left_to_the_checking_parser(self) -> None:
         document: dict[str, dict[str, object]] = {"metadata": {"tensors": {}, "checksums": {'["a"]': 7}, "pages": {}}, "weight_map": {}}
         text = seal(document).encode()
-        self.assertEqual(index_json(text, self.root / "i.json", "index"), json.loads(text))
+        with mock.patch.object(parse, "strict_json", wraps=parse.strict_json) as checking_parser:
+            self.assertEqual(index_json(text, self.root / "i.json", "index"), json.loads(text))
+        checking_parser.assert_called_once()
         with self.assertRaisesRegex(CorruptCheckpointError, r"i\.json: the index is not valid JSON"):
             index_json(text[:-3], self.root / "i.json", "index")
 

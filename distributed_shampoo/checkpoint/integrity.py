@@ -18,7 +18,7 @@ import xxhash
 
 from distributed_shampoo.checkpoint.errors import ChecksumMismatchError
 from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry, page_checksums, page_digest
-from distributed_shampoo.checkpoint.reader import GAP_BYTES, read_ranges, ReadRequest
+from distributed_shampoo.checkpoint.reader import GAP_BYTES, Preadv, read_coalesced, read_ranges, ReadRequest
 
 # Units are read into a buffer of this size (small enough to stay in a core's L2 cache while it
 # is hashed); a larger unit is read and hashed in segments of it.
@@ -89,7 +89,7 @@ def check_units(fd: int, path: Path, units: Iterable[Unit], on_mismatch: Mismatc
         if end - start > SCRATCH_BYTES:  # one unit larger than the buffer
             _compare(path, batch[0].name, _streamed_digest(fd, path, batch[0], scratch), batch[0].expected, batch[0].what, on_mismatch)
             continue
-        read_ranges(fd, path, [ReadRequest(start, scratch[: end - start])])
+        read_coalesced(fd, path, [Preadv(start, [scratch[: end - start]])])  # one span, one buffer: nothing to coalesce
         for unit in batch:
             begin = unit.offset - start
             actual = xxhash.xxh3_64_hexdigest(scratch[begin : begin + unit.nbytes])

@@ -468,6 +468,8 @@ class LoadPlan:
 def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> list[ReadRequest]:
     """Requests that fill ``buffer`` (contiguous, box-shaped) from the piece stored at ``entry``."""
     data = tensor_bytes(buffer)
+    if len(read.runs) == 1:  # a whole piece, or whole rows of it: the buffer is the one run
+        return [ReadRequest(entry.begin + read.runs[0][0], data)]
     requests: list[ReadRequest] = []
     position = 0
     for offset, length in read.runs:

@@ -294,22 +294,24 @@ def bench_load(rank: int, world_size: int, root: str, width: int, repeats: int, 
     ours, dcp_dir, dcp_hf_dir = (_copy_for_load(root, method) for method in LOADED)
     raw_files = sorted(ours.glob("*.safetensors"))
     owned_runs = _owned_runs(raw_files, shampoo_state(width, world_size, rank, zeros=True))
-    methods: dict[str, tuple[Path, Callable[[dict[str, object]], object]]] = {
-        "distributed_shampoo": (ours, lambda t: load_checkpoint(ours, t)),
-        "distributed_shampoo (no verify)": (ours, lambda t: load_checkpoint(ours, t, verify=False)),
-        "raw read": (ours, lambda t: _raw_read(raw_files, rank, world_size)),
-        "raw read, twice": (ours, lambda t: _raw_read_twice(raw_files, rank, world_size)),
-        "owned bytes read": (ours, lambda t: _owned_read(owned_runs, passes=1)),
-        "owned bytes read, twice": (ours, lambda t: _owned_read(owned_runs, passes=2)),
-        "dcp.load": (dcp_dir, lambda t: dcp.load(t, checkpoint_id=str(dcp_dir))),
-        "dcp.load HF": (dcp_hf_dir, lambda t: dcp.load(t, storage_reader=dcp.HuggingFaceStorageReader(str(dcp_hf_dir)))),
+    methods: dict[str, Callable[[dict[str, object]], object]] = {
+        "distributed_shampoo": lambda t: load_checkpoint(ours, t),
+        "distributed_shampoo (no verify)": lambda t: load_checkpoint(ours, t, verify=False),
+        "raw read": lambda t: _raw_read(raw_files, rank, world_size),
+        "raw read, twice": lambda t: _raw_read_twice(raw_files, rank, world_size),
+        "owned bytes read": lambda t: _owned_read(owned_runs, passes=1),
+        "owned bytes read, twice": lambda t: _owned_read(owned_runs, passes=2),
+        "dcp.load": lambda t: dcp.load(t, checkpoint_id=str(dcp_dir)),
+        "dcp.load HF": lambda t: dcp.load(t, storage_reader=dcp.HuggingFaceStorageReader(str(dcp_hf_dir))),
     }
     times: dict[str, list[float]] = {method: [] for method in methods}
     for repeat in range(repeats):
-        for method, (directory, load) in _in_turn(methods, repeat):
+        for method, load in _in_turn(methods, repeat):
             template = shampoo_state(width, world_size, rank, zeros=True)
+            # Every method starts with none of the three checkpoints cached, not only its own: none
+            # runs with another method's files still in the page cache.
             if rank == 0:
-                _drop_cache(directory)
+                _drop_cache(ours.parent)
             times[method].append(_timed(lambda: load(template)))
             if not method.startswith(("raw read", "owned bytes read")):
                 expected = shampoo_state(width, world_size, rank)

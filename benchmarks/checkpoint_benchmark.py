@@ -228,9 +228,9 @@ def _read_range(fd: int, offset: int, length: int, buffer: memoryview[int]) -> N
 
 
 def _raw_read_twice(files: list[Path], rank: int, world_size: int) -> None:
-    """The floor of a verified load that leaves the template untouched when a check fails and
-    holds no second copy of the state: the bytes read once to be checked, then once more, from
-    the page cache, into place."""
+    """The raw read, then the same bytes again from the page cache: the floor of a load that
+    checks every byte before the template changes, were a rank's bytes one sequential range
+    (``_owned_read`` with ``passes=2`` is that floor for the bytes a rank really owns)."""
     _raw_read(files, rank, world_size)
     _raw_read(files, rank, world_size)
 

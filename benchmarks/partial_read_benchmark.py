@@ -17,7 +17,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import distribute_tensor, Shard
 
-from benchmarks.checkpoint_benchmark import _drop_cache, _raw_read, _timed
+from benchmarks.checkpoint_benchmark import _drop_cache, _in_turn, _raw_read, _timed
 from distributed_shampoo.checkpoint import load_checkpoint, save_checkpoint
 from distributed_shampoo.launch import run_on_ranks
 
@@ -45,12 +45,12 @@ def _load(rank: int, world_size: int, directory: str, mib: int, repeats: int, re
         "load, verify=False": lambda: load_checkpoint(directory, template, verify=False),
         "raw read of the same share": lambda: _raw_read(files, rank, world_size),
     }
-    times: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        for method, load in methods.items():
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for repeat in range(repeats):
+        for method, load in _in_turn(methods, repeat):
             if rank == 0:
                 _drop_cache(Path(directory))
-            times.setdefault(method, []).append(_timed(load))
+            times[method].append(_timed(load))
     for name, tensor in full.items():
         assert torch.equal(template[name].full_tensor(), tensor), name
     if rank == 0:

@@ -18,7 +18,7 @@ import xxhash
 
 from distributed_shampoo.checkpoint.errors import ChecksumMismatchError
 from distributed_shampoo.checkpoint.format import check_checksum, CheckpointIndex, HeaderEntry, page_checksums, page_digest
-from distributed_shampoo.checkpoint.reader import GAP_BYTES, Preadv, read_coalesced, read_ranges, ReadRequest
+from distributed_shampoo.checkpoint.reader import GAP_BYTES, read_at
 
 # Units are read into a buffer of this size (small enough to stay in a core's L2 cache while it
 # is hashed); a larger unit is read and hashed in segments of it.
@@ -89,7 +89,7 @@ def check_units(fd: int, path: Path, units: Iterable[Unit], on_mismatch: Mismatc
         if end - start > SCRATCH_BYTES:  # one unit larger than the buffer
             _compare(path, batch[0].name, _streamed_digest(fd, path, batch[0], scratch), batch[0].expected, batch[0].what, on_mismatch)
             continue
-        read_coalesced(fd, path, [Preadv(start, [scratch[: end - start]])])  # one span, one buffer: nothing to coalesce
+        read_at(fd, path, start, scratch[: end - start])
         for unit in batch:
             begin = unit.offset - start
             actual = xxhash.xxh3_64_hexdigest(scratch[begin : begin + unit.nbytes])
@@ -107,7 +107,7 @@ def check_whole_and_pages(
     whole = xxhash.xxh3_64()
     for start in range(0, entry.end - entry.begin, segment):
         view = scratch[: min(segment, entry.end - entry.begin - start)]
-        read_ranges(fd, path, [ReadRequest(entry.begin + start, view)])
+        read_at(fd, path, entry.begin + start, view)
         for k, actual in enumerate(page_checksums(view, whole, page), start=start // page):
             _compare(path, name, actual, page_digest(index.pages[name], k), f" page {k}", on_mismatch)
     _compare(path, name, whole.hexdigest(), index.checksums[name], "", on_mismatch)
@@ -145,7 +145,7 @@ def _streamed_digest(fd: int, path: Path, unit: Unit, scratch: memoryview[int]) 
     state = xxhash.xxh3_64()
     for start in range(0, unit.nbytes, SCRATCH_BYTES):
         view = scratch[: min(SCRATCH_BYTES, unit.nbytes - start)]
-        read_ranges(fd, path, [ReadRequest(unit.offset + start, view)])
+        read_at(fd, path, unit.offset + start, view)
         state.update(view)
     return state.hexdigest()
 

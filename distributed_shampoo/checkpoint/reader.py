@@ -146,6 +146,15 @@ def read_coalesced(fd: int, path: Path, calls: list[Preadv]) -> None:
         _preadv_all(fd, path, buffers, offset)
 
 
+def read_at(fd: int, path: Path, offset: int, buffer: memoryview[int]) -> None:
+    """Fills ``buffer`` from absolute file ``offset`` on: one range, nothing to coalesce.
+
+    Raises:
+        CorruptCheckpointError, CheckpointReadError: As ``read_ranges``.
+    """
+    _preadv_all(fd, path, [buffer], offset)
+
+
 def prefetch(fd: int, ranges: list[tuple[int, int]]) -> None:
     """Asks the kernel to start reading the byte ranges ``(offset, length)`` of the file now, all
     at once: scattered ranges read one after another wait for the disk once per range (ranges

@@ -529,7 +529,8 @@ def _parse_layout(
     where = '"tensors" ' + name
     if check_name:
         fields.name(name, where)
-    typed = typed or _typed(_LAYOUT, entry)
+    if typed is None:
+        typed = _typed(_LAYOUT, entry)
     if typed is not None:
         dtype_name: object = typed.dtype
         shape = tuple(typed.shape)
@@ -790,7 +791,8 @@ def _header_entry(fields: Fields, name: str, raw: object, data_start: int, typed
     """One header entry, type-checked; its offsets made absolute. ``typed`` is ``raw`` already
     decoded, if it was."""
     where = "header entry " + name
-    typed = typed or _typed(_ENTRY, raw)
+    if typed is None:
+        typed = _typed(_ENTRY, raw)
     if typed is not None:
         dtype_name: object = typed.dtype
         shape = tuple(typed.shape)

@@ -44,6 +44,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from distributed_shampoo.checkpoint import load_checkpoint, plan_cache, save_checkpoint
+from distributed_shampoo.checkpoint.plan import named_leaves
 from distributed_shampoo.checkpoint.writer import tensor_bytes
 from distributed_shampoo.distributor.block_distributor import block_owners
 from distributed_shampoo.launch import run_on_ranks
@@ -235,23 +236,12 @@ def _raw_read_twice(files: list[Path], rank: int, world_size: int) -> None:
     _raw_read(files, rank, world_size)
 
 
-def _logical_names(node: object, path: tuple[object, ...] = ()) -> list[str]:
-    """The names under which a save stores the leaves (docs/checkpoint-format.md, "Names"): the
-    JSON list of the key path, a flattened key's list spliced in."""
-    if not isinstance(node, dict):
-        return [json.dumps(list(path))]
-    return [
-        name
-        for key, value in node.items()
-        for name in _logical_names(value, path + (tuple(json.loads(key)) if key.startswith("[") else (key,)))
-    ]
-
-
 def _owned_runs(files: list[Path], state: dict[str, object]) -> list[tuple[Path, list[tuple[int, int]]]]:
     """Per shard file, the runs ``(offset, length)`` of the bytes that hold this rank's tensors,
     from the safetensors headers as any reader finds them (this state's tensors are stored whole
-    under their logical names); tensors that touch form one run."""
-    names = set(_logical_names(state))
+    under their logical names, which ``named_leaves`` gives as the save does); tensors that touch
+    form one run."""
+    names = {name for name, _ in named_leaves(state)}
     runs = []
     for path in files:
         with open(path, "rb") as file:

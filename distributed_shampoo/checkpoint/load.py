@@ -16,6 +16,7 @@ A load runs in two phases so that a failure leaves the template as it was:
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import NamedTuple
 
 import torch
@@ -28,7 +29,7 @@ from distributed_shampoo.checkpoint.errors import (
     MissingShardFileError,
     TemplateMismatchError,
 )
-from distributed_shampoo.checkpoint.format import CheckpointIndex, DTYPE_TO_NAME, HeaderEntry
+from distributed_shampoo.checkpoint.format import CheckpointIndex, DTYPE_TO_NAME, HeaderEntry, TensorLayout
 from distributed_shampoo.checkpoint.integrity import box_runs, check_units, Unit, units_for_ranges, whole_unit
 from distributed_shampoo.checkpoint.parse import check_header_entry, read_header
 from distributed_shampoo.checkpoint.plan import (
@@ -42,7 +43,7 @@ from distributed_shampoo.checkpoint.plan import (
 )
 from distributed_shampoo.checkpoint.values import is_value, same_config_kind
 from distributed_shampoo.checkpoint.reader import coalesce, open_regular, prefetch, Preadv, read_coalesced, read_ranges, ReadRequest
-from distributed_shampoo.checkpoint.writer import tensor_bytes
+from distributed_shampoo.checkpoint.writer import memory_bytes, tensor_bytes
 from distributed_shampoo.utils.shampoo_checkpoint_utils import decode_key, encode_key, Key
 
 # What ``keys=`` accepts: one top-level key, or several top-level keys or key paths (prefixes of
@@ -60,17 +61,17 @@ class _PieceRead(NamedTuple):
     name: str  # the logical tensor
     piece: str  # the stored piece's name
     piece_shape: tuple[int, ...]
-    box_start: tuple[int, ...]  # in the piece's coordinates
     box_shape: tuple[int, ...]
     target: torch.Tensor  # the template's memory for the box (a view of its local tensor)
     runs: list[tuple[int, int]]  # the box's byte ranges (offset in the piece, length), ``box_runs``
+    plain: bool  # the target is a plain template tensor read whole, checked as ``memory_bytes`` needs
 
 
 def _piece_read(
     name: str, piece: str, piece_shape: tuple[int, ...], box_start: tuple[int, ...], box_shape: tuple[int, ...], target: torch.Tensor
 ) -> _PieceRead:
     runs = box_runs(piece_shape, box_start, box_shape, target.element_size())
-    return _PieceRead(name, piece, piece_shape, box_start, box_shape, target, runs)
+    return _PieceRead(name, piece, piece_shape, box_shape, target, runs, plain=False)
 
 
 class OpenFiles:
@@ -271,8 +272,9 @@ class LoadPlan:
         return bool(matched)
 
     def _plan_leaf_tensor(self, name: str, leaf: torch.Tensor) -> None:
-        if name in self.index.tensors:
-            self._plan_tensor(name, leaf)
+        layout = self.index.tensors.get(name)
+        if layout is not None:
+            self._plan_tensor(name, leaf, layout)
         elif name in self.index.objects:
             raise TemplateMismatchError(
                 f"{name}: the template holds a tensor but {self.index.directory} saved the value {self.index.objects[name]!r}"
@@ -288,8 +290,7 @@ class LoadPlan:
         if unmatched:
             raise MissingKeyError(f"keys= selects {', '.join(unmatched[:5])} but the template holds nothing there")
 
-    def _plan_tensor(self, name: str, leaf: torch.Tensor) -> None:
-        layout = self.index.tensors[name]
+    def _plan_tensor(self, name: str, leaf: torch.Tensor, layout: TensorLayout) -> None:
         if leaf.dtype != layout.dtype or leaf.shape != layout.shape:
             raise TemplateMismatchError(
                 f"{name}: the template has a {DTYPE_TO_NAME.get(leaf.dtype, str(leaf.dtype))} tensor of shape "
@@ -299,9 +300,10 @@ class LoadPlan:
             what = "on the meta device (it holds no memory)" if leaf.is_meta else "not a plain strided tensor"
             raise TemplateMismatchError(f"{name}: the template tensor is {what} and cannot be filled")
         if not isinstance(leaf, DTensor) and not layout.chunks:  # the common case: a whole tensor, read whole
-            if leaf.numel():
+            nbytes = leaf.nbytes
+            if nbytes:
                 self._destinations.append((name, leaf))
-                self.reads.append(_piece_read(name, name, layout.shape, (0,) * leaf.dim(), layout.shape, leaf))
+                self.reads.append(_PieceRead(name, name, layout.shape, layout.shape, leaf, [(0, nbytes)], plain=True))
             return
         if isinstance(leaf, DTensor):
             check_placements(name, leaf, TemplateMismatchError)
@@ -330,11 +332,11 @@ class LoadPlan:
         for name, local in self._destinations:
             start = local.data_ptr()  # the storage's address plus the offset, in bytes
             if local.is_contiguous():
-                extent = local.numel() * local.element_size()
+                extent = local.nbytes
             else:
                 extent = (1 + sum((int(size) - 1) * int(stride) for size, stride in zip(local.shape, local.stride()))) * local.element_size()
             spans.append((start, start + extent, name, local))
-        spans.sort(key=lambda span: (span[0], span[1]))
+        spans.sort(key=itemgetter(0, 1))
         duplicates: set[str] = set()
         reach: tuple[int, str, torch.Tensor] | None = None
         for start, end, name, local in spans:
@@ -400,10 +402,12 @@ class LoadPlan:
         for read, entry in zip(self.reads, entries):
             file_name = index.weight_map[read.piece]
             target = read.target
-            if target.is_cpu and target.is_contiguous():
-                direct.setdefault(file_name, []).extend(_requests(read, entry, target))
-            else:
+            if not (target.is_cpu and target.is_contiguous()):
                 self._temporaries.append((read, entry))
+            elif read.plain:  # the common case: one request, straight into the template's tensor
+                direct.setdefault(file_name, []).append(ReadRequest(entry.begin, memory_bytes(target)))
+            else:
+                direct.setdefault(file_name, []).extend(_requests(read, entry, target))
             if not self.verify:
                 continue
             if read.box_shape == read.piece_shape:

@@ -6,6 +6,7 @@ from __future__ import annotations  # memoryview[int] annotations are not subscr
 
 import os
 import stat
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,7 +114,7 @@ def coalesce(requests: list[ReadRequest]) -> list[Preadv]:
     calls: list[Preadv] = []
     group: list[memoryview[int]] = []
     group_end = 0
-    for request in sorted(requests, key=lambda r: r.offset):
+    for request in sorted(requests, key=itemgetter(0)):  # by offset
         gap = request.offset - group_end
         if not group or gap < 0 or gap > GAP_BYTES or len(group) >= _IOV_MAX - 1:
             group = []

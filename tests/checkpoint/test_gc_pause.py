@@ -35,6 +35,28 @@ class PausedCollectorTest(unittest.TestCase):
         finally:
             gc.enable()
 
+    def test_the_collector_resumes_after_the_load_freed_its_objects(self) -> None:
+        """The load's per-tensor objects are freed while the collector is paused. Left alive until
+        it resumed, the collection that followed scanned them all (~2.5 ms for a 2,135-tensor
+        load); freed first, a collection finds only what the load returns."""
+        state = {f"t{i}": torch.full((2,), float(i)) for i in range(2000)}
+        scanned: list[int] = []
+
+        def record(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                scanned.append(len(gc.get_objects(generation=0)))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp, "ckpt"), state)
+            template = {key: torch.zeros(2) for key in state}
+            gc.collect()
+            gc.callbacks.append(record)
+            try:
+                load_checkpoint(Path(tmp, "ckpt"), template)
+            finally:
+                gc.callbacks.remove(record)
+        self.assertTrue(all(count < 1000 for count in scanned), scanned)
+        self.assertTrue(all(torch.equal(template[key], value) for key, value in state.items()))
 
 if __name__ == "__main__":
     unittest.main()

@@ -172,22 +172,24 @@ def leaf_names(template: StateDict, selection: list[tuple[Key, ...]] | None = No
     index (a value where a tensor was saved is an error ``LoadPlan`` reports, so it is looked up
     too), each with whether it is a plain tensor, which reads every piece of its tensor whole."""
     names: dict[str, bool] = {}
-
-    def visit(node: object, prefix: str) -> None:
-        if isinstance(node, torch.Tensor) or is_value(node):
-            names[close_name(prefix)] = isinstance(node, torch.Tensor) and not isinstance(node, DTensor)
-        elif isinstance(node, Mapping):
-            for (key, child), keys in zip(node.items(), key_paths(node)):
-                if isinstance(key, (str, int)) and not isinstance(key, bool):
-                    visit(child, spelled_prefix(prefix, key, keys))  # pyre-ignore[6]: str or int keys, as checked
-        elif isinstance(node, (list, tuple)):
-            for position, child in enumerate(node):
-                visit(child, child_prefix(prefix, position))
-
-    visit(template, "")
+    _visit_names(template, "", names)
     if selection is None:
         return names
     return {name: plain for name, plain in names.items() if selected(tuple(decode_key(name)), selection)}
+
+
+def _visit_names(node: object, prefix: str, names: dict[str, bool]) -> None:
+    """``leaf_names``' walk (a module function: a nested one calling itself would form a reference
+    cycle that kept ``names`` alive until the garbage collector ran)."""
+    if isinstance(node, torch.Tensor) or is_value(node):
+        names[close_name(prefix)] = isinstance(node, torch.Tensor) and not isinstance(node, DTensor)
+    elif isinstance(node, Mapping):
+        for (key, child), keys in zip(node.items(), key_paths(node)):
+            if isinstance(key, (str, int)) and not isinstance(key, bool):
+                _visit_names(child, spelled_prefix(prefix, key, keys), names)  # pyre-ignore[6]: str or int keys, as checked
+    elif isinstance(node, (list, tuple)):
+        for position, child in enumerate(node):
+            _visit_names(child, child_prefix(prefix, position), names)
 
 
 class LoadPlan:

@@ -137,55 +137,64 @@ def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> 
         UnsupportedValueError: For any other value or a key that is not str/int; names the key.
     """
     leaves: list[tuple[str, object]] = []
-
-    def visit_flattened(node: Mapping[object, object], paths: list[tuple[Key, ...]], prefix: str) -> None:
-        if (conflict := _spelled_conflict(paths)) is not None:
-            raise UnsupportedValueError(
-                f"{close_name(prefix)}: the flattened key {encode_key(list(conflict))} is spelled twice, "
-                "or another key lies under it"
-            )
-        registered: set[tuple[Key, ...]] = set()  # parent paths whose containers are recorded
-        for (key, value), path in zip(node.items(), paths):
-            if containers is not None and path[:-1] not in registered:
-                registered.add(path[:-1])
-                parent = prefix
-                for component in path[:-1]:
-                    parent = child_prefix(parent, component)
-                    containers[close_name(parent)] = "dict"
-            visit(value, spelled_prefix(prefix, key, path))
-
-    def visit(node: object, prefix: str) -> None:
-        if isinstance(node, torch.Tensor) or is_value(node):
-            leaves.append((close_name(prefix), node))
-        elif isinstance(node, Mapping):
-            if containers is not None and prefix:
-                containers[close_name(prefix)] = "dict" if node else EMPTY_DICT
-            paths = flattened_paths(node)
-            if paths is not None:
-                visit_flattened(node, paths, prefix)
-                return
-            for key, value in node.items():
-                if isinstance(key, bool) or not isinstance(key, (str, int)):
-                    raise UnsupportedValueError(
-                        f"{close_name(prefix)}: key {key!r} is a {type(key).__name__}; keys must be str or int"
-                    )
-                visit(value, child_prefix(prefix, key))
-        elif isinstance(node, (list, tuple)):
-            if containers is not None:
-                containers[close_name(prefix)] = "tuple" if isinstance(node, tuple) else "list"
-            for position, value in enumerate(node):
-                visit(value, child_prefix(prefix, position))
-        else:
-            raise UnsupportedValueError(
-                f"{close_name(prefix)}: cannot save a {type(node).__module__}.{type(node).__qualname__} "
-                "without pickling; leaves must be tensors, DTensors, int, float, bool, str, None, torch dtypes "
-                f"or this package's configs ({', '.join(sorted(CONFIG_TYPES))})"
-            )
-
     if not isinstance(state, Mapping):
         raise UnsupportedValueError(f"a state dict must be a mapping, got {type(state).__name__}")
-    visit(state, "")
+    _visit(state, "", leaves, containers)
     return leaves
+
+
+# ``named_leaves``' walk: module functions rather than nested ones, which calling each other would
+# form a reference cycle that kept the returned list alive until the garbage collector ran.
+def _visit(node: object, prefix: str, leaves: list[tuple[str, object]], containers: dict[str, str] | None) -> None:
+    if isinstance(node, torch.Tensor) or is_value(node):
+        leaves.append((close_name(prefix), node))
+    elif isinstance(node, Mapping):
+        if containers is not None and prefix:
+            containers[close_name(prefix)] = "dict" if node else EMPTY_DICT
+        paths = flattened_paths(node)
+        if paths is not None:
+            _visit_flattened(node, paths, prefix, leaves, containers)
+            return
+        for key, value in node.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise UnsupportedValueError(
+                    f"{close_name(prefix)}: key {key!r} is a {type(key).__name__}; keys must be str or int"
+                )
+            _visit(value, child_prefix(prefix, key), leaves, containers)
+    elif isinstance(node, (list, tuple)):
+        if containers is not None:
+            containers[close_name(prefix)] = "tuple" if isinstance(node, tuple) else "list"
+        for position, value in enumerate(node):
+            _visit(value, child_prefix(prefix, position), leaves, containers)
+    else:
+        raise UnsupportedValueError(
+            f"{close_name(prefix)}: cannot save a {type(node).__module__}.{type(node).__qualname__} "
+            "without pickling; leaves must be tensors, DTensors, int, float, bool, str, None, torch dtypes "
+            f"or this package's configs ({', '.join(sorted(CONFIG_TYPES))})"
+        )
+
+
+def _visit_flattened(
+    node: Mapping[object, object],
+    paths: list[tuple[Key, ...]],
+    prefix: str,
+    leaves: list[tuple[str, object]],
+    containers: dict[str, str] | None,
+) -> None:
+    if (conflict := _spelled_conflict(paths)) is not None:
+        raise UnsupportedValueError(
+            f"{close_name(prefix)}: the flattened key {encode_key(list(conflict))} is spelled twice, "
+            "or another key lies under it"
+        )
+    registered: set[tuple[Key, ...]] = set()  # parent paths whose containers are recorded
+    for (key, value), path in zip(node.items(), paths):
+        if containers is not None and path[:-1] not in registered:
+            registered.add(path[:-1])
+            parent = prefix
+            for component in path[:-1]:
+                parent = child_prefix(parent, component)
+                containers[close_name(parent)] = "dict"
+        _visit(value, spelled_prefix(prefix, key, path), leaves, containers)
 
 
 def dtype_name(name: str, dtype: torch.dtype) -> str:

@@ -4,9 +4,9 @@
 A save or load allocates a few small objects per tensor (names, layouts, read requests, parsed
 JSON), and each burst of allocations makes the collector scan the whole heap of the process,
 the caller's model and state included, again and again. Reference counting still frees
-everything meanwhile; only the cycle detector waits. What the block still holds when it ends is
-scanned once the collector resumes, so a block frees its per-tensor objects before it ends. ``docs/benchmarks.md`` (run D) measures
-what it saves on a 6,398-tensor state.
+everything meanwhile; only the cycle detector waits. ``docs/benchmarks.md`` (run D) measures what
+it saves on a 6,398-tensor state. What the block still holds when it ends is scanned once the
+collector resumes, so a block frees its per-tensor objects before it ends (run P).
 """
 
 import gc

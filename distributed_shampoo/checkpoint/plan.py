@@ -139,13 +139,14 @@ def named_leaves(state: StateDict, containers: dict[str, str] | None = None) -> 
     leaves: list[tuple[str, object]] = []
     if not isinstance(state, Mapping):
         raise UnsupportedValueError(f"a state dict must be a mapping, got {type(state).__name__}")
-    _visit(state, "", leaves, containers)
+    _collect_leaves(state, "", leaves, containers)
     return leaves
 
 
-# ``named_leaves``' walk: module functions rather than nested ones, which calling each other would
-# form a reference cycle that kept the returned list alive until the garbage collector ran.
-def _visit(node: object, prefix: str, leaves: list[tuple[str, object]], containers: dict[str, str] | None) -> None:
+def _collect_leaves(node: object, prefix: str, leaves: list[tuple[str, object]], containers: dict[str, str] | None) -> None:
+    """``named_leaves``' walk. Module functions, not nested ones: nested walkers that call each
+    other form a reference cycle, which kept the returned list alive until the garbage collector
+    ran."""
     if isinstance(node, torch.Tensor) or is_value(node):
         leaves.append((close_name(prefix), node))
     elif isinstance(node, Mapping):
@@ -153,19 +154,19 @@ def _visit(node: object, prefix: str, leaves: list[tuple[str, object]], containe
             containers[close_name(prefix)] = "dict" if node else EMPTY_DICT
         paths = flattened_paths(node)
         if paths is not None:
-            _visit_flattened(node, paths, prefix, leaves, containers)
+            _collect_flattened_leaves(node, paths, prefix, leaves, containers)
             return
         for key, value in node.items():
             if isinstance(key, bool) or not isinstance(key, (str, int)):
                 raise UnsupportedValueError(
                     f"{close_name(prefix)}: key {key!r} is a {type(key).__name__}; keys must be str or int"
                 )
-            _visit(value, child_prefix(prefix, key), leaves, containers)
+            _collect_leaves(value, child_prefix(prefix, key), leaves, containers)
     elif isinstance(node, (list, tuple)):
         if containers is not None:
             containers[close_name(prefix)] = "tuple" if isinstance(node, tuple) else "list"
         for position, value in enumerate(node):
-            _visit(value, child_prefix(prefix, position), leaves, containers)
+            _collect_leaves(value, child_prefix(prefix, position), leaves, containers)
     else:
         raise UnsupportedValueError(
             f"{close_name(prefix)}: cannot save a {type(node).__module__}.{type(node).__qualname__} "
@@ -174,7 +175,7 @@ def _visit(node: object, prefix: str, leaves: list[tuple[str, object]], containe
         )
 
 
-def _visit_flattened(
+def _collect_flattened_leaves(
     node: Mapping[object, object],
     paths: list[tuple[Key, ...]],
     prefix: str,
@@ -194,7 +195,7 @@ def _visit_flattened(
             for component in path[:-1]:
                 parent = child_prefix(parent, component)
                 containers[close_name(parent)] = "dict"
-        _visit(value, spelled_prefix(prefix, key, path), leaves, containers)
+        _collect_leaves(value, spelled_prefix(prefix, key, path), leaves, containers)
 
 
 def dtype_name(name: str, dtype: torch.dtype) -> str:

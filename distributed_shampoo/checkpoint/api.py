@@ -48,7 +48,7 @@ from distributed_shampoo.checkpoint.format import (
     shard_file_name,
     shard_header_metadata,
 )
-from distributed_shampoo.checkpoint.gc_pause import paused_gc
+from distributed_shampoo.checkpoint.gc_pause import gc_paused
 from distributed_shampoo.checkpoint.index_parts import loader_files, read_partial_index, wants_loader_files
 from distributed_shampoo.checkpoint.integrity import check_units, check_whole_and_pages, whole_unit
 from distributed_shampoo.checkpoint.load import KeySelection, leaf_names, LoadPlan, normalise_keys, prepare
@@ -82,6 +82,7 @@ class _Written:
     error: CheckpointError | None
 
 
+@gc_paused
 def save_checkpoint(
     checkpoint_dir: str | os.PathLike[str],
     state_dict: StateDict,
@@ -130,8 +131,7 @@ def save_checkpoint(
         and nothing is published.
     """
     group = Group.resolve(process_group, timeout_s)
-    with paused_gc():
-        return finish_save(stage_save(group, checkpoint_dir, state_dict, metadata, prefix, overwrite), group)
+    return finish_save(stage_save(group, checkpoint_dir, state_dict, metadata, prefix, overwrite), group)
 
 
 @dataclass(frozen=True)
@@ -621,12 +621,16 @@ def load_checkpoint(
             cannot be filled (meta device, ``Partial`` DTensor, memory shared with another leaf).
         InvalidArgumentError: ``keys`` is not a key selection.
     """
-    with paused_gc():
-        plan, template = prepare_load(checkpoint_dir, state_dict, keys, strict, verify)
-        plan.apply()
-        # Freed while the collector is paused: once it resumes it would scan every object the
-        # plan still held (~2.5 ms for a 2,135-tensor load).
-        del plan
+    return _load(checkpoint_dir, state_dict, keys, strict, verify)
+
+
+@gc_paused
+def _load(
+    checkpoint_dir: str | os.PathLike[str], state_dict: StateDict | None, keys: KeySelection | None, strict: bool, verify: bool
+) -> StateDict:
+    """``load_checkpoint``'s work, with the collector paused until its plan is freed."""
+    plan, template = prepare_load(checkpoint_dir, state_dict, keys, strict, verify)
+    plan.apply()
     return template
 
 

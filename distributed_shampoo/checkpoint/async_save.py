@@ -23,7 +23,7 @@ from distributed_shampoo.checkpoint.api import finish_save, stage_save, StagedSa
 from distributed_shampoo.checkpoint.collectives import DEFAULT_COLLECTIVE_TIMEOUT_S, Group
 from distributed_shampoo.checkpoint.errors import AsyncSaveError, CheckpointError, CheckpointTimeoutError
 from distributed_shampoo.checkpoint.format import DEFAULT_PREFIX
-from distributed_shampoo.checkpoint.gc_pause import paused_gc
+from distributed_shampoo.checkpoint.gc_pause import gc_paused
 from distributed_shampoo.checkpoint.plan import StateDict
 from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
 
@@ -148,8 +148,8 @@ class AsyncCheckpointer(ParameterizeEnterExitContext["AsyncCheckpointer"]):
         if self._closed:
             raise AsyncSaveError(f"cannot save {checkpoint_dir}: this AsyncCheckpointer is closed")
         self.wait()
-        with paused_gc():  # the part of the save that blocks training
-            staged = stage_save(self._group, checkpoint_dir, state_dict, metadata, prefix, overwrite, self._copy_to_staging_buffers)
+        # The part of the save that blocks training.
+        staged = gc_paused(stage_save)(self._group, checkpoint_dir, state_dict, metadata, prefix, overwrite, self._copy_to_staging_buffers)
         future = CheckpointFuture(
             self._executor.submit(_finish_and_notify, staged, self._background_group, after_commit),
             staged.target,

@@ -13,6 +13,8 @@ A load runs in two phases so that a failure leaves the template as it was:
 2. ``apply()`` reads the bytes into the template and assigns the non-tensor values.
 """
 
+from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
+
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -406,10 +408,9 @@ class LoadPlan:
             target = read.target
             if not (target.is_cpu and target.is_contiguous()):
                 self._temporaries.append((read, entry))
-            elif read.plain:  # the common case: one request, straight into the template's tensor
-                direct.setdefault(file_name, []).append(ReadRequest(entry.begin, memory_bytes(target)))
-            else:
-                direct.setdefault(file_name, []).extend(_requests(read, entry, target))
+            else:  # straight into the template (a plain tensor's memory was checked while planning)
+                data = memory_bytes(target) if read.plain else tensor_bytes(target)
+                direct.setdefault(file_name, []).extend(_requests(read, entry, data))
             if not self.verify:
                 continue
             if read.box_shape == read.piece_shape:
@@ -459,7 +460,7 @@ class LoadPlan:
         by_file: dict[str, list[ReadRequest]] = {}
         for read, entry in batch:
             buffer = torch.empty(read.box_shape, dtype=read.target.dtype)
-            by_file.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, buffer))
+            by_file.setdefault(self.index.weight_map[read.piece], []).extend(_requests(read, entry, tensor_bytes(buffer)))
             copies.append((read.target, buffer))
         for file_name, requests in by_file.items():
             read_ranges(files.fds[file_name], self.index.directory / file_name, requests)
@@ -471,9 +472,9 @@ class LoadPlan:
             self.files.close()
 
 
-def _requests(read: _PieceRead, entry: HeaderEntry, buffer: torch.Tensor) -> list[ReadRequest]:
-    """Requests that fill ``buffer`` (contiguous, box-shaped) from the piece stored at ``entry``."""
-    data = tensor_bytes(buffer)
+def _requests(read: _PieceRead, entry: HeaderEntry, data: memoryview[int]) -> list[ReadRequest]:
+    """Requests that fill ``data`` (the bytes of a contiguous, box-shaped buffer) from the piece
+    stored at ``entry``."""
     if len(read.runs) == 1:  # a whole piece, or whole rows of it: the buffer is the one run
         return [ReadRequest(entry.begin + read.runs[0][0], data)]
     requests: list[ReadRequest] = []

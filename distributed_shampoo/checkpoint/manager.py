@@ -38,7 +38,7 @@ from distributed_shampoo.checkpoint.errors import (
 )
 from distributed_shampoo.checkpoint.format import check_prefix, DEFAULT_PREFIX
 from distributed_shampoo.checkpoint.load import LoadPlan
-from distributed_shampoo.checkpoint.gc_pause import paused_gc
+from distributed_shampoo.checkpoint.gc_pause import gc_paused
 from distributed_shampoo.checkpoint.plan import StateDict
 from distributed_shampoo.utils.shampoo_utils import ParameterizeEnterExitContext
 
@@ -271,6 +271,7 @@ class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
         ranked = self._ranked_by_metric(self.checkpoints())
         return ranked[0] if ranked else None
 
+    @gc_paused
     def load_latest(self, state_dict: StateDict, *, strict: bool = True, verify: bool = True) -> CheckpointInfo | None:
         """Fills ``state_dict`` in place from the newest checkpoint that loads on every rank.
 
@@ -291,10 +292,6 @@ class CheckpointManager(ParameterizeEnterExitContext["CheckpointManager"]):
                 ``TemplateMismatchError``, an unreadable file) on some rank: that rank raises its
                 own error, the others a ``CheckpointError`` naming it. The template is untouched.
         """
-        with paused_gc():
-            return self._load_latest(state_dict, strict, verify)
-
-    def _load_latest(self, state_dict: StateDict, strict: bool, verify: bool) -> CheckpointInfo | None:
         group = self._group
         candidates = list(reversed(self.checkpoints()))
         seen = group.all_gather([info.step for info in candidates])

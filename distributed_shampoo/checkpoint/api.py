@@ -647,8 +647,8 @@ def prepare_load(
     leaves = leaf_names(state_dict, selection) if state_dict is not None else None
     attempts = 0
     while True:
-        index = _index_for_load(Path(checkpoint_dir), leaves)
         try:
+            index = _index_for_load(Path(checkpoint_dir), leaves)
             return prepare(index, state_dict, selection, strict, verify, leaves)
         except CheckpointReplacedError:
             attempts += 1

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 from collections.abc import Collection, Iterable
 from pathlib import Path
@@ -309,18 +310,32 @@ def find_index_file(directory: Path) -> Path:
     Raises:
         CheckpointNotFoundError: If there is none (the directory is missing or was never
             completed), or if there are several.
+        CheckpointReplacedError: It found none because another save's overwrite swapped a new
+            checkpoint in while the directory was listed (the listing saw the old one deleted).
         CheckpointReadError: The directory cannot be listed.
     """
-    if not directory.is_dir():
+    listed = _directory_identity(directory)
+    if listed is None:
         raise CheckpointNotFoundError(f"no checkpoint at {directory}: not a directory")
     try:
         candidates = sorted(e.name for e in os.scandir(directory) if e.name.endswith(".safetensors.index.json"))
     except OSError as error:
         raise CorruptCheckpointError(f"{directory}: cannot list the directory: {error.strerror or error}") from None
+    if not candidates and _directory_identity(directory) not in (listed, None):
+        raise CheckpointReplacedError(f"{directory} was replaced by another save while it was listed; load it again")
     if len(candidates) != 1:
         what = "no index file" if not candidates else f"several index files {candidates}"
         raise CheckpointNotFoundError(f"no complete checkpoint in {directory}: {what}")
     return directory / candidates[0]
+
+
+def _directory_identity(directory: Path) -> tuple[int, int] | None:
+    """The (device, inode) of the directory at ``directory`` now, or None if there is none."""
+    try:
+        status = os.stat(directory)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino) if stat.S_ISDIR(status.st_mode) else None
 
 
 def read_index(directory: str | os.PathLike[str], wanted: Collection[str] | None = None) -> CheckpointIndex:

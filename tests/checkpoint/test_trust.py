@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -136,6 +137,30 @@ class ReplacedWhileLoadingTest(ScratchDirTest):
         self.assertTrue(_equal(template, {"w": torch.zeros(4), "step": 0}))
         load_checkpoint(directory, template)  # starts again from the new index
         self.assertTrue(_equal(template, {"w": torch.full((4,), 200.0), "step": 200}))
+
+    def test_a_listing_that_races_an_overwrite_reads_the_new_checkpoint(self) -> None:
+        """The directory is opened for listing, then another save swaps its checkpoint in and
+        deletes the old one's files before the listing reads them: the load starts again and reads
+        the new checkpoint, instead of reporting that there is none."""
+        directory: Path = self.root / "ckpt"
+        newer: Path = self.root / "newer"
+        save_checkpoint(directory, _numbered_state(1))
+        save_checkpoint(newer, _numbered_state(2))
+        real_scandir: Callable[[str | os.PathLike[str]], object] = os.scandir
+
+        def listing_during_an_overwrite(path: str | os.PathLike[str]) -> object:
+            listing = real_scandir(path)  # the old directory, opened
+            if Path(path) == directory and newer.exists():
+                aside = self.root / "aside"
+                os.rename(directory, aside)
+                os.rename(newer, directory)
+                for entry in os.listdir(aside):
+                    os.unlink(aside / entry)
+            return listing
+
+        with mock.patch.object(os, "scandir", side_effect=listing_during_an_overwrite):
+            loaded = load_checkpoint(directory)
+        self.assertTrue(_equal(loaded, _numbered_state(2)))
 
     def test_loads_racing_overwrites_get_one_whole_save(self) -> None:
         directory = self.root / "ckpt"

@@ -21,7 +21,7 @@ numbers come from, writing into memory pages never used before costs many times 
 into pages a deleted file freed; a benchmark that keeps some methods' output and deletes others'
 measures that instead of the methods.
 
-    python benchmarks/checkpoint_benchmark.py --out docs/benchmark-results.json
+    python -m benchmarks.checkpoint_benchmark --repeats 7 --out docs/benchmark-results.json
 """
 
 from __future__ import annotations  # memoryview[int] annotations are not subscriptable at runtime in 3.11
